@@ -1,0 +1,247 @@
+"""Backend shim: the only module that imports array-api-compat, scipy or torch.
+
+Every backend quirk lives here:
+
+* namespace dispatch (numpy, array-api-strict, torch on CPU or CUDA);
+* triangular solves, which the array-API standard does not define;
+* upcasting of float16 / bfloat16 for decompositions (LAPACK, cuSOLVER and
+  torch refuse SVD, QR, Cholesky and eigh in half precision);
+* conversion to host numpy for the few small, host-side decisions (rank
+  counts, allocation) the algorithms need.
+
+torch is never imported here at module load: it is only touched through the
+namespace of an array that already *is* a torch tensor, so that
+``import jactus_linalg`` stays torch-free.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+import scipy.linalg
+
+Array = Any
+
+__all__ = [
+    "Array",
+    "all_finite",
+    "as_numpy",
+    "astype",
+    "cholesky_lower",
+    "count_nonfinite",
+    "decomposition_dtype",
+    "device_of",
+    "eigh",
+    "eps",
+    "eye",
+    "is_floating",
+    "is_numpy",
+    "is_torch",
+    "namespace",
+    "qr_r",
+    "qr_reduced",
+    "solve_triangular",
+    "sum_of_squares",
+    "svd_reduced",
+    "to_float",
+]
+
+
+def namespace(*arrays: Array, xp: ModuleType | None = None) -> ModuleType:
+    """Return the array-API namespace shared by ``arrays`` (or ``xp`` itself)."""
+    if xp is not None:
+        return xp
+    present = [a for a in arrays if a is not None]
+    return array_api_compat.array_namespace(*present)
+
+
+def is_torch(xp: ModuleType) -> bool:
+    return bool(array_api_compat.is_torch_namespace(xp))
+
+
+def is_numpy(xp: ModuleType) -> bool:
+    return bool(array_api_compat.is_numpy_namespace(xp))
+
+
+def device_of(x: Array) -> Any:
+    return array_api_compat.device(x)
+
+
+def is_floating(xp: ModuleType, dtype: Any) -> bool:
+    """True for real floating dtypes, half precision included."""
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except (TypeError, ValueError):
+        return False
+
+
+def is_half(xp: ModuleType, dtype: Any) -> bool:
+    """True for float16 and (torch) bfloat16."""
+    if is_torch(xp):
+        import torch  # noqa: PLC0415  (only reached for torch tensors)
+
+        return dtype in (torch.float16, torch.bfloat16)
+    return dtype == xp.float16 if hasattr(xp, "float16") else False
+
+
+def eps(xp: ModuleType, dtype: Any) -> float:
+    """Machine epsilon of ``dtype``."""
+    return float(xp.finfo(dtype).eps)
+
+
+def decomposition_dtype(xp: ModuleType, *dtypes: Any) -> Any:
+    """Working dtype for decompositions: the promoted dtype, at least float32.
+
+    Half-precision inputs (float16, bfloat16) are upcast to float32, because
+    the LAPACK / cuSOLVER routines behind SVD, QR, Cholesky and eigh do not
+    exist in half precision.
+    """
+    promoted = dtypes[0]
+    for dt in dtypes[1:]:
+        promoted = xp.result_type(promoted, dt)
+    if is_half(xp, promoted):
+        return xp.float32
+    return promoted
+
+
+def astype(xp: ModuleType, x: Array, dtype: Any) -> Array:
+    if x.dtype == dtype:
+        return x
+    return xp.astype(x, dtype)
+
+
+def eye(xp: ModuleType, n: int, dtype: Any, like: Array) -> Array:
+    return xp.eye(n, dtype=dtype, device=device_of(like))
+
+
+def all_finite(xp: ModuleType, x: Array) -> bool:
+    return bool(xp.all(xp.isfinite(x)))
+
+
+def count_nonfinite(xp: ModuleType, x: Array) -> tuple[int, int]:
+    """Return ``(number of NaN, number of ±Inf)`` in ``x``."""
+    n_nan = int(xp.sum(xp.astype(xp.isnan(x), xp.int64)))
+    n_inf = int(xp.sum(xp.astype(xp.isinf(x), xp.int64)))
+    return n_nan, n_inf
+
+
+def sum_of_squares(xp: ModuleType, x: Array) -> Array:
+    """``‖x‖_F²`` as a 0-d array (no host transfer)."""
+    return xp.sum(x * x)
+
+
+def to_float(x: Array) -> float:
+    """Host Python float of a 0-d array."""
+    return float(x)
+
+
+def as_numpy(x: Array) -> np.ndarray:
+    """Copy an array of any supported backend to host numpy."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):  # torch
+        return x.detach().cpu().numpy()
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, RuntimeError, BufferError):
+        return np.asarray(x)
+
+
+def svd_reduced(xp: ModuleType, a: Array) -> tuple[Array, Array, Array]:
+    """Thin SVD ``a = U diag(s) Vh`` (LAPACK gesdd on CPU)."""
+    if is_numpy(xp):
+        u, s, vh = scipy.linalg.svd(
+            a, full_matrices=False, check_finite=False, lapack_driver="gesdd"
+        )
+        return u, s, vh
+    u, s, vh = xp.linalg.svd(a, full_matrices=False)
+    return u, s, vh
+
+
+def qr_r(xp: ModuleType, a: Array) -> Array:
+    """Triangular factor ``R`` of a Householder QR of ``a`` (``Q`` is not formed)."""
+    if is_numpy(xp):
+        _, r = scipy.linalg.qr(a, mode="raw", check_finite=False)
+        return r
+    if is_torch(xp):
+        import torch  # noqa: PLC0415
+
+        return torch.linalg.qr(a, mode="r")[1]
+    return xp.linalg.qr(a, mode="reduced")[1]
+
+
+def qr_reduced(xp: ModuleType, a: Array) -> tuple[Array, Array]:
+    """Reduced Householder QR ``a = Q R``."""
+    if is_numpy(xp):
+        q, r = scipy.linalg.qr(a, mode="economic", check_finite=False)
+        return q, r
+    q, r = xp.linalg.qr(a, mode="reduced")
+    return q, r
+
+
+def eigh(xp: ModuleType, a: Array) -> tuple[Array, Array]:
+    """Symmetric eigendecomposition, eigenvalues ascending."""
+    if is_numpy(xp):
+        w, v = scipy.linalg.eigh(a, check_finite=False, driver="evd")
+        return w, v
+    w, v = xp.linalg.eigh(a)
+    return w, v
+
+
+def cholesky_lower(xp: ModuleType, a: Array) -> Array | None:
+    """Lower Cholesky factor of ``a``, or ``None`` if ``a`` is not numerically PD.
+
+    Failure is reported to the caller (never retried here): the caller decides
+    what to do and says so in its result.
+    """
+    if is_numpy(xp):
+        try:
+            return scipy.linalg.cholesky(a, lower=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            return None
+    if is_torch(xp):
+        import torch  # noqa: PLC0415
+
+        factor, info = torch.linalg.cholesky_ex(a)
+        if int(info) != 0:
+            return None
+        return factor
+    try:
+        factor = xp.linalg.cholesky(a)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    if not all_finite(xp, factor):
+        return None
+    return factor
+
+
+def solve_triangular(
+    xp: ModuleType,
+    a: Array,
+    b: Array,
+    *,
+    lower: bool,
+    transpose: bool = False,
+) -> Array:
+    """Solve ``op(a) X = b`` for triangular ``a``; ``op`` is the transpose if asked.
+
+    numpy uses LAPACK ``trtrs`` through scipy, torch its native kernel (CPU
+    and CUDA). Namespaces without a triangular solver (array-api-strict) fall
+    back to the standard's general ``solve``, which gives the same answer at
+    LU cost.
+    """
+    if is_numpy(xp):
+        return scipy.linalg.solve_triangular(
+            a, b, lower=lower, trans=1 if transpose else 0, check_finite=False
+        )
+    if is_torch(xp):
+        import torch  # noqa: PLC0415
+
+        if transpose:
+            return torch.linalg.solve_triangular(a.mT, b, upper=lower)
+        return torch.linalg.solve_triangular(a, b, upper=not lower)
+    op = a.T if transpose else a
+    return xp.linalg.solve(op, b)

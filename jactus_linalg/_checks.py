@@ -1,0 +1,132 @@
+"""Argument validation shared by the public functions.
+
+Every message names the argument, says what was expected and what was seen,
+and where it helps, what to do instead.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from types import ModuleType
+
+from ._backend import Array, count_nonfinite, eps, is_floating
+
+__all__ = [
+    "check_finite",
+    "check_fraction",
+    "check_matrix",
+    "check_nonnegative",
+    "check_rank",
+    "check_symmetric",
+    "symmetry_tolerance",
+]
+
+
+def check_matrix(
+    xp: ModuleType,
+    x: Array,
+    name: str,
+    *,
+    square: bool = False,
+    rows: int | None = None,
+    cols: int | None = None,
+) -> None:
+    """Check that ``x`` is a finite, real floating 2-D array of the given shape."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        msg = f"`{name}` must be an array; got {type(x).__name__}"
+        raise TypeError(msg)
+    if len(x.shape) != 2:
+        msg = f"`{name}` must be 2-D; got shape {tuple(x.shape)}"
+        raise ValueError(msg)
+    if not is_floating(xp, x.dtype):
+        msg = f"`{name}` must have a real floating dtype; got {x.dtype}"
+        raise TypeError(msg)
+    m, n = x.shape
+    if m == 0 or n == 0:
+        msg = f"`{name}` must be non-empty; got shape {tuple(x.shape)}"
+        raise ValueError(msg)
+    if square and m != n:
+        msg = f"`{name}` must be square; got shape {tuple(x.shape)}"
+        raise ValueError(msg)
+    if rows is not None and m != rows:
+        msg = f"`{name}` must have {rows} rows; got shape {tuple(x.shape)}"
+        raise ValueError(msg)
+    if cols is not None and n != cols:
+        msg = f"`{name}` must have {cols} columns; got shape {tuple(x.shape)}"
+        raise ValueError(msg)
+    check_finite(xp, x, name)
+
+
+def check_finite(xp: ModuleType, x: Array, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or Inf."""
+    if bool(xp.all(xp.isfinite(x))):
+        return
+    n_nan, n_inf = count_nonfinite(xp, x)
+    msg = f"`{name}` contains non-finite values ({n_nan} NaN, {n_inf} Inf)"
+    raise ValueError(msg)
+
+
+def symmetry_tolerance(xp: ModuleType, x: Array) -> float:
+    """Relative asymmetry allowed in a covariance: ``10 · n · eps(dtype)``."""
+    n = int(x.shape[0])
+    return 10.0 * n * eps(xp, x.dtype)
+
+
+def check_symmetric(xp: ModuleType, x: Array, name: str) -> None:
+    """Raise ``ValueError`` if ``x`` is not symmetric up to rounding."""
+    scale = float(xp.max(xp.abs(x)))
+    if scale == 0.0:
+        return
+    asym = float(xp.max(xp.abs(x - x.T)))
+    tol = symmetry_tolerance(xp, x)
+    if asym > tol * scale:
+        msg = (
+            f"`{name}` must be symmetric; max |C - C^T| = {asym:.3g} exceeds "
+            f"{tol:.3g} x max |C| = {tol * scale:.3g}"
+        )
+        raise ValueError(msg)
+
+
+def check_rank(rank: object, limit: int, name: str = "rank", *, what: str = "") -> int:
+    """Check that ``rank`` is an integer in ``[1, limit]``; return it as ``int``."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        msg = f"`{name}` must be an integer; got {rank!r}"
+        raise TypeError(msg)
+    r = int(rank)
+    if r < 1:
+        msg = f"`{name}` must be at least 1; got {r}"
+        raise ValueError(msg)
+    if r > limit:
+        where = f" ({what})" if what else ""
+        msg = f"`{name}` must be at most {limit}{where}; got {r}"
+        raise ValueError(msg)
+    return r
+
+
+def check_nonnegative(value: object, name: str) -> float:
+    """Check a finite, non-negative real scalar; return it as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"`{name}` must be a real number; got {value!r}"
+        raise TypeError(msg)
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        msg = f"`{name}` must be finite and >= 0; got {v!r}"
+        raise ValueError(msg)
+    return v
+
+
+def check_fraction(
+    value: object, name: str, *, include_zero: bool = False
+) -> float:
+    """Check ``value`` lies in ``(0, 1]`` (or ``[0, 1]``); return it as ``float``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"`{name}` must be a real number; got {value!r}"
+        raise TypeError(msg)
+    v = float(value)
+    low_ok = v >= 0 if include_zero else v > 0
+    if not (math.isfinite(v) and low_ok and v <= 1):
+        interval = "[0, 1]" if include_zero else "(0, 1]"
+        msg = f"`{name}` must lie in {interval}; got {v!r}"
+        raise ValueError(msg)
+    return v

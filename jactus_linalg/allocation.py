@@ -1,0 +1,307 @@
+r"""Global rank allocation by marginal gain per parameter.
+
+Each layer :math:`\ell` offers a sequence of units (rank :math:`r \to r+1`)
+with gains :math:`g_{\ell,1}, g_{\ell,2}, \dots` (preserved curvature energy,
+comparable across layers) and costs :math:`c_{\ell,i} = m + n + 2(i-1) + 1`
+parameters. Units must be taken in order (prefixes). The allocator solves
+
+.. math::
+
+    \max \sum_\ell \sum_{i \le r_\ell} g_{\ell,i}
+    \quad\text{s.t.}\quad \sum_\ell \sum_{i \le r_\ell} c_{\ell,i} \le B
+
+greedily: each layer's prefix curve :math:`(\sum c, \sum g)` is replaced by
+its upper concave hull, whose segments (groups of consecutive units) have
+non-increasing gain/cost; groups are taken in order of decreasing ratio
+across all layers (the order a heap merge of the per-layer sequences gives)
+until one does not fit; then a heap continues over the remaining layers'
+next groups, closing each layer whose next group does not fit.
+
+On concave instances (every group a single unit) the greedy total is within
+one unit's gain of the optimum, and optimal whenever it spends the budget
+exactly: it is the fractional-knapsack optimum minus the fraction of the
+first unit that did not fit.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+
+from ._backend import as_numpy
+from ._checks import check_fraction
+
+__all__ = [
+    "allocate_ranks",
+    "break_even_rank",
+    "factor_params",
+    "layer_units",
+    "rank_unit_costs",
+]
+
+#: Hull passes before switching the stragglers to a per-layer monotone chain.
+_MAX_VECTOR_PASSES = 32
+
+
+def factor_params(m: int, n: int, rank: int) -> int:
+    """Numbers stored by rank-``rank`` factors of an ``m x n`` layer: ``r(m+n) + r²``."""
+    return rank * (m + n) + rank * rank
+
+
+def break_even_rank(m: int, n: int) -> int:
+    r"""Largest :math:`r` with :math:`r(m+n) + r^2 < mn` (0 if none).
+
+    At or beyond this rank the factors hold as many numbers as the dense
+    matrix, so the layer is better kept dense.
+    """
+    r = int((-(m + n) + math.isqrt((m + n) ** 2 + 4 * m * n)) // 2) + 1
+    while r > 0 and factor_params(m, n, r) >= m * n:
+        r -= 1
+    return r
+
+
+def rank_unit_costs(m: int, n: int, max_rank: int) -> np.ndarray:
+    """Cost of each unit ``r -> r+1`` for ``r = 0..max_rank-1``: ``m + n + 2r + 1``."""
+    return (m + n + 1 + 2 * np.arange(max_rank)).astype(np.float64)
+
+
+def layer_units(
+    gains: np.ndarray, m: int, n: int, total_energy: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Units of one layer up to break-even, plus a final "keep dense" unit.
+
+    Parameters
+    ----------
+    gains : (R,) array
+        Per-rank-unit gains (``R >= break_even_rank(m, n)`` of them are used).
+    m, n : int
+        Layer shape.
+    total_energy : float
+        :math:`\\lVert M \\rVert_F^2`: the energy a dense layer keeps.
+
+    Returns
+    -------
+    gains, costs : numpy arrays of length ``break_even_rank(m, n) + 1``
+        Rank units, then one unit that turns the layer dense: gain
+        ``total_energy - sum(rank gains)``, cost ``mn - factor_params(r_be)``.
+        Taking every unit means "stay dense".
+    """
+    r_be = break_even_rank(m, n)
+    g = np.asarray(as_numpy(gains), dtype=np.float64)[:r_be]
+    if g.size < r_be:
+        msg = f"`gains` must hold at least break_even_rank={r_be} units; got {g.size}"
+        raise ValueError(msg)
+    dense_gain = max(total_energy - float(g.sum()), 0.0)
+    dense_cost = float(m * n - factor_params(m, n, r_be))
+    return (
+        np.append(g, dense_gain),
+        np.append(rank_unit_costs(m, n, r_be), dense_cost),
+    )
+
+
+def _as_unit_arrays(
+    gains: Sequence[object], costs: Sequence[object]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    if isinstance(gains, np.ndarray | str) or not isinstance(gains, Sequence):
+        msg = f"`gains` must be a sequence with one 1-D array per layer; got {type(gains).__name__}"
+        raise TypeError(msg)
+    if isinstance(costs, np.ndarray | str) or not isinstance(costs, Sequence):
+        msg = f"`costs` must be a sequence with one 1-D array per layer; got {type(costs).__name__}"
+        raise TypeError(msg)
+    if len(gains) != len(costs):
+        msg = f"`gains` and `costs` must have one entry per layer; got {len(gains)} and {len(costs)}"
+        raise ValueError(msg)
+    if len(gains) == 0:
+        msg = "`gains` must hold at least one layer; got none"
+        raise ValueError(msg)
+    g_out, c_out = [], []
+    for i, (g, c) in enumerate(zip(gains, costs, strict=True)):
+        g_arr = np.asarray(as_numpy(g) if hasattr(g, "shape") else g, dtype=np.float64)
+        c_arr = np.asarray(as_numpy(c) if hasattr(c, "shape") else c, dtype=np.float64)
+        if g_arr.ndim != 1 or c_arr.ndim != 1:
+            msg = f"`gains[{i}]` and `costs[{i}]` must be 1-D; got shapes {g_arr.shape} and {c_arr.shape}"
+            raise ValueError(msg)
+        if g_arr.shape != c_arr.shape:
+            msg = (
+                f"`gains[{i}]` and `costs[{i}]` must have the same length; "
+                f"got {g_arr.size} and {c_arr.size}"
+            )
+            raise ValueError(msg)
+        if not np.all(np.isfinite(g_arr)) or np.any(g_arr < 0):
+            msg = f"`gains[{i}]` must be finite and >= 0; got min {np.nanmin(g_arr) if g_arr.size else 0!r}"
+            raise ValueError(msg)
+        if not np.all(np.isfinite(c_arr)) or np.any(c_arr <= 0):
+            msg = f"`costs[{i}]` must be finite and > 0; got min {c_arr.min() if c_arr.size else 0!r}"
+            raise ValueError(msg)
+        g_out.append(g_arr)
+        c_out.append(c_arr)
+    return g_out, c_out
+
+
+def _hull_vertices(x: np.ndarray, y: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Mask of points on each layer's upper concave hull (all layers at once).
+
+    Points ``starts[l]..ends[l]`` (inclusive) are layer ``l``'s prefix curve.
+    A vertex strictly below the chord of its alive neighbours is never on
+    the hull, so all such vertices are dropped together, pass after pass.
+    """
+    alive = np.ones(x.size, dtype=bool)
+    fixed = np.zeros(x.size, dtype=bool)
+    fixed[starts] = True
+    fixed[ends] = True
+    for _ in range(_MAX_VECTOR_PASSES):
+        idx = np.flatnonzero(alive)
+        inner = np.flatnonzero(~fixed[idx])
+        if inner.size == 0:
+            return alive
+        p, t, q = idx[inner - 1], idx[inner], idx[inner + 1]
+        reflex = (y[t] - y[p]) * (x[q] - x[t]) < (y[q] - y[t]) * (x[t] - x[p])
+        if not reflex.any():
+            return alive
+        alive[t[reflex]] = False
+    return _finish_hulls_sequentially(x, y, starts, ends, alive)
+
+
+def _finish_hulls_sequentially(
+    x: np.ndarray, y: np.ndarray, starts: np.ndarray, ends: np.ndarray, alive: np.ndarray
+) -> np.ndarray:
+    """Monotone-chain upper hull for each layer (stragglers of the vector passes)."""
+    for s, e in zip(starts, ends, strict=True):
+        stack: list[int] = []
+        for i in np.flatnonzero(alive[s : e + 1]) + s:
+            while len(stack) >= 2:
+                p, t = stack[-2], stack[-1]
+                if (y[t] - y[p]) * (x[i] - x[t]) < (y[i] - y[t]) * (x[t] - x[p]):
+                    stack.pop()
+                else:
+                    break
+            stack.append(int(i))
+        alive[s : e + 1] = False
+        alive[stack] = True
+    return alive
+
+
+def allocate_ranks(
+    gains: Sequence[object], costs: Sequence[object], budget: float
+) -> list[int]:
+    r"""Greedy global allocation of rank units under a parameter budget.
+
+    Parameters
+    ----------
+    gains : sequence of (L_l,) array_like
+        Per layer, the gain of each successive unit (finite, ``>= 0``).
+    costs : sequence of (L_l,) array_like
+        Per layer, the cost of each successive unit (finite, ``> 0``).
+    budget : float in (0, 1]
+        Fraction of the total cost of all units that may be spent:
+        :math:`B = \text{budget} \cdot \sum_{\ell,i} c_{\ell,i}`.
+
+    Returns
+    -------
+    list of int
+        Number of units taken per layer (always a prefix).
+
+    Raises
+    ------
+    TypeError
+        If ``gains`` or ``costs`` is not a sequence of arrays, or ``budget`` is
+        not a real number.
+    ValueError
+        If they differ in length (overall or per layer), are not 1-D, hold
+        negative or non-finite values (or non-positive costs), or ``budget``
+        lies outside ``(0, 1]``.
+
+    Notes
+    -----
+    Units of zero gain are never bought. Non-concave layers (gain/cost ratios
+    that rise somewhere) are grouped by their upper concave hull, so a unit
+    with little gain that unlocks a large one is bought together with it.
+
+    Guarantee, for concave layers: with :math:`G` the greedy total and
+    :math:`g^\star` the gain of the first unit that did not fit,
+    :math:`G \le \mathrm{OPT} \le G + g^\star`, and :math:`G = \mathrm{OPT}`
+    when the greedy spends exactly :math:`B`.
+
+    Cost: :math:`O(N \log N)` for :math:`N` units in total (a sort, a few
+    vectorized hull passes and a heap over the layers).
+
+    References
+    ----------
+    .. [1] G. B. Dantzig, "Discrete-variable extremum problems", Oper. Res.,
+       1957 (greedy bound for the knapsack problem).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        msg = f"`budget` must be a real number in (0, 1]; got {budget!r}"
+        raise TypeError(msg)
+    fraction = check_fraction(budget, "budget")
+    g_list, c_list = _as_unit_arrays(gains, costs)
+    total_cost = float(sum(c.sum() for c in c_list))
+    limit = fraction * total_cost
+
+    groups = _concave_groups(g_list, c_list)
+    layer, units, gain, cost = groups
+    ratio = gain / cost
+    keep = ratio > 0
+    order = np.flatnonzero(keep)
+    # decreasing ratio; ties by layer then position (np.lexsort: last key first)
+    order = order[np.lexsort((order, layer[order], -ratio[order]))]
+    spent = np.cumsum(cost[order])
+    n_fit = int(np.searchsorted(spent, limit * (1 + 1e-12), side="right"))
+    taken = np.zeros(len(g_list), dtype=np.int64)
+    np.add.at(taken, layer[order[:n_fit]], units[order[:n_fit]])
+    if n_fit == order.size:
+        return [int(t) for t in taken]
+    left = limit - (float(spent[n_fit - 1]) if n_fit else 0.0)
+    _continue_with_heap(order[n_fit:], layer, units, ratio, cost, taken, left)
+    return [int(t) for t in taken]
+
+
+def _concave_groups(
+    g_list: list[np.ndarray], c_list: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hull groups of all layers: ``(layer, n_units, gain, cost)`` per group, in layer order."""
+    sizes = np.array([g.size for g in g_list])
+    starts = np.concatenate([[0], np.cumsum(sizes + 1)[:-1]])
+    ends = starts + sizes
+    x = np.concatenate([np.concatenate([[0.0], np.cumsum(c)]) for c in c_list])
+    y = np.concatenate([np.concatenate([[0.0], np.cumsum(g)]) for g in g_list])
+    vertices = np.flatnonzero(_hull_vertices(x, y, starts, ends))
+    point_layer = np.repeat(np.arange(len(g_list)), sizes + 1)
+    same_layer = point_layer[vertices[1:]] == point_layer[vertices[:-1]]
+    lo, hi = vertices[:-1][same_layer], vertices[1:][same_layer]
+    return point_layer[lo], hi - lo, y[hi] - y[lo], x[hi] - x[lo]
+
+
+def _continue_with_heap(
+    rest: np.ndarray,
+    layer: np.ndarray,
+    units: np.ndarray,
+    ratio: np.ndarray,
+    cost: np.ndarray,
+    taken: np.ndarray,
+    left: float,
+) -> None:
+    """After the first misfit: heap over each open layer's next group."""
+    first_misfit_layer = int(layer[rest[0]])
+    queues: dict[int, list[int]] = {}
+    for g in rest[1:]:
+        lay = int(layer[g])
+        if lay != first_misfit_layer:
+            queues.setdefault(lay, []).append(int(g))
+    for q in queues.values():
+        q.reverse()  # pop() from the end yields groups in layer order
+    heap = [(-ratio[q[-1]], lay, q.pop()) for lay, q in queues.items()]
+    heapq.heapify(heap)
+    while heap:
+        _, lay, g = heapq.heappop(heap)
+        if cost[g] <= left * (1 + 1e-12):
+            left -= float(cost[g])
+            taken[lay] += int(units[g])
+            if queues[lay]:
+                nxt = queues[lay].pop()
+                heapq.heappush(heap, (-ratio[nxt], lay, nxt))
+        # a misfit closes the layer: later groups would break the prefix rule

@@ -1,0 +1,296 @@
+r"""Streaming second-moment statistics of a linear layer.
+
+For a layer :math:`y = W x + b` (``W`` of shape ``(m, n)``) and calibration
+tokens :math:`t = 1, \dots, N`, JACTUS needs
+
+.. math::
+
+    C_x = \frac1N \sum_t x_t x_t^\top, \qquad
+    C_g = \frac1N \sum_t g_t g_t^\top, \qquad
+    G = \frac1N \sum_t g_t x_t^\top,
+
+with :math:`g_t = \partial \mathcal L / \partial y_t` the pre-activation
+gradient. ``C_x`` is uncentered, like the K-FAC input factor. The
+accumulators here stream these sums over batches of any leading shape, in
+float64 by default (float32 on CUDA), keep the sample count, and merge.
+
+``mode="qr"`` keeps a triangular factor :math:`R` with
+:math:`R^\top R = \sum_t x_t x_t^\top` instead of the Gram matrix (a streamed
+QR: :math:`R \leftarrow \operatorname{qr}([R; X_\text{batch}])`). Whitening
+from :math:`R` never forms the Gram matrix, so it never squares the
+condition number (:func:`jactus_linalg.whiten` accepts the resulting
+:class:`CovarianceRoot`).
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from ._backend import (
+    Array,
+    astype,
+    count_nonfinite,
+    device_of,
+    is_torch,
+    namespace,
+    qr_r,
+)
+
+__all__ = [
+    "CovarianceRoot",
+    "CrossMomentAccumulator",
+    "LayerStatistics",
+    "MomentAccumulator",
+]
+
+_MODES = ("gram", "qr")
+
+
+class CovarianceRoot(NamedTuple):
+    r"""A second moment held in square-root form.
+
+    Attributes
+    ----------
+    root : (p, n) array
+        Upper-triangular (or trapezoidal, while ``p < n``) factor with
+        :math:`\text{root}^\top \text{root} = C`, the *mean* second moment.
+    n_samples : int
+        Number of samples behind ``C``.
+    """
+
+    root: Array
+    n_samples: int
+
+
+class LayerStatistics(NamedTuple):
+    """Calibration statistics of one linear layer.
+
+    Attributes
+    ----------
+    input_cov : (n, n) array or CovarianceRoot
+        :math:`C_x = E[x x^T]`.
+    grad_cov : (m, m) array or CovarianceRoot or None
+        :math:`C_g = E[g g^T]`.
+    grad_mean : (m, n) array or None
+        :math:`G = E[g x^T]`, the mean weight gradient.
+    n_samples : int
+        Number of calibration tokens.
+    """
+
+    input_cov: Any
+    grad_cov: Any
+    grad_mean: Any
+    n_samples: int
+
+
+def _resolve_dtype(xp: ModuleType, like: Array, dtype: str | None) -> Any:
+    """float64 on CPU and float32 on CUDA unless ``dtype`` says otherwise."""
+    if dtype is None:
+        on_cuda = is_torch(xp) and getattr(device_of(like), "type", "cpu") == "cuda"
+        dtype = "float32" if on_cuda else "float64"
+    if dtype not in ("float32", "float64"):
+        msg = f"`dtype` must be 'float32', 'float64' or None; got {dtype!r}"
+        raise ValueError(msg)
+    return getattr(xp, dtype)
+
+
+def _as_rows(x: Array, dim: int, name: str, arg: str) -> Array:
+    """Reshape a batch of any leading shape ``(..., dim)`` into ``(N, dim)``."""
+    shape = tuple(x.shape)
+    if len(shape) == 0 or shape[-1] != dim:
+        msg = f"`{arg}` for statistic `{name}` must have last dimension {dim}; got shape {shape}"
+        raise ValueError(msg)
+    xp = namespace(x)
+    return xp.reshape(x, (-1, dim))
+
+
+def _check_batch_finite(xp: ModuleType, rows: Array, name: str, arg: str) -> None:
+    if bool(xp.all(xp.isfinite(rows))):
+        return
+    n_nan, n_inf = count_nonfinite(xp, rows)
+    msg = (
+        f"non-finite values in `{arg}` for statistic `{name}`: {n_nan} NaN, "
+        f"{n_inf} Inf; the statistic was not updated"
+    )
+    raise ValueError(msg)
+
+
+class MomentAccumulator:
+    r"""Streaming second moment :math:`C = E[x x^\top]` of ``dim``-vectors.
+
+    Parameters
+    ----------
+    dim : int
+        Feature dimension ``n``.
+    name : str, optional
+        Name of the statistic, used in error messages (e.g. ``"input_cov"``
+        or ``"layers.0.q_proj:input_cov"``).
+    mode : {"gram", "qr"}, optional
+        ``"gram"`` sums :math:`X^\top X`; ``"qr"`` keeps the triangular
+        factor of a streamed QR, :math:`R^\top R = X^\top X`.
+    dtype : {"float64", "float32"} or None, optional
+        Accumulation dtype. ``None`` means float64 on CPU and float32 on CUDA.
+
+    Raises
+    ------
+    ValueError
+        On a batch with the wrong last dimension, or with NaN / Inf (the
+        message names the statistic, and the batch is not absorbed).
+
+    Notes
+    -----
+    ``"gram"`` costs :math:`O(N n^2)` per batch of ``N`` rows; ``"qr"`` about
+    twice that. Merging two accumulators adds sums (or QR-stacks roots) and
+    sample counts, so statistics from several processes or resumed runs
+    combine exactly.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        name: str = "cov",
+        mode: str = "gram",
+        dtype: str | None = None,
+    ) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            msg = f"`dim` must be a positive integer; got {dim!r}"
+            raise ValueError(msg)
+        if mode not in _MODES:
+            msg = f"`mode` must be one of {_MODES}; got {mode!r}"
+            raise ValueError(msg)
+        self.dim = dim
+        self.name = name
+        self.mode = mode
+        self.dtype_name = dtype
+        self.total: Array | None = None  # sum X^T X (gram) or R (qr)
+        self.count = 0
+
+    def update(self, x: Array) -> None:
+        """Absorb a batch ``x`` of shape ``(..., dim)``."""
+        xp = namespace(x)
+        rows = _as_rows(x, self.dim, self.name, "x")
+        _check_batch_finite(xp, rows, self.name, "x")
+        dtype = _resolve_dtype(xp, x, self.dtype_name)
+        rows = astype(xp, rows, dtype)
+        if self.mode == "gram":
+            contrib = rows.T @ rows
+            self.total = contrib if self.total is None else self.total + contrib
+        else:
+            stacked = rows if self.total is None else xp.concat([self.total, rows], axis=0)
+            self.total = qr_r(xp, stacked)
+        self.count += int(rows.shape[0])
+
+    def merge(self, other: MomentAccumulator) -> MomentAccumulator:
+        """Return a new accumulator holding the samples of both."""
+        if not isinstance(other, MomentAccumulator):
+            msg = f"`other` must be a MomentAccumulator; got {type(other).__name__}"
+            raise TypeError(msg)
+        if (other.dim, other.mode) != (self.dim, self.mode):
+            msg = (
+                f"`other` must have dim={self.dim}, mode={self.mode!r}; got "
+                f"dim={other.dim}, mode={other.mode!r}"
+            )
+            raise ValueError(msg)
+        merged = MomentAccumulator(
+            self.dim, name=self.name, mode=self.mode, dtype=self.dtype_name
+        )
+        merged.count = self.count + other.count
+        parts = [t for t in (self.total, other.total) if t is not None]
+        if len(parts) == 2:
+            xp = namespace(*parts)
+            if self.mode == "gram":
+                merged.total = parts[0] + parts[1]
+            else:
+                merged.total = qr_r(xp, xp.concat(parts, axis=0))
+        elif parts:
+            merged.total = parts[0]
+        return merged
+
+    def result(self) -> Array | CovarianceRoot:
+        """The mean second moment: an ``(n, n)`` array, or a :class:`CovarianceRoot`."""
+        if self.count == 0 or self.total is None:
+            msg = f"statistic `{self.name}` has no samples: call update() first"
+            raise ValueError(msg)
+        if self.mode == "gram":
+            return self.total / self.count
+        return CovarianceRoot(self.total / math.sqrt(self.count), self.count)
+
+
+class CrossMomentAccumulator:
+    r"""Streaming cross moment :math:`G = E[g x^\top]` (the mean weight gradient).
+
+    Parameters
+    ----------
+    rows, cols : int
+        Dimensions of ``g`` (``m``) and ``x`` (``n``).
+    name : str, optional
+        Name used in error messages.
+    dtype : {"float64", "float32"} or None, optional
+        Accumulation dtype; ``None`` means float64 on CPU, float32 on CUDA.
+
+    Raises
+    ------
+    ValueError
+        On mismatched batch shapes or non-finite values.
+    """
+
+    def __init__(
+        self, rows: int, cols: int, *, name: str = "grad_mean", dtype: str | None = None
+    ) -> None:
+        for arg, val in (("rows", rows), ("cols", cols)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                msg = f"`{arg}` must be a positive integer; got {val!r}"
+                raise ValueError(msg)
+        self.rows = rows
+        self.cols = cols
+        self.name = name
+        self.dtype_name = dtype
+        self.total: Array | None = None
+        self.count = 0
+
+    def update(self, g: Array, x: Array) -> None:
+        """Absorb paired batches ``g`` of shape ``(..., rows)`` and ``x`` of ``(..., cols)``."""
+        xp = namespace(g, x)
+        if tuple(g.shape[:-1]) != tuple(x.shape[:-1]):
+            msg = (
+                f"`g` and `x` for statistic `{self.name}` must share leading "
+                f"dimensions; got {tuple(g.shape)} and {tuple(x.shape)}"
+            )
+            raise ValueError(msg)
+        g_rows = _as_rows(g, self.rows, self.name, "g")
+        x_rows = _as_rows(x, self.cols, self.name, "x")
+        _check_batch_finite(xp, g_rows, self.name, "g")
+        _check_batch_finite(xp, x_rows, self.name, "x")
+        dtype = _resolve_dtype(xp, g, self.dtype_name)
+        contrib = astype(xp, g_rows, dtype).T @ astype(xp, x_rows, dtype)
+        self.total = contrib if self.total is None else self.total + contrib
+        self.count += int(g_rows.shape[0])
+
+    def merge(self, other: CrossMomentAccumulator) -> CrossMomentAccumulator:
+        """Return a new accumulator holding the samples of both."""
+        if not isinstance(other, CrossMomentAccumulator):
+            msg = f"`other` must be a CrossMomentAccumulator; got {type(other).__name__}"
+            raise TypeError(msg)
+        if (other.rows, other.cols) != (self.rows, self.cols):
+            msg = (
+                f"`other` must have shape ({self.rows}, {self.cols}); got "
+                f"({other.rows}, {other.cols})"
+            )
+            raise ValueError(msg)
+        merged = CrossMomentAccumulator(
+            self.rows, self.cols, name=self.name, dtype=self.dtype_name
+        )
+        merged.count = self.count + other.count
+        parts = [t for t in (self.total, other.total) if t is not None]
+        merged.total = parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)
+        return merged
+
+    def result(self) -> Array:
+        """The mean cross moment, shape ``(rows, cols)``."""
+        if self.count == 0 or self.total is None:
+            msg = f"statistic `{self.name}` has no samples: call update() first"
+            raise ValueError(msg)
+        return self.total / self.count

@@ -1,0 +1,441 @@
+r"""The JACTUS layer factorization (arXiv 2605.02829).
+
+*Joint Adaptation and Compression with a Task-aware Union of Subspaces.*
+In whitened coordinates, with :math:`M = S_g^\top W S_x = P \Sigma Q^\top`
+and the whitened gradient :math:`\Gamma = S_g^{-1} G S_x^{-\top} = P' \Sigma' Q'^\top`,
+a layer of rank :math:`r` keeps
+
+.. math::
+
+    U_r = \operatorname{orth}[P_k, P'_j], \quad
+    V_r = \operatorname{orth}[Q_k, Q'_j], \quad
+    C_r = U_r^\top M V_r, \qquad j = \lfloor \tau r + \tfrac12 \rfloor,\;
+    k = r - j,
+
+with :math:`\tau` the task fraction. Because :math:`j` and :math:`k` grow by
+at most one per unit of rank, the unions are nested; one ordered
+Gram-Schmidt pass (:func:`~jactus_linalg.subspaces.nested_orthonormal_basis`)
+yields bases :math:`U, V` whose leading columns span every :math:`U_r, V_r`,
+and the preserved energy of every rank follows from one core
+:math:`K = U^\top M V`:
+
+.. math::
+
+    E(r) = \lVert K_{:a_r, :b_r} \rVert_F^2, \qquad
+    \text{gain}_r = E(r) - E(r - 1) \ge 0 .
+
+Bounds checked by the tests: :math:`\sum_{i>r}\sigma_i^2 \le \text{err}_r^2 =
+\lVert M\rVert^2 - E(r) \le \sum_{i>k}\sigma_i^2`.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._backend import Array, as_numpy, astype, device_of, eps, namespace, svd_reduced
+from ._checks import check_fraction, check_matrix, check_rank
+from .allocation import break_even_rank, rank_unit_costs
+from .lowrank import (
+    LowRankResult,
+    WhiteningInfo,
+    _base_dtype,
+    eckart_young_tail,
+    info_of,
+    whitening_operators,
+)
+from .subspaces import nested_orthonormal_basis
+from .whitening import (
+    DEFAULT_DAMPING,
+    WhiteningOperator,
+    inverse_transpose_times,
+    whitened_gradient,
+    whitened_weight,
+)
+
+__all__ = [
+    "DEFAULT_TASK_FRACTION",
+    "JactusLayer",
+    "LayerPlan",
+    "jactus_layer",
+    "plan_layer",
+    "task_split",
+]
+
+#: Default task fraction :math:`\tau` (share of each layer's rank given to
+#: gradient directions).
+DEFAULT_TASK_FRACTION = 0.25
+
+
+def task_split(rank: int, task_fraction: float, task_rank: int | None = None) -> tuple[int, int]:
+    r"""``(k, j)``: weight and task directions at rank ``r``.
+
+    :math:`j = \min(\lfloor \tau r + 1/2 \rfloor, \text{task\_rank})`,
+    :math:`k = r - j`. Capping at the numerical rank of :math:`\Gamma` hands
+    the units it cannot fill back to weight directions.
+    """
+    j = math.floor(task_fraction * rank + 0.5)
+    if task_rank is not None:
+        j = min(j, task_rank)
+    return rank - j, j
+
+
+class JactusLayer(NamedTuple):
+    r"""A JACTUS factorization at one rank (see :meth:`LayerPlan.factorize`).
+
+    Attributes
+    ----------
+    left, core, right : arrays
+        :math:`A` (m x a), :math:`C` (a x b), :math:`B` (n x b) with
+        :math:`W \approx A C B^\top`.
+    rank : int
+        Requested rank :math:`r`.
+    weight_directions, task_directions : int
+        :math:`k` and :math:`j` at this rank.
+    error : float
+        Curvature-norm error :math:`\sqrt{\lVert M\rVert^2 - \lVert C\rVert^2}`.
+    eckart_young : float
+        Lower bound :math:`\sqrt{\sum_{i>r}\sigma_i(M)^2}`.
+    weight_bound : float
+        Upper bound :math:`\sqrt{\sum_{i>k}\sigma_i(M)^2}`.
+    n_params : int
+        :math:`am + bn + ab`.
+    gains : (R,) numpy array
+        Per-unit gains :math:`E(s) - E(s-1)`, :math:`s = 1..R` (R = plan's
+        ``max_rank``), in curvature (predicted-loss) units.
+    costs : (R,) numpy array
+        Per-unit parameter costs :math:`m + n + 2(s-1) + 1`.
+    total_energy : float
+        :math:`\lVert M \rVert_F^2`.
+    input_whitening, grad_whitening : WhiteningInfo or None
+    """
+
+    left: Array
+    core: Array
+    right: Array
+    rank: int
+    weight_directions: int
+    task_directions: int
+    error: float
+    eckart_young: float
+    weight_bound: float
+    n_params: int
+    gains: np.ndarray
+    costs: np.ndarray
+    total_energy: float
+    input_whitening: WhiteningInfo | None
+    grad_whitening: WhiteningInfo | None
+
+
+class LayerPlan(NamedTuple):
+    r"""Everything needed to factorize one layer at any rank up to ``max_rank``.
+
+    Built once by :func:`plan_layer`; :attr:`gains` feed
+    :func:`~jactus_linalg.allocate_ranks`, and :meth:`factorize` cuts the
+    layer at the allocated rank without another decomposition.
+
+    Attributes
+    ----------
+    left_basis : (m, a_R) array
+        Nested orthonormal :math:`U` (whitened coordinates).
+    right_basis : (n, b_R) array
+        Nested orthonormal :math:`V`.
+    core : (a_R, b_R) array
+        :math:`K = U^\top M V`.
+    left_counts, right_counts : (R + 1,) numpy int arrays
+        :math:`a_r, b_r`: how many columns of ``U``, ``V`` rank ``r`` uses.
+    energy : (R + 1,) numpy array
+        :math:`E(r)`, preserved whitened energy, ``energy[0] = 0``.
+    total_energy : float
+        :math:`\lVert M \rVert_F^2`.
+    singular_values : numpy array
+        :math:`\sigma(M)`, descending.
+    task_rank : int
+        Numerical rank of :math:`\Gamma` (0 without a gradient).
+    task_fraction : float
+    shape : (int, int)
+    input_op, grad_op : WhiteningOperator or None
+    weight_dtype : dtype
+    """
+
+    left_basis: Array
+    right_basis: Array
+    core: Array
+    left_counts: np.ndarray
+    right_counts: np.ndarray
+    energy: np.ndarray
+    total_energy: float
+    singular_values: np.ndarray
+    task_rank: int
+    task_fraction: float
+    shape: tuple[int, int]
+    input_op: WhiteningOperator | None
+    grad_op: WhiteningOperator | None
+    weight_dtype: Any
+
+    @property
+    def max_rank(self) -> int:
+        return len(self.energy) - 1
+
+    @property
+    def gains(self) -> np.ndarray:
+        """Per-unit gains :math:`E(r) - E(r-1)`, clipped at 0 against rounding."""
+        return np.maximum(np.diff(self.energy), 0.0)
+
+    @property
+    def costs(self) -> np.ndarray:
+        """Per-unit parameter costs :math:`m + n + 2(r-1) + 1`."""
+        return rank_unit_costs(*self.shape, self.max_rank)
+
+    def factorize(self, rank: int) -> JactusLayer:
+        """Cut the plan at ``rank`` (``1 <= rank <= max_rank``)."""
+        rank = check_rank(rank, self.max_rank, what="the plan's max_rank")
+        xp = namespace(self.core)
+        a, b = int(self.left_counts[rank]), int(self.right_counts[rank])
+        k, j = task_split(rank, self.task_fraction, self.task_rank)
+        u, v = self.left_basis[:, :a], self.right_basis[:, :b]
+        core = self.core[:a, :b]
+        m, n = self.shape
+        out = self.weight_dtype
+        return JactusLayer(
+            left=astype(xp, inverse_transpose_times(self.grad_op, u), out),
+            core=astype(xp, core, out),
+            right=astype(xp, inverse_transpose_times(self.input_op, v), out),
+            rank=rank,
+            weight_directions=k,
+            task_directions=j,
+            error=math.sqrt(max(self.total_energy - float(self.energy[rank]), 0.0)),
+            eckart_young=eckart_young_tail(self.singular_values, rank),
+            weight_bound=eckart_young_tail(self.singular_values, k),
+            n_params=a * m + b * n + a * b,
+            gains=self.gains,
+            costs=self.costs,
+            total_energy=self.total_energy,
+            input_whitening=info_of(self.input_op),
+            grad_whitening=info_of(self.grad_op),
+        )
+
+    def as_lowrank(self, rank: int) -> LowRankResult:
+        """The factorization at ``rank`` as a :class:`~jactus_linalg.lowrank.LowRankResult`."""
+        layer = self.factorize(rank)
+        preserved = float(self.energy[rank])
+        a, b = int(layer.core.shape[0]), int(layer.core.shape[1])
+        return LowRankResult(
+            layer.left, layer.core, layer.right, layer.error,
+            eckart_young_tail(self.singular_values, min(a, b)), self.total_energy,
+            preserved, layer.n_params, self.singular_values, layer.input_whitening,
+            layer.grad_whitening,
+        )
+
+
+def _step_sources(max_rank: int, task_fraction: float, task_rank: int) -> np.ndarray:
+    """For ``r = 1..R``: ``True`` if unit ``r`` adds a task direction, else a weight one."""
+    js = np.array([task_split(r, task_fraction, task_rank)[1] for r in range(max_rank + 1)])
+    return np.diff(js) > 0
+
+
+def _interleave(weight_dirs: Array, task_dirs: Array, is_task: np.ndarray) -> Array:
+    """Columns in the order units add them (weight or task, per ``is_task``)."""
+    xp = namespace(weight_dirs)
+    n_task = int(is_task.sum())
+    n_weight = len(is_task) - n_task
+    order = np.empty(len(is_task), dtype=np.int64)
+    order[~is_task] = np.arange(n_weight)
+    order[is_task] = n_weight + np.arange(n_task)
+    stacked = xp.concat([weight_dirs[:, :n_weight], task_dirs[:, :n_task]], axis=1)
+    index = xp.asarray(order, device=device_of(stacked))
+    return xp.take(stacked, index, axis=1)
+
+
+def _prefix_energy(core: Array, left_counts: np.ndarray, right_counts: np.ndarray) -> np.ndarray:
+    r""":math:`E(r) = \lVert K_{:a_r,:b_r}\rVert^2` for every ``r`` from one 2-D prefix sum."""
+    squares = as_numpy(core).astype(np.float64) ** 2
+    prefix = np.zeros((squares.shape[0] + 1, squares.shape[1] + 1))
+    prefix[1:, 1:] = squares.cumsum(axis=0).cumsum(axis=1)
+    return prefix[left_counts, right_counts]
+
+
+def _numerical_rank(s: np.ndarray, rcond: float) -> int:
+    if s.size == 0 or s[0] == 0.0:
+        return 0
+    return int(np.sum(s > rcond * s[0]))
+
+
+def plan_layer(
+    weight: Array,
+    *,
+    input_cov: Any = None,
+    grad_cov: Any = None,
+    grad_mean: Array | None = None,
+    task_fraction: float = DEFAULT_TASK_FRACTION,
+    damping: float | tuple[float, float] = DEFAULT_DAMPING,
+    max_rank: int | None = None,
+    whitening: str = "cholesky",
+    xp: ModuleType | None = None,
+) -> LayerPlan:
+    r"""Decompose one layer once, for every rank up to ``max_rank``.
+
+    Parameters
+    ----------
+    weight : (m, n) array_like
+        Layer weight :math:`W`.
+    input_cov : (n, n) array_like or CovarianceRoot, optional
+        :math:`C_x`; ``None`` means no input whitening.
+    grad_cov : (m, m) array_like or CovarianceRoot, optional
+        :math:`C_g`; ``None`` means no gradient whitening.
+    grad_mean : (m, n) array_like, optional
+        :math:`G = E[g x^\top]`. Required when ``task_fraction > 0``.
+    task_fraction : float in [0, 1], optional
+        :math:`\tau`. ``0`` gives the optimal rank-r approximation in the
+        curvature norm (two-sided whitened SVD). Default 0.25.
+    damping : float or (float, float), optional
+        Relative damping of ``(input_cov, grad_cov)``.
+    max_rank : int, optional
+        Largest rank planned. Default: the break-even rank, the largest
+        :math:`r` with :math:`r(m+n) + r^2 < mn`.
+    whitening : {"cholesky", "eigh"}, optional
+        Factorization of the covariances (same result, different cost).
+    xp : namespace, optional
+
+    Returns
+    -------
+    LayerPlan
+
+    Raises
+    ------
+    TypeError, ValueError
+        On invalid arrays or arguments (see :func:`projected_lowrank`), or
+        ``task_fraction > 0`` without ``grad_mean``.
+
+    Notes
+    -----
+    Cost: the SVDs of :math:`M` and :math:`\Gamma`, two Householder QRs of
+    ``m x R`` and ``n x R`` column sets, and :math:`K = U^\top M V`. Task
+    directions with :math:`\sigma'_i \le \epsilon \max(m,n) \sigma'_1` carry no
+    gradient and are never used (``task_rank``).
+    """
+    xp = namespace(weight, xp=xp)
+    check_matrix(xp, weight, "weight")
+    m, n = (int(d) for d in weight.shape)
+    tau = check_fraction(task_fraction, "task_fraction", include_zero=True)
+    if tau > 0 and grad_mean is None:
+        msg = "`grad_mean` is required when `task_fraction` > 0 (or pass task_fraction=0)"
+        raise ValueError(msg)
+    if grad_mean is not None:
+        check_matrix(xp, grad_mean, "grad_mean", rows=m, cols=n)
+    limit = max(break_even_rank(m, n), 1)
+    r_max = limit if max_rank is None else check_rank(max_rank, min(m, n), "max_rank")
+    work = _base_dtype(xp, weight, input_cov, grad_cov, grad_mean)
+    input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
+    whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
+    p, s, qh = svd_reduced(xp, whitened)
+    sigma = as_numpy(s).astype(np.float64)
+    rcond = eps(xp, work) * max(m, n)
+    task_rank = 0
+    if tau > 0:
+        gamma = whitened_gradient(astype(xp, grad_mean, work), grad_op, input_op)
+        pt, st, qth = svd_reduced(xp, gamma)
+        task_rank = _numerical_rank(as_numpy(st).astype(np.float64), rcond)
+    is_task = _step_sources(r_max, tau, task_rank)
+    if bool(is_task.any()):
+        u, left_ok = nested_orthonormal_basis(_interleave(p, pt, is_task))
+        v, right_ok = nested_orthonormal_basis(_interleave(qh.T, qth.T, is_task))
+    else:  # singular vectors are already nested and orthonormal
+        u, v = p[:, :r_max], qh[:r_max, :].T
+        left_ok = right_ok = np.ones(r_max, dtype=bool)
+    core = u.T @ whitened @ v
+    left_counts = np.concatenate([[0], np.cumsum(left_ok)])
+    right_counts = np.concatenate([[0], np.cumsum(right_ok)])
+    return LayerPlan(
+        left_basis=u,
+        right_basis=v,
+        core=core,
+        left_counts=left_counts,
+        right_counts=right_counts,
+        energy=_prefix_energy(core, left_counts, right_counts),
+        total_energy=float(np.sum(sigma**2)),
+        singular_values=sigma,
+        task_rank=task_rank,
+        task_fraction=tau,
+        shape=(m, n),
+        input_op=input_op,
+        grad_op=grad_op,
+        weight_dtype=weight.dtype,
+    )
+
+
+def jactus_layer(
+    weight: Array,
+    rank: int,
+    *,
+    input_cov: Any = None,
+    grad_cov: Any = None,
+    grad_mean: Array | None = None,
+    task_fraction: float = DEFAULT_TASK_FRACTION,
+    damping: float | tuple[float, float] = DEFAULT_DAMPING,
+    max_rank: int | None = None,
+    whitening: str = "cholesky",
+    xp: ModuleType | None = None,
+) -> JactusLayer:
+    r"""JACTUS factorization of one layer at ``rank``, with its allocation gains.
+
+    :math:`W \approx A C B^\top` with :math:`A = S_g^{-\top} U_r`,
+    :math:`B = S_x^{-\top} V_r`, :math:`C = U_r^\top M V_r`, where
+    :math:`U_r = \operatorname{orth}[P_k, P'_j]` and
+    :math:`V_r = \operatorname{orth}[Q_k, Q'_j]` unite the top singular
+    subspaces of the whitened weight and of the whitened gradient.
+
+    Parameters
+    ----------
+    weight : (m, n) array_like
+    rank : int
+        :math:`r`, with ``1 <= rank <= max_rank``.
+    input_cov, grad_cov, grad_mean, task_fraction, damping, max_rank, whitening, xp
+        As in :func:`plan_layer`; ``max_rank`` defaults to
+        ``max(rank, break-even rank)``.
+
+    Returns
+    -------
+    JactusLayer
+        Factors, bounds, and the per-unit ``gains`` / ``costs`` for
+        :func:`~jactus_linalg.allocate_ranks`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`plan_layer`; ``rank`` outside ``[1, min(m, n)]``.
+
+    Notes
+    -----
+    .. math::
+
+        \sum_{i>r}\sigma_i(M)^2 \;\le\; \text{err}^2 = \lVert M\rVert_F^2 -
+        \lVert C\rVert_F^2 \;\le\; \sum_{i>k}\sigma_i(M)^2 ,
+
+    the left inequality by Eckart-Young (the core has rank at most
+    :math:`r`), the right because :math:`U_r \supseteq P_k` and
+    :math:`V_r \supseteq Q_k`. With :math:`\tau = 0` both are equalities.
+
+    References
+    ----------
+    .. [1] JACTUS, "Joint Adaptation and Compression with a Task-aware Union
+       of Subspaces", arXiv 2605.02829.
+    """
+    xp = namespace(weight, xp=xp)
+    check_matrix(xp, weight, "weight")
+    m, n = (int(d) for d in weight.shape)
+    rank = check_rank(rank, min(m, n), what=f"min(m, n) of a {m}x{n} weight")
+    if max_rank is None:
+        max_rank = max(rank, break_even_rank(m, n))
+    elif max_rank < rank:
+        msg = f"`max_rank` must be >= rank={rank}; got {max_rank}"
+        raise ValueError(msg)
+    plan = plan_layer(
+        weight, input_cov=input_cov, grad_cov=grad_cov, grad_mean=grad_mean,
+        task_fraction=task_fraction, damping=damping, max_rank=max_rank,
+        whitening=whitening, xp=xp,
+    )
+    return plan.factorize(rank)

@@ -1,0 +1,369 @@
+r"""Projected low-rank approximation in the curvature (whitened) norm.
+
+For a layer weight :math:`W` (``m x n``) with whitening factors
+:math:`S_x S_x^\top = C_x + \delta_x I` and :math:`S_g S_g^\top = C_g + \delta_g I`,
+the K-FAC curvature norm of a change is :math:`\lVert S_g^\top \Delta W S_x
+\rVert_F`. In whitened coordinates :math:`M = S_g^\top W S_x` it is the
+Frobenius norm, so for orthonormal :math:`U` (``m x a``) and :math:`V`
+(``n x b``) the best core is the orthogonal projection
+
+.. math::
+
+    C = U^\top M V, \qquad
+    \lVert M - U C V^\top \rVert_F^2 = \lVert M \rVert_F^2 - \lVert C \rVert_F^2 ,
+
+and the deployable factors are :math:`A = S_g^{-\top} U`, :math:`B = S_x^{-\top} V`
+with :math:`W \approx A C B^\top`. Truncated SVD, SVD-LLM-style input
+whitening, two-sided K-FAC whitening and JACTUS are the special cases of
+:func:`projected_lowrank` with no covariance, ``input_cov`` only, both, and
+both plus union bases.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._backend import (
+    Array,
+    as_numpy,
+    astype,
+    decomposition_dtype,
+    device_of,
+    eps,
+    namespace,
+    svd_reduced,
+)
+from ._checks import check_matrix, check_rank
+from .covariance import CovarianceRoot
+from .subspaces import default_rtol, orthonormal_basis
+from .whitening import (
+    DEFAULT_DAMPING,
+    WhiteningOperator,
+    factor_transpose_times,
+    inverse_transpose_times,
+    whitened_weight,
+    whitening_operator,
+)
+
+__all__ = [
+    "LowRankResult",
+    "WhiteningInfo",
+    "eckart_young_tail",
+    "projected_lowrank",
+]
+
+
+class WhiteningInfo(NamedTuple):
+    """What whitening did to one side of a layer (reported, never silent)."""
+
+    method: str
+    damping: float
+    relative_damping: float
+    numerical_rank: int | None
+    notes: tuple[str, ...]
+
+
+class LowRankResult(NamedTuple):
+    r"""Result of :func:`projected_lowrank`.
+
+    Attributes
+    ----------
+    left : (m, a) array
+        :math:`A = S_g^{-\top} U`.
+    core : (a, b) array
+        :math:`C = U^\top M V` (diagonal when the subspaces come from an SVD).
+    right : (n, b) array
+        :math:`B = S_x^{-\top} V`, so ``left @ core @ right.T`` approximates
+        ``weight``.
+    error : float
+        Curvature-norm error :math:`\lVert M - U C V^\top \rVert_F`, from
+        :math:`\sqrt{\lVert M\rVert^2 - \lVert C\rVert^2}`.
+    eckart_young : float or None
+        :math:`\sqrt{\sum_{i > \min(a,b)} \sigma_i(M)^2}`, the smallest error
+        any approximation of that rank can reach (``None`` if ``bounds=False``).
+    total_energy : float
+        :math:`\lVert M \rVert_F^2`.
+    preserved_energy : float
+        :math:`\lVert C \rVert_F^2`.
+    n_params : int
+        :math:`am + bn + ab`, numbers stored by the factors.
+    singular_values : (min(m, n),) numpy array or None
+        :math:`\sigma(M)`, when computed.
+    input_whitening, grad_whitening : WhiteningInfo or None
+        Damping and notes per side (``None`` when that covariance was not given).
+    """
+
+    left: Array
+    core: Array
+    right: Array
+    error: float
+    eckart_young: float | None
+    total_energy: float
+    preserved_energy: float
+    n_params: int
+    singular_values: np.ndarray | None
+    input_whitening: WhiteningInfo | None
+    grad_whitening: WhiteningInfo | None
+
+
+def info_of(op: WhiteningOperator | None) -> WhiteningInfo | None:
+    if op is None:
+        return None
+    return WhiteningInfo(
+        op.method, op.damping, op.relative_damping, op.numerical_rank, op.notes
+    )
+
+
+def eckart_young_tail(singular_values: np.ndarray, rank: int) -> float:
+    r""":math:`\sqrt{\sum_{i > r} \sigma_i^2}` for descending ``singular_values``."""
+    s = np.asarray(singular_values, dtype=np.float64)
+    return float(np.sqrt(np.sum(s[rank:] ** 2)))
+
+
+def covariance_dim(cov: Any) -> int:
+    """Size ``n`` of an ``(n, n)`` covariance or a :class:`CovarianceRoot`."""
+    if isinstance(cov, CovarianceRoot):
+        return int(cov.root.shape[1])
+    return int(cov.shape[-1])
+
+
+def whitening_operators(
+    weight_shape: tuple[int, int],
+    input_cov: Any,
+    grad_cov: Any,
+    damping: float | tuple[float, float],
+    method: str,
+    dtype: Any,
+) -> tuple[WhiteningOperator | None, WhiteningOperator | None]:
+    """Factor both covariances after checking their sizes against the weight."""
+    m, n = weight_shape
+    damp_x, damp_g = split_damping(damping)
+    ops: list[WhiteningOperator | None] = []
+    for cov, dim, name, damp in (
+        (input_cov, n, "input_cov", damp_x),
+        (grad_cov, m, "grad_cov", damp_g),
+    ):
+        if cov is None:
+            ops.append(None)
+            continue
+        if not isinstance(cov, CovarianceRoot) and len(getattr(cov, "shape", ())) != 2:
+            msg = f"`{name}` must be a 2-D array or CovarianceRoot; got {type(cov).__name__}"
+            raise ValueError(msg)
+        if covariance_dim(cov) != dim:
+            side = "columns (inputs)" if name == "input_cov" else "rows (outputs)"
+            msg = (
+                f"`{name}` must be {dim}x{dim} to match the weight's {dim} {side}; "
+                f"got size {covariance_dim(cov)}"
+            )
+            raise ValueError(msg)
+        ops.append(whitening_operator(cov, damping=damp, method=method, name=name, dtype=dtype))
+    return ops[0], ops[1]
+
+
+def split_damping(damping: float | tuple[float, float]) -> tuple[float, float]:
+    """``damping`` as ``(input side, gradient side)``; a scalar applies to both."""
+    if isinstance(damping, tuple | list):
+        if len(damping) != 2:
+            msg = f"`damping` must be a number or a pair (input, grad); got {damping!r}"
+            raise ValueError(msg)
+        return damping[0], damping[1]
+    return damping, damping
+
+
+def _base_dtype(xp: ModuleType, *arrays: Any) -> Any:
+    dtypes = []
+    for a in arrays:
+        if a is None:
+            continue
+        a = a.root if isinstance(a, CovarianceRoot) else a
+        dtypes.append(a.dtype)
+    return decomposition_dtype(xp, *dtypes)
+
+
+def _whiten_basis(
+    xp: ModuleType, basis: Array, op: WhiteningOperator | None, name: str, dim: int
+) -> Array:
+    r"""Orthonormal basis of :math:`\operatorname{span}(S^\top \text{basis})`."""
+    check_matrix(xp, basis, name, rows=dim)
+    whitened = factor_transpose_times(op, basis)
+    rtol = default_rtol(xp, whitened.dtype, *whitened.shape)
+    onb = orthonormal_basis(whitened, rtol)
+    if int(onb.shape[1]) == 0:
+        msg = f"`{name}` spans nothing (all columns are zero to rounding)"
+        raise ValueError(msg)
+    return onb
+
+
+def _truncate(xp: ModuleType, u: Array, k: Array, v: Array, rank: int | None):
+    """Best rank-``rank`` core inside ``span(u) x span(v)`` (SVD of the projected core)."""
+    a, b = int(k.shape[0]), int(k.shape[1])
+    if rank is None or rank >= min(a, b):
+        return u, k, v
+    y, s, zh = svd_reduced(xp, k)
+    return u @ y[:, :rank], _diag(xp, s[:rank]), v @ zh[:rank, :].T
+
+
+def _diag(xp: ModuleType, s: Array) -> Array:
+    """Square diagonal matrix from a vector (array-API has no ``diag``)."""
+    r = int(s.shape[0])
+    eye = xp.eye(r, dtype=s.dtype, device=device_of(s))
+    return eye * s[None, :]
+
+
+def projected_lowrank(
+    weight: Array,
+    rank: int | None = None,
+    *,
+    input_cov: Any = None,
+    grad_cov: Any = None,
+    left: Array | None = None,
+    right: Array | None = None,
+    damping: float | tuple[float, float] = DEFAULT_DAMPING,
+    whitening: str = "cholesky",
+    bounds: bool = True,
+    xp: ModuleType | None = None,
+) -> LowRankResult:
+    r"""Best approximation of ``weight`` with factors in given subspaces, in the curvature norm.
+
+    Minimises :math:`\lVert S_g^\top (W - A C B^\top) S_x \rVert_F` over the
+    core :math:`C`, with :math:`\operatorname{span}(A) = \operatorname{span}(\text{left})`
+    and :math:`\operatorname{span}(B) = \operatorname{span}(\text{right})`
+    (or the optimal subspaces where a side is not given).
+
+    Parameters
+    ----------
+    weight : (m, n) array_like
+        Layer weight :math:`W` (out x in).
+    rank : int, optional
+        Target rank. Without bases: keep the top-``rank`` singular subspaces
+        of :math:`M` (default: its numerical rank). With bases: truncate the
+        projected core optimally inside the subspaces when ``rank`` is below
+        their dimension; otherwise keep the full projected core.
+    input_cov : (n, n) array_like or CovarianceRoot, optional
+        :math:`C_x = E[x x^\top]`. ``None`` means :math:`S_x = I`.
+    grad_cov : (m, m) array_like or CovarianceRoot, optional
+        :math:`C_g = E[g g^\top]`. ``None`` means :math:`S_g = I`.
+    left : (m, p) array_like, optional
+        Basis of the output subspace, in the layer's own coordinates.
+    right : (n, q) array_like, optional
+        Basis of the input subspace, in the layer's own coordinates.
+    damping : float or (float, float), optional
+        Relative damping of ``(input_cov, grad_cov)``; see
+        :func:`jactus_linalg.whiten`. Default ``1e-3``.
+    whitening : {"cholesky", "eigh"}, optional
+        Factor used for both covariances. Both give the same approximation.
+    bounds : bool, optional
+        Compute :math:`\sigma(M)` for the Eckart-Young bound (one extra SVD
+        when bases are given). Default ``True``.
+    xp : namespace, optional
+        Array namespace; inferred from ``weight`` by default.
+
+    Returns
+    -------
+    LowRankResult
+        ``left``, ``core``, ``right`` in ``weight``'s dtype and namespace, on
+        its device, plus ``error``, ``eckart_young`` and diagnostics.
+
+    Raises
+    ------
+    TypeError
+        If an input is not a real floating array, or ``rank`` is not an integer.
+    ValueError
+        On NaN/Inf, mismatched shapes, a non-symmetric or indefinite
+        covariance, ``rank < 1`` or ``rank > min(m, n)``, or a basis that
+        spans nothing.
+
+    Notes
+    -----
+    With :math:`U, V` orthonormal bases of :math:`S_g^\top\,\text{left}` and
+    :math:`S_x^\top\,\text{right}` and :math:`r = \min(a, b)`,
+
+    .. math::
+
+        \text{err}^2 = \lVert M\rVert_F^2 - \lVert C\rVert_F^2
+        \ge \sum_{i > r} \sigma_i(M)^2 ,
+
+    with equality when the subspaces are the top-:math:`r` singular
+    subspaces of :math:`M` (Eckart-Young-Mirsky). ``error`` is computed by
+    that identity, so its absolute accuracy is about
+    :math:`\epsilon \lVert M \rVert_F^2 / \text{err}`. No covariance is ever
+    inverted: :math:`S^{-\top} U` is a triangular or eigen solve.
+
+    References
+    ----------
+    .. [1] C. Eckart, G. Young, "The approximation of one matrix by another
+       of lower rank", Psychometrika, 1936.
+    .. [2] JACTUS, arXiv 2605.02829.
+    """
+    xp = namespace(weight, xp=xp)
+    check_matrix(xp, weight, "weight")
+    m, n = (int(d) for d in weight.shape)
+    if rank is not None:
+        rank = check_rank(rank, min(m, n), what=f"min(m, n) of a {m}x{n} weight")
+    work = _base_dtype(xp, weight, input_cov, grad_cov, left, right)
+    input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
+    whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
+    total = float(xp.sum(whitened * whitened))
+    sigma = None
+    if left is None and right is None:
+        u_full, s, vh = svd_reduced(xp, whitened)
+        sigma = as_numpy(s).astype(np.float64)
+        r = rank if rank is not None else _numerical_rank(sigma, eps(xp, work) * max(m, n))
+        u, core, v = u_full[:, :r], _diag(xp, s[:r]), vh[:r, :].T
+    else:
+        u, core, v = _project_onto_bases(xp, whitened, rank, grad_op, input_op, left, right, work)
+        if bounds:
+            sigma = as_numpy(svd_reduced(xp, whitened)[1]).astype(np.float64)
+    preserved = float(xp.sum(core * core))
+    a, b = int(core.shape[0]), int(core.shape[1])
+    out = weight.dtype
+    return LowRankResult(
+        left=astype(xp, inverse_transpose_times(grad_op, u), out),
+        core=astype(xp, core, out),
+        right=astype(xp, inverse_transpose_times(input_op, v), out),
+        error=float(np.sqrt(max(total - preserved, 0.0))),
+        eckart_young=None if sigma is None else eckart_young_tail(sigma, min(a, b)),
+        total_energy=total,
+        preserved_energy=preserved,
+        n_params=a * m + b * n + a * b,
+        singular_values=sigma,
+        input_whitening=info_of(input_op),
+        grad_whitening=info_of(grad_op),
+    )
+
+
+def _numerical_rank(sigma: np.ndarray, rcond: float) -> int:
+    """Singular values above ``rcond · σ₁`` (at least 1)."""
+    if sigma.size == 0 or sigma[0] == 0.0:
+        return 1
+    return max(1, int(np.sum(sigma > rcond * sigma[0])))
+
+
+def _project_onto_bases(
+    xp: ModuleType,
+    whitened: Array,
+    rank: int | None,
+    grad_op: WhiteningOperator | None,
+    input_op: WhiteningOperator | None,
+    left: Array | None,
+    right: Array | None,
+    work: Any,
+) -> tuple[Array, Array, Array]:
+    """Orthonormal ``U, V`` from the bases (optimal where one is missing) and the core."""
+    m, n = (int(d) for d in whitened.shape)
+    if left is not None and right is not None:
+        u = _whiten_basis(xp, astype(xp, left, work), grad_op, "left", m)
+        v = _whiten_basis(xp, astype(xp, right, work), input_op, "right", n)
+        return _truncate(xp, u, u.T @ whitened @ v, v, rank)
+    if left is not None:
+        u = _whiten_basis(xp, astype(xp, left, work), grad_op, "left", m)
+        y, s, zh = svd_reduced(xp, u.T @ whitened)  # best right side given U
+        keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
+        return u @ y[:, :keep], _diag(xp, s[:keep]), zh[:keep, :].T
+    v = _whiten_basis(xp, astype(xp, right, work), input_op, "right", n)
+    y, s, zh = svd_reduced(xp, whitened @ v)  # best left side given V
+    keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
+    return y[:, :keep], _diag(xp, s[:keep]), v @ zh[:keep, :].T

@@ -24,7 +24,8 @@ test: $(STAMP)
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -q
 
 paper: $(STAMP)
-	$(BIN)/python validation/run_paper.py
+	@if [ -f validation/run_paper.py ]; then $(BIN)/python validation/run_paper.py; \
+	else $(BIN)/python validation/demo_core.py; fi
 
 smoke: $(STAMP)
 	$(BIN)/python validation/run_paper.py --preset smoke

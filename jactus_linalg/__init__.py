@@ -9,6 +9,7 @@ on demand; ``import jactus_linalg`` never imports torch).
 
 from .allocation import (
     allocate_ranks,
+    allocate_uniform,
     break_even_rank,
     factor_params,
     layer_units,
@@ -28,7 +29,7 @@ from .jactus import (
     plan_layer,
     task_split,
 )
-from .lowrank import LowRankResult, WhiteningInfo, projected_lowrank
+from .lowrank import LowRankResult, WhiteningInfo, curvature_error, projected_lowrank
 from .subspaces import SubspaceUnion, principal_angles, union_of_subspaces
 from .whitening import DEFAULT_DAMPING, Whitening, whiten
 
@@ -48,7 +49,9 @@ __all__ = [
     "Whitening",
     "WhiteningInfo",
     "allocate_ranks",
+    "allocate_uniform",
     "break_even_rank",
+    "curvature_error",
     "factor_params",
     "jactus_layer",
     "layer_units",

@@ -37,6 +37,7 @@ from ._checks import check_fraction
 
 __all__ = [
     "allocate_ranks",
+    "allocate_uniform",
     "break_even_rank",
     "factor_params",
     "layer_units",
@@ -305,3 +306,58 @@ def _continue_with_heap(
                 nxt = queues[lay].pop()
                 heapq.heappush(heap, (-ratio[nxt], lay, nxt))
         # a misfit closes the layer: later groups would break the prefix rule
+
+
+def allocate_uniform(shapes: Sequence[tuple[int, int]], budget: float) -> list[int]:
+    r"""Ranks that keep the same fraction of every layer's parameters (the ablation baseline).
+
+    Finds the largest :math:`\rho` such that ranks
+    :math:`r_\ell = \max\{r \ge 1 : r(m_\ell+n_\ell) + r^2 \le \rho\, m_\ell n_\ell\}`
+    (capped at each break-even rank) fit in ``budget`` (a fraction of
+    :math:`\sum_\ell m_\ell n_\ell`), by bisection on :math:`\rho`.
+
+    Parameters
+    ----------
+    shapes : sequence of (m, n)
+        Layer shapes.
+    budget : float in (0, 1]
+        Fraction of the dense parameters of these layers that may be spent.
+
+    Returns
+    -------
+    list of int
+        One rank per layer (at least 1).
+
+    Raises
+    ------
+    ValueError
+        If ``budget`` lies outside ``(0, 1]`` or ``shapes`` is empty.
+    """
+    fraction = check_fraction(budget, "budget")
+    if len(shapes) == 0:
+        msg = "`shapes` must hold at least one layer; got none"
+        raise ValueError(msg)
+    dense = np.array([m * n for m, n in shapes], dtype=np.float64)
+    limit = fraction * dense.sum()
+
+    def ranks_at(rho: float) -> list[int]:
+        out = []
+        for m, n in shapes:
+            r = max(1, break_even_rank(m, n))
+            target = rho * m * n
+            # largest r with r(m+n) + r^2 <= target: root of r^2 + (m+n) r - target
+            root = int((-(m + n) + math.sqrt((m + n) ** 2 + 4 * target)) // 2)
+            out.append(int(min(max(root, 1), r)))
+        return out
+
+    def spent(ranks: list[int]) -> float:
+        return float(sum(factor_params(m, n, r) for (m, n), r in zip(shapes, ranks, strict=True)))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if spent(ranks_at(mid)) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return ranks_at(lo)

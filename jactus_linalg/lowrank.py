@@ -50,6 +50,7 @@ from .whitening import (
 
 __all__ = [
     "LowRankResult",
+    "curvature_error",
     "WhiteningInfo",
     "eckart_young_tail",
     "projected_lowrank",
@@ -149,6 +150,12 @@ def whitening_operators(
         if cov is None:
             ops.append(None)
             continue
+        if isinstance(cov, WhiteningOperator):  # factored once, shared by layers
+            if cov.dim != dim:
+                msg = f"`{name}` must whiten {dim} features; got a factor of size {cov.dim}"
+                raise ValueError(msg)
+            ops.append(cov)
+            continue
         if not isinstance(cov, CovarianceRoot) and len(getattr(cov, "shape", ())) != 2:
             msg = f"`{name}` must be a 2-D array or CovarianceRoot; got {type(cov).__name__}"
             raise ValueError(msg)
@@ -178,7 +185,10 @@ def _base_dtype(xp: ModuleType, *arrays: Any) -> Any:
     for a in arrays:
         if a is None:
             continue
-        a = a.root if isinstance(a, CovarianceRoot) else a
+        if isinstance(a, WhiteningOperator):
+            a = a.spectrum
+        elif isinstance(a, CovarianceRoot):
+            a = a.root
         dtypes.append(a.dtype)
     return decomposition_dtype(xp, *dtypes)
 
@@ -367,3 +377,43 @@ def _project_onto_bases(
     y, s, zh = svd_reduced(xp, whitened @ v)  # best left side given V
     keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
     return y[:, :keep], _diag(xp, s[:keep]), v @ zh[:keep, :].T
+
+
+def curvature_error(
+    weight: Array,
+    left: Array,
+    core: Array,
+    right: Array,
+    *,
+    input_cov: Any = None,
+    grad_cov: Any = None,
+    damping: float | tuple[float, float] = DEFAULT_DAMPING,
+    whitening: str = "cholesky",
+) -> float:
+    r"""Curvature-norm error :math:`\lVert S_g^\top (W - A C B^\top) S_x \rVert_F` of any factors.
+
+    Measures an approximation made by any method in the same norm, so
+    methods can be compared. Covariances may be arrays, roots or
+    already-factored :class:`~jactus_linalg.whitening.WhiteningOperator`.
+
+    Computed as :math:`\lVert M - (S_g^\top A)\, C\, (S_x^\top B)^\top \rVert_F`;
+    cost :math:`O(mn(m + n))` for the whitening products.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On invalid arrays or mismatched shapes.
+    """
+    xp = namespace(weight, left, core, right)
+    check_matrix(xp, weight, "weight")
+    m, n = (int(d) for d in weight.shape)
+    check_matrix(xp, left, "left", rows=m)
+    check_matrix(xp, right, "right", rows=n)
+    check_matrix(xp, core, "core", rows=int(left.shape[1]), cols=int(right.shape[1]))
+    work = _base_dtype(xp, weight, left, core, right, input_cov, grad_cov)
+    input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
+    whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
+    a = factor_transpose_times(grad_op, astype(xp, left, work))
+    b = factor_transpose_times(input_op, astype(xp, right, work))
+    residual = whitened - a @ astype(xp, core, work) @ b.T
+    return float(xp.sqrt(xp.sum(residual * residual)))

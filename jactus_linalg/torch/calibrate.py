@@ -1,0 +1,302 @@
+"""One forward and backward pass over calibration batches, streaming layer statistics.
+
+Hooks on every target ``nn.Linear`` stream, per token:
+
+* the input second moment :math:`C_x = E[x x^\\top]` (one per group of layers
+  that read the same input tensor, e.g. q, k, v);
+* the output-gradient second moment :math:`C_g = E[g g^\\top]`,
+  :math:`g = \\partial L / \\partial y`;
+* the mean weight gradient :math:`G = E[g x^\\top]`, read from the weight's
+  ``.grad`` after each backward, so no activation is stored.
+
+Statistics go through the core's accumulators (float64 on CPU, float32 on
+CUDA by default). No linear algebra happens here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..covariance import MomentAccumulator
+from .stats import CalibrationStats, LayerInfo
+from .targets import find_targets
+
+__all__ = ["calibrate"]
+
+
+def _token_mask(batch: Any) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` as a boolean mask, if it has one."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        return batch["attention_mask"].bool()
+    return None
+
+
+def _valid_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Tokens of ``t`` (shape ``(..., d)``) where ``mask`` is set (if the shapes line up)."""
+    if mask is not None and tuple(t.shape[:-1]) == tuple(mask.shape):
+        return t[mask.to(t.device)]
+    return t.reshape(-1, t.shape[-1])
+
+
+class _Collector:
+    """Hooks that feed the accumulators for one calibration pass."""
+
+    def __init__(self, modules: dict[str, nn.Linear], stats: CalibrationStats, dtype, mode):
+        self.modules = modules
+        self.stats = stats
+        self.dtype = dtype
+        self.mode = mode
+        self.mask: torch.Tensor | None = None
+        self._seen: dict[int, str] = {}  # id(input tensor) -> group, within one batch
+        self._alive: list[torch.Tensor] = []  # keeps those ids unique until the batch ends
+        self._handles: list = []
+
+    def start_batch(self, batch: Any) -> None:
+        self.mask = _token_mask(batch)
+        self._seen.clear()
+        self._alive.clear()
+
+    def install(self) -> None:
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._input_hook(name)))
+            self._handles.append(mod.register_forward_hook(self._output_hook(name)))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _input_hook(self, name: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            key = id(args[0])
+            group = self._seen.get(key)
+            info = self.stats.layers.get(name)
+            if info is None:  # first batch: group layers reading the same tensor
+                group = group or name
+                self.stats.layers[name] = LayerInfo(
+                    name, mod.in_features, mod.out_features, group
+                )
+            elif group is not None and group != info.input_group:
+                msg = (
+                    f"layer `{name}` shared its input with `{group}` in this batch "
+                    f"but with `{info.input_group}` before: the model's data flow "
+                    "changed between batches"
+                )
+                raise RuntimeError(msg)
+            group = self.stats.layers[name].input_group
+            if key in self._seen:
+                return  # this input was already absorbed for the group
+            self._seen[key] = group
+            self._alive.append(args[0])
+            acc = self.stats.inputs.get(group)
+            if acc is None:
+                acc = MomentAccumulator(
+                    mod.in_features, name=f"{name}:input_cov", mode=self.mode, dtype=self.dtype
+                )
+                self.stats.inputs[group] = acc
+            acc.update(_valid_rows(x, self.mask))
+
+        return hook
+
+    def _output_hook(self, name: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+            acc = self.stats.grads.get(name)
+            if acc is None:
+                acc = MomentAccumulator(
+                    mod.out_features, name=f"{name}:grad_cov", mode=self.mode, dtype=self.dtype
+                )
+                self.stats.grads[name] = acc
+            mask = self.mask
+
+            def grad_hook(g: torch.Tensor) -> None:
+                acc.update(_valid_rows(g.detach(), mask))
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def absorb_weight_grads(self) -> None:
+        r""":math:`\sum_t g_t x_t^\top` of this batch is the weight's ``.grad``."""
+        for name, mod in self.modules.items():
+            grad = mod.weight.grad
+            if grad is None:
+                continue
+            if not torch.isfinite(grad).all():
+                msg = f"non-finite values in the weight gradient of layer `{name}` (statistic grad_mean)"
+                raise ValueError(msg)
+            total = self.stats.grad_sums.get(name)
+            grad = grad.detach().to(_accumulation_dtype(grad, self.dtype))
+            self.stats.grad_sums[name] = grad.clone() if total is None else total + grad
+            mod.weight.grad = None
+
+
+def _accumulation_dtype(t: torch.Tensor, requested: str | None) -> torch.dtype:
+    if requested is not None:
+        return getattr(torch, requested)
+    return torch.float32 if t.device.type == "cuda" else torch.float64
+
+
+@contextmanager
+def _only_target_weights_need_grad(model: nn.Module, modules: dict[str, nn.Linear], train: bool):
+    """Gradients flow to target weights only; flags, grads and mode are restored after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    grads = {p: p.grad for p in model.parameters()}
+    was_training = model.training
+    targets = {id(m.weight) for m in modules.values()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in targets)
+            p.grad = None
+        model.train(train)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = grads[p]
+        model.train(was_training)
+
+
+def _check_fresh(model: nn.Module) -> None:
+    from .layer import JactusLinear  # noqa: PLC0415
+
+    if any(isinstance(m, JactusLinear) for m in model.modules()):
+        msg = (
+            "`model` is already compressed (it holds JactusLinear layers): calibrate "
+            "and compress the original dense model"
+        )
+        raise ValueError(msg)
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    *,
+    targets: str | Sequence[str] = "all-linear",
+    exclude: str | Sequence[str] | None = None,
+    dtype: str | None = None,
+    mode: str = "gram",
+    train_mode: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+    total: int | None = None,
+) -> CalibrationStats:
+    r"""Collect :math:`C_x`, :math:`C_g` and :math:`G` for every target linear layer.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The dense model (any dtype; statistics are kept in float64 on CPU,
+        float32 on CUDA unless ``dtype`` says otherwise).
+    batches : iterable
+        Calibration batches; each is passed to ``loss_fn``. A Mapping batch
+        with an ``attention_mask`` restricts statistics to unmasked tokens.
+    loss_fn : callable
+        ``loss_fn(model, batch) -> scalar loss``; for Hugging Face models
+        ``lambda m, b: m(**b).loss``.
+    targets : "all-linear", list of str or regex, optional
+        As in PEFT; the output head is excluded.
+    exclude : list of str or regex, optional
+        Names to leave out.
+    dtype : {"float64", "float32"} or None, optional
+        Accumulation dtype.
+    mode : {"gram", "qr"}, optional
+        Sum Gram matrices, or keep streamed-QR roots of the second moments.
+    train_mode : bool, optional
+        Run in ``model.train()`` (dropout on). Default: eval mode.
+    checkpoint : path, optional
+        A ``.safetensors`` file. If it exists, calibration resumes after the
+        batches it holds (skipping that many batches of ``batches``); with
+        ``checkpoint_every > 0`` it is rewritten every that many batches and
+        at the end.
+    checkpoint_every : int, optional
+    progress : bool, optional
+        Show a progress bar.
+    total : int, optional
+        Number of batches, for the progress bar.
+
+    Returns
+    -------
+    CalibrationStats
+        All-reduced over ``torch.distributed`` processes when initialised.
+
+    Raises
+    ------
+    ValueError
+        If ``targets`` matches nothing, the model is already compressed, a
+        batch produces NaN/Inf (the message names layer and statistic), or
+        the loss is not a finite scalar.
+
+    Notes
+    -----
+    The model's weights are not changed; ``requires_grad`` flags, existing
+    ``.grad`` tensors and the train/eval mode are restored afterwards.
+    """
+    _check_fresh(model)
+    modules = find_targets(model, targets, exclude=exclude)
+    if checkpoint is not None and Path(checkpoint).exists():
+        stats = CalibrationStats.load(checkpoint)
+        stats.check_model({n: (m.out_features, m.in_features) for n, m in modules.items()})
+    else:
+        stats = CalibrationStats(
+            meta={
+                "model": type(model).__name__,
+                "targets": targets if isinstance(targets, str) else list(targets),
+                "mode": mode,
+            }
+        )
+    collector = _Collector(modules, stats, dtype, mode)
+    skip = stats.n_batches
+    bar = _progress(progress, total, "calibrate", initial=skip)
+    with _only_target_weights_need_grad(model, modules, train_mode):
+        collector.install()
+        try:
+            for index, batch in enumerate(batches):
+                if index < skip:
+                    continue
+                collector.start_batch(batch)
+                loss = loss_fn(model, batch)
+                _check_loss(loss, index)
+                loss.backward()
+                collector.absorb_weight_grads()
+                collector.start_batch(None)  # release this batch's inputs
+                stats.n_batches += 1
+                bar.update(1)
+                if checkpoint is not None and checkpoint_every and stats.n_batches % checkpoint_every == 0:
+                    stats.save(checkpoint)
+        finally:
+            collector.remove()
+            bar.close()
+    if stats.n_batches == 0:
+        msg = "`batches` yielded no batch to calibrate on"
+        raise ValueError(msg)
+    stats.all_reduce()
+    if checkpoint is not None and checkpoint_every:
+        stats.save(checkpoint)
+    return stats
+
+
+def _check_loss(loss: Any, index: int) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        msg = f"`loss_fn` must return a scalar tensor; got {type(loss).__name__} at batch {index}"
+        raise ValueError(msg)
+    if not torch.isfinite(loss):
+        msg = f"`loss_fn` returned a non-finite loss ({loss.item()}) at batch {index}"
+        raise ValueError(msg)
+
+
+def _progress(enabled: bool, total: int | None, desc: str, initial: int = 0):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, leave=False)

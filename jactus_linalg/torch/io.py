@@ -1,0 +1,243 @@
+"""Saving and loading compressed models: safetensors plus JSON, atomic, never unpickled.
+
+A folder holds ``model.safetensors`` (the full state dict), ``jactus.json``
+(format, architecture, per-layer core shapes, the model config) and nothing
+else. Loading checks, before any tensor reaches the model, that the folder
+has no pickle files, that the architecture matches, and that every tensor's
+shape matches what the config and the model say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .layer import JactusLinear
+
+__all__ = ["load_compressed", "save_compressed"]
+
+_FORMAT = "jactus_linalg.model/1"
+_WEIGHTS = "model.safetensors"
+_CONFIG = "jactus.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "core": list(m.rank),
+            "bias": m.bias is not None,
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, JactusLinear)
+    }
+
+
+def _hf_config(model: nn.Module) -> dict | None:
+    config = getattr(model, "config", None)
+    return config.to_dict() if config is not None and hasattr(config, "to_dict") else None
+
+
+def save_compressed(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write ``model`` (compressed) to ``folder`` atomically.
+
+    The new contents are written to a temporary sibling folder, then swapped
+    in with renames, so an interrupted save leaves the previous ``folder``
+    intact.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` holds no :class:`JactusLinear`.
+    """
+    layers = _layer_table(model)
+    if not layers:
+        msg = "`model` holds no JactusLinear layer; save a compressed model"
+        raise ValueError(msg)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = _untie(state)
+        save_file(state, str(tmp / _WEIGHTS), metadata={"format": _FORMAT})
+        config = {
+            "format": _FORMAT,
+            "architecture": type(model).__name__,
+            "layers": layers,
+            "shapes": {k: list(v.shape) for k, v in state.items()},
+            "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in state.items()},
+            "config": _hf_config(model),
+        }
+        (tmp / _CONFIG).write_text(json.dumps(config, indent=1))
+        _swap_in(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: clone tensors that alias another."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else id(v)
+        out[k] = v.clone() if ptr in seen else v
+        seen.setdefault(ptr, k)
+    return out
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    os.replace(folder, old)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        os.replace(old, folder)  # put the previous model back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        msg = f"`folder` {folder} is not a directory"
+        raise ValueError(msg)
+    pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    if pickles:
+        msg = (
+            f"`folder` {folder} contains pickle files {pickles}: refusing to load; "
+            "only model.safetensors and jactus.json are read"
+        )
+        raise ValueError(msg)
+    for required in (_WEIGHTS, _CONFIG):
+        if not (folder / required).is_file():
+            msg = f"`folder` {folder} lacks {required}; was it written by save_compressed?"
+            raise ValueError(msg)
+    config = json.loads((folder / _CONFIG).read_text())
+    if config.get("format") != _FORMAT:
+        msg = f"`folder` {folder} has format {config.get('format')!r}; expected {_FORMAT!r}"
+        raise ValueError(msg)
+    return config
+
+
+def _build_model(config: dict) -> nn.Module:
+    import transformers  # noqa: PLC0415
+
+    arch = config["architecture"]
+    cls = getattr(transformers, arch, None)
+    if cls is None or config.get("config") is None:
+        msg = (
+            f"cannot rebuild architecture {arch!r} from the folder alone: pass `model`, "
+            "a freshly constructed instance of it"
+        )
+        raise ValueError(msg)
+    hf_config = transformers.AutoConfig.for_model(**config["config"])
+    return cls(hf_config)
+
+
+def load_compressed(
+    folder: str | os.PathLike, model: nn.Module | None = None
+) -> nn.Module:
+    """Load a folder written by :func:`save_compressed`.
+
+    Parameters
+    ----------
+    folder : path
+    model : nn.Module, optional
+        A fresh (dense) instance of the same architecture. For Hugging Face
+        models it can be omitted: it is rebuilt from the saved config.
+
+    Returns
+    -------
+    nn.Module
+        The compressed model (``model`` itself, modified, when given).
+
+    Raises
+    ------
+    ValueError
+        If the folder holds pickle files, lacks its files, is for another
+        architecture or layer layout, or a tensor's shape or dtype does not
+        match its record; all checked before any tensor is copied in.
+    """
+    folder = Path(folder)
+    config = _read_config(folder)
+    if model is None:
+        model = _build_model(config)
+    if type(model).__name__ != config["architecture"]:
+        msg = (
+            f"`folder` holds a {config['architecture']} but `model` is a "
+            f"{type(model).__name__}"
+        )
+        raise ValueError(msg)
+    modules = dict(model.named_modules())
+    for name, spec in config["layers"].items():
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Linear | JactusLinear) or (
+            mod.in_features, mod.out_features
+        ) != (spec["in_features"], spec["out_features"]):
+            msg = f"`model` has no {spec['out_features']}x{spec['in_features']} linear layer `{name}` recorded in {folder}"
+            raise ValueError(msg)
+    expected = _expected_state(model, config)
+    with safe_open(str(folder / _WEIGHTS), framework="pt") as f:
+        names = set(f.keys())
+        if names != set(expected):
+            extra, lacking = sorted(names - set(expected)), sorted(set(expected) - names)
+            msg = f"`folder` tensors do not match the model: unexpected {extra[:3]}, missing {lacking[:3]}"
+            raise ValueError(msg)
+        for key in sorted(names):
+            shape = list(f.get_slice(key).get_shape())
+            if shape != expected[key] or shape != config["shapes"].get(key):
+                msg = (
+                    f"tensor `{key}` in {folder} has shape {shape}; the config records "
+                    f"{config['shapes'].get(key)} and the model needs {expected[key]} (tampered file?)"
+                )
+                raise ValueError(msg)
+        state = {k: f.get_tensor(k) for k in sorted(names)}
+    _install_layers(model, config["layers"], state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _expected_state(model: nn.Module, config: dict) -> dict[str, list[int]]:
+    """Shapes the state dict will have once the recorded layers are swapped in."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    for name, spec in config["layers"].items():
+        for suffix in ("weight", "bias"):
+            shapes.pop(f"{name}.{suffix}", None)
+        a, b = spec["core"]
+        shapes[f"{name}.right_proj.weight"] = [b, spec["in_features"]]
+        shapes[f"{name}.core.weight"] = [a, b]
+        shapes[f"{name}.left_proj.weight"] = [spec["out_features"], a]
+        if spec["bias"]:
+            shapes[f"{name}.left_proj.bias"] = [spec["out_features"]]
+    return shapes
+
+
+def _install_layers(model: nn.Module, layers: dict, state: dict[str, torch.Tensor]) -> None:
+    for name, spec in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        a, b = spec["core"]
+        dtype = state[f"{name}.core.weight"].dtype
+        ref = old.weight if isinstance(old, nn.Linear) else old.core.weight
+        new = JactusLinear(
+            spec["in_features"], spec["out_features"], a, b, bias=spec["bias"],
+            device=ref.device, dtype=dtype,
+        )
+        setattr(parent, child, new)

@@ -1,0 +1,235 @@
+"""Container for calibration statistics: per-layer access, merging, all-reduce, safetensors.
+
+Layers that share an input (q, k, v; gate and up) share one input statistic,
+stored once under the name of the first layer that reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..covariance import LayerStatistics, MomentAccumulator
+
+__all__ = ["CalibrationStats", "LayerInfo"]
+
+_FORMAT = "jactus_linalg.calibration/1"
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Shape and input group of one target layer."""
+
+    name: str
+    in_features: int
+    out_features: int
+    input_group: str
+
+
+@dataclass
+class CalibrationStats:
+    """Streamed statistics of every target layer of one model.
+
+    Attributes
+    ----------
+    layers : dict of str to LayerInfo
+    inputs : dict of str to MomentAccumulator
+        Input second moments, one per input group.
+    grads : dict of str to MomentAccumulator
+        Output-gradient second moments, one per layer.
+    grad_sums : dict of str to Tensor
+        :math:`\\sum_t g_t x_t^\\top` per layer (from the weight gradients).
+    n_batches : int
+        Batches absorbed (used to resume).
+    meta : dict
+        Model class, targets, accumulation dtype and mode.
+    """
+
+    layers: dict[str, LayerInfo] = field(default_factory=dict)
+    inputs: dict[str, MomentAccumulator] = field(default_factory=dict)
+    grads: dict[str, MomentAccumulator] = field(default_factory=dict)
+    grad_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    n_batches: int = 0
+    meta: dict = field(default_factory=dict)
+
+    # -- access ---------------------------------------------------------------
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layers
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def layer(self, name: str) -> LayerStatistics:
+        """Mean statistics :math:`(C_x, C_g, G, N)` of layer ``name``."""
+        if name not in self.layers:
+            msg = f"no statistics for layer `{name}`; layers here: {', '.join(list(self.layers)[:6])}..."
+            raise KeyError(msg)
+        info = self.layers[name]
+        inputs = self.inputs[info.input_group]
+        count = inputs.count
+        grads = self.grads.get(name)
+        grad_cov = grads.result() if grads is not None and grads.count else None
+        grad_mean = self.grad_sums[name] / count if name in self.grad_sums else None
+        return LayerStatistics(inputs.result(), grad_cov, grad_mean, count)
+
+    def input_groups(self) -> dict[str, list[str]]:
+        """``{group: [layer names]}`` for layers sharing one input statistic."""
+        groups: dict[str, list[str]] = {}
+        for info in self.layers.values():
+            groups.setdefault(info.input_group, []).append(info.name)
+        return groups
+
+    def check_model(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """Raise ``ValueError`` unless these statistics describe layers of these shapes.
+
+        ``shapes`` maps each target layer name to ``(out_features, in_features)``.
+        """
+        missing = [n for n in shapes if n not in self.layers]
+        if missing:
+            msg = (
+                f"`stats` has no statistics for {len(missing)} target layer(s), e.g. "
+                f"{missing[:3]}: they come from another model or other targets; "
+                "calibrate this model with the same `targets`"
+            )
+            raise ValueError(msg)
+        for name, (out_f, in_f) in shapes.items():
+            info = self.layers[name]
+            if (info.out_features, info.in_features) != (out_f, in_f):
+                msg = (
+                    f"`stats` for layer `{name}` are for shape "
+                    f"({info.out_features}, {info.in_features}) but the model's layer is "
+                    f"({out_f}, {in_f}): statistics from another model"
+                )
+                raise ValueError(msg)
+
+    # -- combining ------------------------------------------------------------
+
+    def all_reduce(self) -> None:
+        """Sum statistics over ``torch.distributed`` processes (no-op when not initialised)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        dist = torch.distributed
+        for acc in [*self.inputs.values(), *self.grads.values()]:
+            _all_reduce_moment(acc)
+        for name in sorted(self.grad_sums):
+            dist.all_reduce(self.grad_sums[name])
+        batches = torch.tensor([self.n_batches], dtype=torch.int64)
+        dist.all_reduce(batches)
+        self.n_batches = int(batches.item())
+
+    # -- persistence ----------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to one safetensors file (atomic: temp file, then rename)."""
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for key, acc in self.inputs.items():
+            if acc.total is not None:
+                tensors[f"input/{key}"] = acc.total.contiguous()
+            counts[f"input/{key}"] = acc.count
+        for key, acc in self.grads.items():
+            if acc.total is not None:
+                tensors[f"grad/{key}"] = acc.total.contiguous()
+            counts[f"grad/{key}"] = acc.count
+        for key, total in self.grad_sums.items():
+            tensors[f"grad_sum/{key}"] = total.contiguous()
+        header = {
+            "format": _FORMAT,
+            "layers": [asdict(info) for info in self.layers.values()],
+            "counts": counts,
+            "modes": {"input": self._mode(self.inputs), "grad": self._mode(self.grads)},
+            "n_batches": self.n_batches,
+            "meta": self.meta,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"jactus": json.dumps(header)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @staticmethod
+    def _mode(accs: dict[str, MomentAccumulator]) -> str:
+        modes = {acc.mode for acc in accs.values()}
+        return modes.pop() if len(modes) == 1 else "gram"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationStats:
+        """Read statistics written by :meth:`save` (safetensors only; never unpickles)."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            msg = f"`path` must be a .safetensors file written by CalibrationStats.save; got {path}"
+            raise ValueError(msg)
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("jactus")
+            if raw is None:
+                msg = f"`path` {path} holds no jactus calibration header"
+                raise ValueError(msg)
+            header = json.loads(raw)
+            if header.get("format") != _FORMAT:
+                msg = f"`path` {path} has format {header.get('format')!r}; expected {_FORMAT!r}"
+                raise ValueError(msg)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        stats = cls(n_batches=int(header["n_batches"]), meta=dict(header["meta"]))
+        for d in header["layers"]:
+            info = LayerInfo(**d)
+            stats.layers[info.name] = info
+        counts = header["counts"]
+        for info in stats.layers.values():
+            group = info.input_group
+            if group not in stats.inputs:
+                stats.inputs[group] = _restore(
+                    info.in_features, f"{group}:input", header["modes"]["input"],
+                    tensors.get(f"input/{group}"), counts.get(f"input/{group}", 0),
+                )
+            stats.grads[info.name] = _restore(
+                info.out_features, f"{info.name}:grad", header["modes"]["grad"],
+                tensors.get(f"grad/{info.name}"), counts.get(f"grad/{info.name}", 0),
+            )
+            if f"grad_sum/{info.name}" in tensors:
+                stats.grad_sums[info.name] = tensors[f"grad_sum/{info.name}"]
+        return stats
+
+
+def _restore(dim: int, name: str, mode: str, total, count: int) -> MomentAccumulator:
+    acc = MomentAccumulator(dim, name=name, mode=mode)
+    if total is not None:
+        acc.dtype_name = str(total.dtype).replace("torch.", "")
+    acc.total = total
+    acc.count = int(count)
+    return acc
+
+
+def _all_reduce_moment(acc: MomentAccumulator) -> None:
+    dist = torch.distributed
+    count = torch.tensor([acc.count], dtype=torch.int64)
+    dist.all_reduce(count)
+    if acc.mode == "gram":
+        if acc.total is None:
+            msg = f"statistic `{acc.name}` is empty on rank {dist.get_rank()}"
+            raise RuntimeError(msg)
+        dist.all_reduce(acc.total)
+    else:
+        parts = [torch.empty_like(acc.total) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, acc.total.contiguous())
+        merged = MomentAccumulator(acc.dim, name=acc.name, mode="qr", dtype=acc.dtype_name)
+        for p in parts:
+            merged.update(p)
+        acc.total = merged.total
+    acc.count = int(count.item())

@@ -1,0 +1,91 @@
+"""Choosing the linear layers to compress, PEFT-style.
+
+``targets`` is ``"all-linear"``, a list of module names (a name matches a
+module whose qualified name equals it or ends with ``"." + name``), or a
+regular expression matched against the full qualified name. The output head
+(``model.get_output_embeddings()``, and modules named ``lm_head``,
+``classifier``, ``score`` or ``head``) is excluded by default, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+__all__ = ["HEAD_NAMES", "find_targets"]
+
+HEAD_NAMES = ("lm_head", "classifier", "score", "head")
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    names = {n for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (NotImplementedError, AttributeError):
+            out = None
+        if out is not None:
+            names.update(n for n, mod in model.named_modules() if mod is out)
+    return names
+
+
+def _matches(name: str, targets: str | Sequence[str]) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(
+    model: nn.Module,
+    targets: str | Sequence[str] = "all-linear",
+    *,
+    exclude: str | Sequence[str] | None = None,
+    include_head: bool = False,
+) -> dict[str, nn.Linear]:
+    """Target ``nn.Linear`` modules of ``model`` by qualified name, in module order.
+
+    Parameters
+    ----------
+    model : nn.Module
+    targets : "all-linear", list of str, or str (regex)
+    exclude : list of str or str (regex), optional
+        Names to drop after matching (same rules as ``targets``).
+    include_head : bool, optional
+        Keep the output head among the targets. Default ``False``.
+
+    Returns
+    -------
+    dict
+        ``{qualified name: module}``.
+
+    Raises
+    ------
+    TypeError
+        If ``targets`` is neither a string nor a sequence of strings.
+    ValueError
+        If nothing matches (the message lists linear layers that exist).
+    """
+    if not isinstance(targets, str) and not (
+        isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets)
+    ):
+        msg = f"`targets` must be 'all-linear', a list of names or a regex; got {targets!r}"
+        raise TypeError(msg)
+    heads = set() if include_head else _head_names(model)
+    linear = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    if targets == "all-linear":
+        chosen = {n: m for n, m in linear.items() if n not in heads}
+    else:
+        chosen = {n: m for n, m in linear.items() if _matches(n, targets) and n not in heads}
+    if exclude is not None:
+        chosen = {n: m for n, m in chosen.items() if not _matches(n, exclude)}
+    if not chosen:
+        sample = ", ".join(list(linear)[:8]) or "none"
+        msg = (
+            f"`targets`={targets!r} matched no nn.Linear module (head excluded: "
+            f"{sorted(heads) or 'none'}); linear layers here include: {sample}"
+        )
+        raise ValueError(msg)
+    return chosen

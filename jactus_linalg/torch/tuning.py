@@ -1,0 +1,67 @@
+"""Tuning helpers: train only the cores (plus any new head), and count parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from .layer import JactusLinear
+
+__all__ = ["core_parameters", "count_parameters", "mark_trainable"]
+
+
+def core_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable cores :math:`C` of every :class:`JactusLinear` in ``model``."""
+    return [m.core.weight for m in model.modules() if isinstance(m, JactusLinear)]
+
+
+def mark_trainable(model: nn.Module, extra: Sequence[str] | str = ()) -> list[str]:
+    """Freeze everything except the cores and the modules named in ``extra``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A compressed model.
+    extra : str or list of str, optional
+        Module names (or name suffixes, e.g. ``"classifier"``) whose
+        parameters also train, such as a new task head.
+
+    Returns
+    -------
+    list of str
+        Names of the trainable parameters.
+
+    Raises
+    ------
+    ValueError
+        If ``model`` holds no :class:`JactusLinear`, or a name in ``extra``
+        matches no module.
+    """
+    cores = core_parameters(model)
+    if not cores:
+        msg = "`model` holds no JactusLinear layer: compress it first"
+        raise ValueError(msg)
+    extra = [extra] if isinstance(extra, str) else list(extra)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in cores:
+        p.requires_grad_(True)
+    for wanted in extra:
+        mods = [m for n, m in model.named_modules() if n == wanted or n.endswith("." + wanted)]
+        if not mods:
+            msg = f"`extra` name {wanted!r} matches no module of `model`"
+            raise ValueError(msg)
+        for mod in mods:
+            for p in mod.parameters():
+                p.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module | Iterable[nn.Parameter]) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared parameters counted once)."""
+    params = model.parameters() if isinstance(model, nn.Module) else model
+    seen: dict[int, nn.Parameter] = {id(p): p for p in params}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, total

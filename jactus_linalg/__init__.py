@@ -29,7 +29,14 @@ from .jactus import (
     plan_layer,
     task_split,
 )
-from .lowrank import LowRankResult, WhiteningInfo, curvature_error, projected_lowrank
+from .lowrank import (
+    Factors,
+    LowRankResult,
+    WhiteningInfo,
+    curvature_error,
+    orthonormal_factors,
+    projected_lowrank,
+)
 from .subspaces import SubspaceUnion, principal_angles, union_of_subspaces
 from .whitening import DEFAULT_DAMPING, Whitening, whiten
 
@@ -39,6 +46,7 @@ __all__ = [
     "DEFAULT_DAMPING",
     "DEFAULT_TASK_FRACTION",
     "CovarianceRoot",
+    "Factors",
     "CrossMomentAccumulator",
     "JactusLayer",
     "LayerPlan",
@@ -55,6 +63,7 @@ __all__ = [
     "factor_params",
     "jactus_layer",
     "layer_units",
+    "orthonormal_factors",
     "plan_layer",
     "principal_angles",
     "projected_lowrank",

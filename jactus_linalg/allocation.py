@@ -29,6 +29,7 @@ import heapq
 import math
 import numbers
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -243,11 +244,9 @@ def allocate_ranks(
     total_cost = float(sum(c.sum() for c in c_list))
     limit = fraction * total_cost
 
-    groups = _concave_groups(g_list, c_list)
-    layer, units, gain, cost = groups
+    layer, first, units, gain, cost = _concave_groups(g_list, c_list)
     ratio = gain / cost
-    keep = ratio > 0
-    order = np.flatnonzero(keep)
+    order = np.flatnonzero(ratio > 0)
     # decreasing ratio; ties by layer then position (np.lexsort: last key first)
     order = order[np.lexsort((order, layer[order], -ratio[order]))]
     spent = np.cumsum(cost[order])
@@ -257,14 +256,24 @@ def allocate_ranks(
     if n_fit == order.size:
         return [int(t) for t in taken]
     left = limit - (float(spent[n_fit - 1]) if n_fit else 0.0)
-    _continue_with_heap(order[n_fit:], layer, units, ratio, cost, taken, left)
+    groups = _Groups(layer, first, units, ratio, cost, c_list)
+    _continue_with_heap(order[n_fit:], groups, taken, left)
     return [int(t) for t in taken]
+
+
+class _Groups(NamedTuple):
+    layer: np.ndarray
+    first: np.ndarray  # index of the group's first unit within its layer
+    units: np.ndarray
+    ratio: np.ndarray
+    cost: np.ndarray
+    unit_costs: list[np.ndarray]
 
 
 def _concave_groups(
     g_list: list[np.ndarray], c_list: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Hull groups of all layers: ``(layer, n_units, gain, cost)`` per group, in layer order."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Hull groups of all layers: ``(layer, first unit, n_units, gain, cost)``, in layer order."""
     sizes = np.array([g.size for g in g_list])
     starts = np.concatenate([[0], np.cumsum(sizes + 1)[:-1]])
     ends = starts + sizes
@@ -274,38 +283,39 @@ def _concave_groups(
     point_layer = np.repeat(np.arange(len(g_list)), sizes + 1)
     same_layer = point_layer[vertices[1:]] == point_layer[vertices[:-1]]
     lo, hi = vertices[:-1][same_layer], vertices[1:][same_layer]
-    return point_layer[lo], hi - lo, y[hi] - y[lo], x[hi] - x[lo]
+    lay = point_layer[lo]
+    return lay, lo - starts[lay], hi - lo, y[hi] - y[lo], x[hi] - x[lo]
 
 
-def _continue_with_heap(
-    rest: np.ndarray,
-    layer: np.ndarray,
-    units: np.ndarray,
-    ratio: np.ndarray,
-    cost: np.ndarray,
-    taken: np.ndarray,
-    left: float,
-) -> None:
-    """After the first misfit: heap over each open layer's next group."""
-    first_misfit_layer = int(layer[rest[0]])
+def _continue_with_heap(rest: np.ndarray, groups: _Groups, taken: np.ndarray, left: float) -> None:
+    """After the first misfit: a heap over each open layer's next group.
+
+    A group that does not fit contributes the longest prefix of its units
+    that does (spending what is left, never more), and closes its layer:
+    the layer's later units would break the prefix rule.
+    """
     queues: dict[int, list[int]] = {}
-    for g in rest[1:]:
-        lay = int(layer[g])
-        if lay != first_misfit_layer:
-            queues.setdefault(lay, []).append(int(g))
+    for g in rest:
+        queues.setdefault(int(groups.layer[g]), []).append(int(g))
     for q in queues.values():
         q.reverse()  # pop() from the end yields groups in layer order
-    heap = [(-ratio[q[-1]], lay, q.pop()) for lay, q in queues.items()]
+    heap = [(-groups.ratio[q[-1]], lay, q.pop()) for lay, q in queues.items()]
     heapq.heapify(heap)
+    slack = 1 + 1e-12
     while heap:
         _, lay, g = heapq.heappop(heap)
-        if cost[g] <= left * (1 + 1e-12):
-            left -= float(cost[g])
-            taken[lay] += int(units[g])
+        if groups.cost[g] <= left * slack:
+            left -= float(groups.cost[g])
+            taken[lay] += int(groups.units[g])
             if queues[lay]:
                 nxt = queues[lay].pop()
-                heapq.heappush(heap, (-ratio[nxt], lay, nxt))
-        # a misfit closes the layer: later groups would break the prefix rule
+                heapq.heappush(heap, (-groups.ratio[nxt], lay, nxt))
+            continue
+        start = int(groups.first[g])
+        unit_costs = groups.unit_costs[lay][start : start + int(groups.units[g])]
+        partial = int(np.searchsorted(np.cumsum(unit_costs), left * slack, side="right"))
+        left -= float(unit_costs[:partial].sum())
+        taken[lay] += partial
 
 
 def allocate_uniform(shapes: Sequence[tuple[int, int]], budget: float) -> list[int]:

@@ -34,6 +34,7 @@ from ._backend import (
     device_of,
     eps,
     namespace,
+    qr_reduced,
     svd_reduced,
 )
 from ._checks import check_matrix, check_rank
@@ -49,7 +50,9 @@ from .whitening import (
 )
 
 __all__ = [
+    "Factors",
     "LowRankResult",
+    "orthonormal_factors",
     "curvature_error",
     "WhiteningInfo",
     "eckart_young_tail",
@@ -417,3 +420,63 @@ def curvature_error(
     b = factor_transpose_times(input_op, astype(xp, right, work))
     residual = whitened - a @ astype(xp, core, work) @ b.T
     return float(xp.sqrt(xp.sum(residual * residual)))
+
+
+class Factors(NamedTuple):
+    """``left @ core @ right.T`` in a chosen basis (see :func:`orthonormal_factors`)."""
+
+    left: Array
+    core: Array
+    right: Array
+
+
+def orthonormal_factors(left: Array, core: Array, right: Array) -> Factors:
+    r"""Re-express :math:`A C B^\top` with orthonormal outer factors, same spans and product.
+
+    With thin QRs :math:`A = Q_A R_A` and :math:`B = Q_B R_B`,
+
+    .. math::
+
+        A C B^\top = Q_A\,(R_A C R_B^\top)\,Q_B^\top ,
+
+    so :math:`\operatorname{span}(Q_A) = \operatorname{span}(A)`,
+    :math:`\operatorname{span}(Q_B) = \operatorname{span}(B)` and the new core
+    :math:`C' = R_A C R_B^\top` satisfies :math:`\lVert C' \rVert_F =
+    \lVert A C B^\top \rVert_F`. A step :math:`\Delta C'` then moves the
+    weight by exactly :math:`\lVert \Delta C' \rVert_F`, whatever the scale
+    of the covariances behind :math:`A = S_g^{-\top} U` and
+    :math:`B = S_x^{-\top} V`: the basis to train the core in.
+
+    Parameters
+    ----------
+    left : (m, a) array
+    core : (a, b) array
+    right : (n, b) array
+
+    Returns
+    -------
+    Factors
+        ``(Q_A, R_A C R_B^T, Q_B)`` in the input dtype (computed in at least
+        float32).
+
+    Raises
+    ------
+    TypeError, ValueError
+        On non-floating, non-finite or non-conforming arrays.
+
+    Notes
+    -----
+    Householder QR is backward stable, so the product changes by
+    :math:`O(\epsilon\,\kappa)` relative, with :math:`\kappa` the condition
+    number of the factors.
+    """
+    xp = namespace(left, core, right)
+    check_matrix(xp, left, "left")
+    check_matrix(xp, right, "right")
+    check_matrix(xp, core, "core", rows=int(left.shape[1]), cols=int(right.shape[1]))
+    out = left.dtype
+    work = _base_dtype(xp, left, core, right)
+    q_a, r_a = qr_reduced(xp, astype(xp, left, work))
+    q_b, r_b = qr_reduced(xp, astype(xp, right, work))
+    new_core = r_a @ astype(xp, core, work) @ r_b.T
+    return Factors(astype(xp, q_a, out), astype(xp, new_core, out), astype(xp, q_b, out))

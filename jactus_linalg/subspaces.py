@@ -5,13 +5,16 @@ r"""Orthogonal union of subspaces, rank-revealing.
 taken in order; each contributes only the part of its span that is not
 already covered, so a direction already in the span adds nothing.
 
-For input :math:`B_i` with orthonormal basis :math:`O_i` and the running basis
-:math:`Q`, the residual :math:`(I - Q Q^\top) O_i` has singular values
-:math:`\sin\theta_k`, the sines of the principal angles between
-:math:`\operatorname{span}(O_i)` and :math:`\operatorname{span}(Q)`; the new
-directions are its left singular vectors with :math:`\sin\theta_k > \text{rtol}`.
-Projections are done twice (CGS2, "twice is enough"), so :math:`Q` is
-orthonormal to working precision.
+The dimension of the union after input :math:`i` is the numerical rank, at
+threshold ``rtol``, of :math:`[\tilde B_1, \dots, \tilde B_i]`, the inputs each
+scaled to unit spectral norm (so the union does not depend on how each basis
+is scaled, and an ill-conditioned basis, whose weak directions are only known
+to :math:`\epsilon\,\sigma_1/\sigma_k`, adds no rounding directions). Input
+:math:`i` contributes the orthogonal complement of the running basis
+:math:`Q` inside that rank-revealed span. For orthonormal inputs this keeps a
+direction when its principal angle to the running span is resolvable at
+``rtol``. Projections are done twice (CGS2, "twice is enough"), so :math:`Q`
+is orthonormal to working precision.
 
 :func:`nested_orthonormal_basis` is the ordered variant JACTUS needs: given
 columns :math:`d_1, d_2, \dots` it returns :math:`Q` whose leading columns
@@ -131,9 +134,10 @@ def union_of_subspaces(*bases: Array, rtol: float | None = None) -> SubspaceUnio
         orthonormal or of full rank.
     rtol : float, optional
         Rank threshold. An input's own directions are kept when
-        :math:`\sigma_k > \text{rtol}\,\sigma_1`; a new direction is kept when
-        the sine of its angle to the running span exceeds ``rtol``. Default
-        :math:`\epsilon \max(m, \sum_i p_i)`.
+        :math:`\sigma_k > \text{rtol}\,\sigma_1`; the union after input
+        :math:`i` has the numerical rank (singular values above ``rtol``
+        times the largest) of the inputs so far, each scaled to unit norm.
+        Default :math:`\epsilon \max(m, \sum_i p_i)`.
 
     Returns
     -------
@@ -152,11 +156,13 @@ def union_of_subspaces(*bases: Array, rtol: float | None = None) -> SubspaceUnio
     Notes
     -----
     With two passes of projection, :math:`\lVert Q^\top Q - I \rVert \le
-    c\, d\, \epsilon` and every input column :math:`b` satisfies
-    :math:`\lVert (I - QQ^\top) b \rVert \le \text{rtol}\,\lVert b \rVert`
-    up to rounding (containment). The dimension of the union is
-    :math:`\dim(\sum_i \operatorname{span} B_i)` counted with threshold
-    ``rtol``.
+    c\, d\, \epsilon` and every input satisfies
+    :math:`\lVert (I - QQ^\top) B_i \rVert \le \text{rtol}\,\lVert B_i \rVert`
+    up to rounding (containment; rounding here is relative to the accuracy
+    :math:`\epsilon\,\kappa(B_j)` to which earlier inputs determine their
+    spans). The dimension of the union is :math:`\dim(\sum_i
+    \operatorname{span} B_i)` counted with threshold ``rtol``, as the
+    numerical rank of the concatenated, unit-norm inputs.
 
     References
     ----------
@@ -180,34 +186,51 @@ def union_of_subspaces(*bases: Array, rtol: float | None = None) -> SubspaceUnio
         else check_nonnegative(rtol, "rtol")
     )
     q: Array | None = None
+    scaled: list[Array] = []  # the inputs so far, each scaled to unit norm
     contributions: list[int] = []
     ranks: list[int] = []
     angles: list[Array] = []
     previous: Array | None = None
     for b in bases:
-        own = orthonormal_basis(astype(xp, b, work), tol)
-        ranks.append(int(own.shape[1]))
+        b = astype(xp, b, work)
+        u, s, _ = svd_reduced(xp, b)
+        top = float(s[0])
+        keep = 0 if top == 0.0 else int(xp.sum(xp.astype(s > tol * s[0], xp.int64)))
+        own = u[:, :keep]
+        ranks.append(keep)
         if previous is not None:
             angles.append(principal_angles(previous, own))
         previous = own
-        new = _new_directions(q, own, tol)
+        if keep:
+            scaled.append(b / top)
+        new = _new_directions(q, scaled, tol, own)
         contributions.append(int(new.shape[1]))
         q = new if q is None else xp.concat([q, new], axis=1)
     assert q is not None
     return SubspaceUnion(q, tuple(contributions), tuple(ranks), tuple(angles), tol)
 
 
-def _new_directions(q: Array | None, own: Array, tol: float) -> Array:
-    """Orthonormal directions of ``span(own)`` not in ``span(q)`` (sines > tol)."""
-    residual = _project_out(q, own)
-    if int(own.shape[1]) == 0:
-        return own
+def _new_directions(q: Array | None, scaled: list[Array], tol: float, own: Array) -> Array:
+    """Orthonormal complement of ``span(q)`` in the rank-revealed span of ``scaled``.
+
+    ``scaled`` holds the inputs so far at unit norm; their concatenation has
+    numerical rank ``d`` at ``tol``, and ``d - dim(q)`` directions are new.
+    """
+    done = 0 if q is None else int(q.shape[1])
+    if not scaled or int(own.shape[1]) == 0:
+        return own[:, :0]
     xp = namespace(own)
-    u, s, _ = svd_reduced(xp, residual)
-    keep = int(xp.sum(xp.astype(s > tol, xp.int64)))
-    new = u[:, :keep]
-    if q is None or keep == 0:
-        return new
+    z, s, _ = svd_reduced(xp, xp.concat(scaled, axis=1))
+    rank = int(xp.sum(xp.astype(s > tol * s[0], xp.int64)))
+    extra = rank - done
+    if extra <= 0:
+        return own[:, :0]
+    if q is None:
+        return z[:, :rank]
+    # span(z) holds span(q) to rounding: the complement has sines ~1, the
+    # rest ~rounding, so the top ``extra`` directions are well separated
+    u, _, _ = svd_reduced(xp, _project_out(q, z[:, :rank]))
+    new = u[:, :extra]
     # a small residual's singular vectors lose orthogonality to q by eps/s:
     # project once more and re-orthonormalise
     return qr_reduced(xp, _project_out(q, new))[0]

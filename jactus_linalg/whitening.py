@@ -204,8 +204,25 @@ def _cholesky_operator(
 ) -> WhiteningOperator:
     n = int(cov.shape[0])
     cov = (cov + cov.T) / 2
-    mean_diag = float(xp.mean(xp.linalg.diagonal(cov)))
+    diag = xp.linalg.diagonal(cov)
+    mean_diag = float(xp.mean(diag))
     delta = _absolute_damping(relative, mean_diag, name)
+    if delta == 0.0:
+        # A Cholesky of a singular C can succeed on rounding, and its pivots
+        # do not reveal rank: let the eigenvalues decide (raises if C is
+        # singular or indefinite), as the eigh path does.
+        _eigh_operator(xp, cov, relative, name, [])
+    else:
+        # The damping would hide an indefinite C (C + delta I is PD whenever
+        # lambda_min > -delta): check C itself, up to rounding, first.
+        shift = INDEFINITE_SLACK * n * eps(xp, cov.dtype) * float(xp.max(diag))
+        if cholesky_lower(xp, cov + shift * eye(xp, n, cov.dtype, cov)) is None:
+            notes.append(
+                f"{name}: C + {shift:.3g} I is not numerically positive definite "
+                "(C is not PSD up to rounding); used the symmetric square root "
+                "(eigh) to check its spectrum"
+            )
+            return _eigh_operator(xp, cov, relative, name, notes)
     damped = cov + delta * eye(xp, n, cov.dtype, cov)
     lower = cholesky_lower(xp, damped)
     if lower is None:

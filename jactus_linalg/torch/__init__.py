@@ -6,6 +6,7 @@ It holds no numerics of its own: statistics go through
 :func:`jactus_linalg.allocate_ranks`.
 """
 
+from .baselines import CompressThenLoRA, compress_then_lora, lora_adapter_params, lora_model
 from .calibrate import calibrate
 from .compress import (
     METHODS,
@@ -26,6 +27,7 @@ from .tuning import core_parameters, count_parameters, mark_trainable
 __all__ = [
     "METHODS",
     "CalibrationStats",
+    "CompressThenLoRA",
     "CompressionPlan",
     "CompressionReport",
     "JactusLinear",
@@ -34,10 +36,13 @@ __all__ = [
     "allocate",
     "calibrate",
     "compress",
+    "compress_then_lora",
     "core_parameters",
     "count_parameters",
     "find_targets",
     "load_compressed",
+    "lora_adapter_params",
+    "lora_model",
     "mark_trainable",
     "plan_compression",
     "replace_layers",

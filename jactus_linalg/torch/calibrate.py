@@ -253,6 +253,7 @@ def calibrate(
             meta={
                 "model": type(model).__name__,
                 "targets": targets if isinstance(targets, str) else list(targets),
+                "exclude": exclude if exclude is None or isinstance(exclude, str) else list(exclude),
                 "mode": mode,
             }
         )

@@ -34,10 +34,11 @@ from ..allocation import (
     layer_units,
 )
 from ..jactus import DEFAULT_TASK_FRACTION, LayerPlan, plan_layer
-from ..lowrank import curvature_error
+from ..lowrank import curvature_error, orthonormal_factors
 from ..whitening import DEFAULT_DAMPING, WhiteningOperator, whitening_operator
 from .layer import JactusLinear
 from .stats import CalibrationStats
+from .targets import find_targets
 
 __all__ = [
     "METHODS",
@@ -160,6 +161,21 @@ def _check_not_compressed(model: nn.Module) -> None:
 
 def _target_modules(model: nn.Module, stats: CalibrationStats) -> dict[str, nn.Linear]:
     modules = dict(model.named_modules())
+    recorded = stats.meta.get("targets")
+    if recorded is not None:
+        try:
+            expected = find_targets(model, recorded, exclude=stats.meta.get("exclude"))
+        except ValueError as err:
+            msg = f"`stats` targets {recorded!r} match no layer of `model`: statistics from another model"
+            raise ValueError(msg) from err
+        lacking = [n for n in expected if n not in stats.layers]
+        if lacking:
+            msg = (
+                f"`stats` lacks {len(lacking)} layer(s) that its targets select in `model`, "
+                f"e.g. {lacking[:3]}: statistics from another model or with missing layers; "
+                "recalibrate"
+            )
+            raise ValueError(msg)
     found: dict[str, nn.Linear] = {}
     missing = []
     for name in stats.layers:
@@ -321,8 +337,19 @@ def replace_layers(
     *,
     retain: float,
     allocation: str = "global",
+    basis: str = "orthonormal",
 ) -> CompressionReport:
-    """Swap each planned layer for its :class:`JactusLinear` at ``ranks[name]``."""
+    r"""Swap each planned layer for its :class:`JactusLinear` at ``ranks[name]``.
+
+    ``basis="orthonormal"`` stores the factors as orthonormal bases of
+    :math:`\operatorname{span}(A)`, :math:`\operatorname{span}(B)` with the
+    core re-expressed in them (:func:`jactus_linalg.orthonormal_factors`;
+    same product, well-scaled for training); ``"whitened"`` keeps
+    :math:`A = S_g^{-\top} U`, :math:`B = S_x^{-\top} V` as the core computes them.
+    """
+    if basis not in ("orthonormal", "whitened"):
+        msg = f"`basis` must be 'orthonormal' or 'whitened'; got {basis!r}"
+        raise ValueError(msg)
     modules = dict(model.named_modules())
     reports: list[LayerReport] = []
     for name, rank in ranks.items():
@@ -334,9 +361,11 @@ def replace_layers(
             continue
         lp = plan.plans[name]
         cut = lp.factorize(rank)
+        factors = (cut.left, cut.core, cut.right)
+        if basis == "orthonormal":
+            factors = orthonormal_factors(*factors)
         new = JactusLinear.from_factors(
-            cut.left.to(mod.weight.dtype), cut.core.to(mod.weight.dtype),
-            cut.right.to(mod.weight.dtype),
+            *(f.to(mod.weight.dtype) for f in factors),
             None if mod.bias is None else mod.bias.detach(),
         )
         loss = _predicted_loss(plan, name, mod.weight.detach(), cut)
@@ -405,6 +434,7 @@ def compress(
     allocation: str = "global",
     grad_whitening: bool = True,
     whitening: str = "cholesky",
+    basis: str = "orthonormal",
     progress: bool = True,
 ) -> CompressionReport:
     r"""Compress ``model`` in place to ``retain`` of its parameters.
@@ -432,6 +462,8 @@ def compress(
     grad_whitening : bool, optional
         ``False`` drops :math:`C_g` from the factorization (ablation).
     whitening : {"cholesky", "eigh"}, optional
+    basis : {"orthonormal", "whitened"}, optional
+        How the frozen factors are stored (see :func:`replace_layers`).
     progress : bool, optional
 
     Returns
@@ -455,7 +487,7 @@ def compress(
         grad_whitening=grad_whitening, whitening=whitening, progress=progress,
     )
     ranks = allocate(plan, retain, allocation=allocation)
-    return replace_layers(model, plan, ranks, retain=retain, allocation=allocation)
+    return replace_layers(model, plan, ranks, retain=retain, allocation=allocation, basis=basis)
 
 
 def predicted_losses(report: CompressionReport) -> np.ndarray:

@@ -1,0 +1,205 @@
+"""compress(): budget accounting, dense reproduction, method ordering, errors, three model kinds."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from jactus_linalg.torch import JactusLinear, allocate, calibrate, compress, plan_compression
+
+from ..numerics import tolerance
+from .models import (
+    hf_loss,
+    llama_batches,
+    mlp,
+    mlp_batches,
+    mlp_loss,
+    tiny_llama,
+    tiny_vit,
+    vit_batches,
+)
+
+MODELS = {
+    "llama": (tiny_llama, llama_batches, hf_loss),
+    "vit": (tiny_vit, vit_batches, hf_loss),
+    "mlp": (mlp, mlp_batches, mlp_loss),
+}
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    out = {}
+    for key, (make, batches, loss) in MODELS.items():
+        model = make()
+        out[key] = (model, calibrate(model, batches(), loss, progress=False), batches()[0], loss)
+    return out
+
+
+def _largest_unit(report) -> int:
+    return max(m + n + 2 * min(m, n) + 1 for m, n in (r.shape for r in report.layers))
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("method", ["jactus", "kfac", "svd-llm", "svd"])
+@pytest.mark.parametrize("retain", [0.6, 0.8, 0.9])
+def test_retain_is_met_within_one_unit(calibrated, kind, method, retain):
+    model, stats, _, _ = calibrated[kind]
+    model = copy.deepcopy(model)
+    total = sum(p.numel() for p in model.parameters())
+    report = compress(model, stats, retain=retain, method=method, progress=False)
+    after = sum(p.numel() for p in model.parameters())
+    assert report.params_before == total
+    assert report.params_after == after
+    assert report.retain_achieved == after / total
+    assert after <= retain * total  # never over budget
+    assert retain * total - after <= _largest_unit(report) * 2  # and short by at most ~a unit
+    assert sum(r.params_after for r in report.layers) == sum(
+        p.numel() for n, p in model.named_parameters() if any(n.startswith(r.name + ".") for r in report.layers)
+    )
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_retain_one_keeps_the_dense_model(calibrated, kind):
+    model, stats, batch, loss = calibrated[kind]
+    model = copy.deepcopy(model)
+    before = loss(model, batch).item()
+    report = compress(model, stats, retain=1.0, progress=False)
+    assert all(r.rank is None for r in report.layers)
+    assert not any(isinstance(m, JactusLinear) for m in model.modules())
+    assert loss(model, batch).item() == before
+
+
+def test_exactly_low_rank_weights_are_reproduced():
+    """Weights of rank 2 (below every break-even rank): rank-2 factors reproduce the outputs."""
+    model, batches = mlp(), mlp_batches()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for mod in model:
+            if isinstance(mod, nn.Linear):
+                m, n = mod.weight.shape
+                left = torch.randn(m, 2, generator=gen, dtype=torch.float64)
+                mod.weight.copy_(left @ torch.randn(2, n, generator=gen, dtype=torch.float64))
+    stats = calibrate(model, batches, mlp_loss, progress=False)
+    x = batches[0][0]
+    dense = model(x)
+    compressed = copy.deepcopy(model)
+    plan = plan_compression(compressed, stats, method="kfac", progress=False)
+    from jactus_linalg.torch import replace_layers
+
+    replace_layers(compressed, plan, dict.fromkeys(plan.plans, 2), retain=1.0)
+    cond = 1e3  # damping 1e-3 bounds the whitening's condition number
+    assert (compressed(x) - dense).abs().max().item() <= tolerance(torch.float64, 64, cond=cond) * dense.abs().max().item()
+
+
+def test_jactus_has_lower_predicted_loss_than_svd_baselines(calibrated):
+    model, stats, _, _ = calibrated["llama"]
+    losses = {}
+    for method in ("jactus", "svd-llm", "svd"):
+        report = compress(copy.deepcopy(model), stats, retain=0.8, method=method, progress=False)
+        losses[method] = report.total_predicted_loss_increase
+    assert losses["jactus"] < losses["svd-llm"] < losses["svd"]
+
+
+def test_kfac_is_the_floor_of_jactus(calibrated):
+    """tau = 0 is optimal in the curvature norm per layer; same ranks, so it can only be lower."""
+    model, stats, _, _ = calibrated["mlp"]
+    kfac = plan_compression(model, stats, method="kfac", progress=False)
+    jac = plan_compression(model, stats, method="jactus", task_fraction=0.5, progress=False)
+    for name in kfac.plans:
+        for r in range(1, kfac.plans[name].max_rank + 1):
+            assert kfac.plans[name].factorize(r).error <= jac.plans[name].factorize(r).error * (1 + 1e-9)
+
+
+def test_report_lists_every_layer(calibrated):
+    model, stats, _, _ = calibrated["vit"]
+    report = compress(copy.deepcopy(model), stats, retain=0.8, progress=False)
+    assert [r.name for r in report.layers] == list(stats)
+    assert report.total_predicted_loss_increase > 0
+    assert "retain" in report.table()
+    d = report.to_dict()
+    assert d["total_predicted_loss_increase"] == report.total_predicted_loss_increase
+
+
+def test_uniform_allocation_is_an_option(calibrated):
+    model, stats, _, _ = calibrated["llama"]
+    glob = compress(copy.deepcopy(model), stats, retain=0.7, progress=False)
+    unif = compress(copy.deepcopy(model), stats, retain=0.7, allocation="uniform", progress=False)
+    assert unif.retain_achieved <= 0.7
+    assert glob.total_predicted_loss_increase <= unif.total_predicted_loss_increase
+
+
+@pytest.mark.parametrize("retain", [0.0, -0.5, 1.5, float("nan")])
+def test_bad_retain_raises(calibrated, retain):
+    model, stats, _, _ = calibrated["mlp"]
+    with pytest.raises(ValueError, match="retain"):
+        compress(copy.deepcopy(model), stats, retain=retain, progress=False)
+
+
+def test_retain_below_non_target_parameters_raises(calibrated):
+    model, stats, _, _ = calibrated["llama"]
+    with pytest.raises(ValueError, match="too small.*outside the compressed layers"):
+        compress(copy.deepcopy(model), stats, retain=0.2, progress=False)
+
+
+def test_compressing_twice_raises(calibrated):
+    model, stats, _, _ = calibrated["mlp"]
+    model = copy.deepcopy(model)
+    compress(model, stats, retain=0.8, progress=False)
+    with pytest.raises(ValueError, match="already compressed"):
+        compress(model, stats, retain=0.8, progress=False)
+
+
+def test_stats_from_another_model_raise(calibrated):
+    _, llama_stats, _, _ = calibrated["llama"]
+    model, _, _, _ = calibrated["vit"]
+    with pytest.raises(ValueError, match="another model"):
+        compress(copy.deepcopy(model), llama_stats, retain=0.8, progress=False)
+
+
+def test_stats_with_missing_layers_raise(calibrated):
+    model, stats, _, _ = calibrated["mlp"]
+    partial = copy.deepcopy(stats)
+    del partial.layers["2"]
+    with pytest.raises(ValueError, match="missing layers"):
+        compress(copy.deepcopy(model), partial, retain=0.8, progress=False)
+
+
+def test_nonfinite_statistics_name_the_layer(calibrated):
+    model, stats, _, _ = calibrated["mlp"]
+    bad = copy.deepcopy(stats)
+    bad.grad_sums["4"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer `4`.*non-finite"):
+        compress(copy.deepcopy(model), bad, retain=0.8, progress=False)
+
+
+def test_unknown_method_raises(calibrated):
+    model, stats, _, _ = calibrated["mlp"]
+    with pytest.raises(ValueError, match="method"):
+        compress(copy.deepcopy(model), stats, method="pca", progress=False)
+
+
+def test_allocation_is_monotone_in_retain(calibrated):
+    model, stats, _, _ = calibrated["llama"]
+    plan = plan_compression(model, stats, progress=False)
+    previous = None
+    for retain in (0.6, 0.7, 0.8, 0.9):
+        ranks = allocate(plan, retain)
+        size = sum(
+            (r or 10**9) for r in ranks.values()
+        )
+        if previous is not None:
+            assert size >= previous
+        previous = size
+
+
+def test_bf16_model_compresses_and_stays_bf16():
+    model = tiny_llama(dtype=torch.bfloat16)
+    batches = llama_batches(n=2)
+    stats = calibrate(model, batches, hf_loss, progress=False)
+    compress(model, stats, retain=0.8, progress=False)
+    cores = [m.core.weight for m in model.modules() if isinstance(m, JactusLinear)]
+    assert cores and all(c.dtype == torch.bfloat16 for c in cores)
+    assert torch.isfinite(model(**batches[0]).logits).all()

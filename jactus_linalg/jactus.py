@@ -43,10 +43,10 @@ from .lowrank import (
     LowRankResult,
     WhiteningInfo,
     _base_dtype,
-    eckart_young_tail,
     info_of,
     whitening_operators,
 )
+from .randomized import randomized_svd
 from .subspaces import nested_orthonormal_basis
 from .whitening import (
     DEFAULT_DAMPING,
@@ -152,7 +152,13 @@ class LayerPlan(NamedTuple):
     total_energy : float
         :math:`\lVert M \rVert_F^2`.
     singular_values : numpy array
-        :math:`\sigma(M)`, descending.
+        :math:`\sigma(M)`, descending: all of them (exact SVD) or the top
+        ones (randomized SVD).
+    tail_energy : (R + 1,) numpy array
+        :math:`\sum_{i>r}\sigma_i(M)^2` for ``r = 0..R``: from the full
+        spectrum, or as :math:`\lVert M\rVert_F^2 - \sum_{i\le r}\sigma_i^2`
+        (absolute accuracy :math:`\epsilon \lVert M \rVert_F^2`) after a
+        randomized SVD.
     task_rank : int
         Numerical rank of :math:`\Gamma` (0 without a gradient).
     task_fraction : float
@@ -169,6 +175,7 @@ class LayerPlan(NamedTuple):
     energy: np.ndarray
     total_energy: float
     singular_values: np.ndarray
+    tail_energy: np.ndarray
     task_rank: int
     task_fraction: float
     shape: tuple[int, int]
@@ -208,8 +215,8 @@ class LayerPlan(NamedTuple):
             weight_directions=k,
             task_directions=j,
             error=math.sqrt(max(self.total_energy - float(self.energy[rank]), 0.0)),
-            eckart_young=eckart_young_tail(self.singular_values, rank),
-            weight_bound=eckart_young_tail(self.singular_values, k),
+            eckart_young=math.sqrt(self.tail_energy[rank]),
+            weight_bound=math.sqrt(self.tail_energy[k]),
             n_params=a * m + b * n + a * b,
             gains=self.gains,
             costs=self.costs,
@@ -225,7 +232,7 @@ class LayerPlan(NamedTuple):
         a, b = int(layer.core.shape[0]), int(layer.core.shape[1])
         return LowRankResult(
             layer.left, layer.core, layer.right, layer.error,
-            eckart_young_tail(self.singular_values, min(a, b)), self.total_energy,
+            math.sqrt(self.tail_energy[min(a, b)]), self.total_energy,
             preserved, layer.n_params, self.singular_values, layer.input_whitening,
             layer.grad_whitening,
         )
@@ -264,6 +271,38 @@ def _numerical_rank(s: np.ndarray, rcond: float) -> int:
     return int(np.sum(s > rcond * s[0]))
 
 
+#: ``svd="auto"`` goes randomized when (needed + oversampling) <= this x min(m, n).
+RANDOMIZED_FRACTION = 0.1
+OVERSAMPLE = 10
+POWER_ITERS = 2
+
+
+def top_singular(a: Array, k: int, svd: str) -> tuple[Array, Array, Array]:
+    """Top-``k`` (at least) singular triplets ``(U, s, Vh)`` of ``a``, exact or randomized."""
+    if svd not in ("auto", "exact", "randomized"):
+        msg = f"`svd` must be 'auto', 'exact' or 'randomized'; got {svd!r}"
+        raise ValueError(msg)
+    xp = namespace(a)
+    small = min(int(d) for d in a.shape)
+    randomized = svd == "randomized" or (
+        svd == "auto" and k + OVERSAMPLE <= RANDOMIZED_FRACTION * small
+    )
+    if not randomized or k >= small:
+        return svd_reduced(xp, a)
+    res = randomized_svd(a, k, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
+    return res.left, res.values, res.right.T
+
+
+def _tail_energy(sigma: np.ndarray, total: float, r_max: int, full: int) -> np.ndarray:
+    r""":math:`\sum_{i>r}\sigma_i^2` for ``r = 0..r_max``."""
+    squares = sigma**2
+    if sigma.size >= full:  # full spectrum: sum the tail itself (no cancellation)
+        tail = np.concatenate([np.cumsum(squares[::-1])[::-1], [0.0]])
+        return tail[: r_max + 1]
+    head = np.concatenate([[0.0], np.cumsum(squares[:r_max])])
+    return np.maximum(total - head, 0.0)
+
+
 def plan_layer(
     weight: Array,
     *,
@@ -274,6 +313,7 @@ def plan_layer(
     damping: float | tuple[float, float] = DEFAULT_DAMPING,
     max_rank: int | None = None,
     whitening: str = "cholesky",
+    svd: str = "auto",
     xp: ModuleType | None = None,
 ) -> LayerPlan:
     r"""Decompose one layer once, for every rank up to ``max_rank``.
@@ -298,6 +338,12 @@ def plan_layer(
         :math:`r` with :math:`r(m+n) + r^2 < mn`.
     whitening : {"cholesky", "eigh"}, optional
         Factorization of the covariances (same result, different cost).
+    svd : {"auto", "exact", "randomized"}, optional
+        How the top singular subspaces of :math:`M` (``max_rank`` of them)
+        and :math:`\Gamma` (:math:`j` of them) are found. ``"auto"`` uses
+        :func:`~jactus_linalg.randomized.randomized_svd` for a matrix when
+        the directions needed plus oversampling are at most 10% of
+        :math:`\min(m, n)`, and the exact SVD otherwise.
     xp : namespace, optional
 
     Returns
@@ -331,13 +377,14 @@ def plan_layer(
     work = _base_dtype(xp, weight, input_cov, grad_cov, grad_mean)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
-    p, s, qh = svd_reduced(xp, whitened)
+    total = float(xp.sum(whitened * whitened))
+    p, s, qh = top_singular(whitened, r_max, svd)
     sigma = as_numpy(s).astype(np.float64)
     rcond = eps(xp, work) * max(m, n)
     task_rank = 0
     if tau > 0:
         gamma = whitened_gradient(astype(xp, grad_mean, work), grad_op, input_op)
-        pt, st, qth = svd_reduced(xp, gamma)
+        pt, st, qth = top_singular(gamma, max(task_split(r_max, tau)[1], 1), svd)
         task_rank = _numerical_rank(as_numpy(st).astype(np.float64), rcond)
     is_task = _step_sources(r_max, tau, task_rank)
     if bool(is_task.any()):
@@ -356,8 +403,9 @@ def plan_layer(
         left_counts=left_counts,
         right_counts=right_counts,
         energy=_prefix_energy(core, left_counts, right_counts),
-        total_energy=float(np.sum(sigma**2)),
+        total_energy=total,
         singular_values=sigma,
+        tail_energy=_tail_energy(sigma, total, r_max, min(m, n)),
         task_rank=task_rank,
         task_fraction=tau,
         shape=(m, n),
@@ -378,6 +426,7 @@ def jactus_layer(
     damping: float | tuple[float, float] = DEFAULT_DAMPING,
     max_rank: int | None = None,
     whitening: str = "cholesky",
+    svd: str = "auto",
     xp: ModuleType | None = None,
 ) -> JactusLayer:
     r"""JACTUS factorization of one layer at ``rank``, with its allocation gains.
@@ -393,7 +442,7 @@ def jactus_layer(
     weight : (m, n) array_like
     rank : int
         :math:`r`, with ``1 <= rank <= max_rank``.
-    input_cov, grad_cov, grad_mean, task_fraction, damping, max_rank, whitening, xp
+    input_cov, grad_cov, grad_mean, task_fraction, damping, max_rank, whitening, svd, xp
         As in :func:`plan_layer`; ``max_rank`` defaults to
         ``max(rank, break-even rank)``.
 
@@ -436,6 +485,6 @@ def jactus_layer(
     plan = plan_layer(
         weight, input_cov=input_cov, grad_cov=grad_cov, grad_mean=grad_mean,
         task_fraction=task_fraction, damping=damping, max_rank=max_rank,
-        whitening=whitening, xp=xp,
+        whitening=whitening, svd=svd, xp=xp,
     )
     return plan.factorize(rank)

@@ -6,13 +6,18 @@ and where it helps, what to do instead.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from collections.abc import Callable
 from types import ModuleType
 
-from ._backend import Array, count_nonfinite, eps, is_floating
+import numpy as np
+
+from ._backend import Array, count_nonfinite, eps, is_floating, namespace
 
 __all__ = [
+    "check_array",
     "check_finite",
     "check_fraction",
     "check_matrix",
@@ -21,6 +26,17 @@ __all__ = [
     "check_symmetric",
     "symmetry_tolerance",
 ]
+
+
+def check_array(x: object, name: str) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``x`` looks like an array.
+
+    Called before the array namespace is looked up, so that a list or a
+    scalar gets a message naming the argument.
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        msg = f"`{name}` must be an array; got {type(x).__name__}"
+        raise TypeError(msg)
 
 
 def check_matrix(
@@ -130,3 +146,57 @@ def check_fraction(
         msg = f"`{name}` must lie in {interval}; got {v!r}"
         raise ValueError(msg)
     return v
+
+
+def _nonfinite_field(out: object) -> str | None:
+    """Name of the first non-finite float or array in a (NamedTuple) result, if any."""
+    fields = out._asdict().items() if hasattr(out, "_asdict") else [("result", out)]
+    for name, value in fields:
+        if isinstance(value, float) and not math.isfinite(value):
+            return name
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            try:
+                xp = namespace(value)
+            except TypeError:
+                continue
+            if is_floating(xp, value.dtype) and not bool(xp.all(xp.isfinite(value))):
+                return name
+        if isinstance(value, list | tuple) and not hasattr(value, "_asdict"):
+            for item in value:
+                if hasattr(item, "shape") and _nonfinite_field(item) is not None:
+                    return name
+    return None
+
+
+def finite_result(fn: Callable) -> Callable:
+    """Run ``fn`` with numpy floating-point warnings silenced, then insist on a finite result.
+
+    Finite inputs whose magnitudes overflow the working dtype mid-computation
+    (squares of ~1e154 in float64, say) give a ``ValueError`` that says so,
+    never a NaN or a stray ``RuntimeWarning``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            out = fn(*args, **kwargs)
+        bad = _nonfinite_field(out)
+        if bad is not None:
+            msg = (
+                f"{fn.__name__}: the computation overflowed (`{bad}` is not finite): "
+                "the inputs' magnitudes are too large for the working dtype; rescale them"
+            )
+            raise ValueError(msg)
+        return out
+
+    return wrapper
+
+
+def check_no_overflow(xp: ModuleType, x: Array, what: str) -> None:
+    """Raise ``ValueError`` if an intermediate result overflowed."""
+    if not bool(xp.all(xp.isfinite(x))):
+        msg = (
+            f"overflow while computing the {what} in {x.dtype}: the inputs' "
+            "magnitudes are too large; rescale them"
+        )
+        raise ValueError(msg)

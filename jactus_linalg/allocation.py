@@ -15,12 +15,16 @@ its upper concave hull, whose segments (groups of consecutive units) have
 non-increasing gain/cost; groups are taken in order of decreasing ratio
 across all layers (the order a heap merge of the per-layer sequences gives)
 until one does not fit; then a heap continues over the remaining layers'
-next groups, closing each layer whose next group does not fit.
+next groups. A group that does not fit closes its layer; the units of it
+that still fit are grouped again by their own hull and compete in the heap
+at their own ratios.
 
 On concave instances (every group a single unit) the greedy total is within
-one unit's gain of the optimum, and optimal whenever it spends the budget
-exactly: it is the fractional-knapsack optimum minus the fraction of the
-first unit that did not fit.
+one unit's gain of the optimum, and optimal at the budgets where the
+ratio-ordered prefix ends exactly (no unit skipped before the budget is
+spent): there it is the fractional-knapsack optimum. Spending the budget
+exactly after skipping a unit that did not fit is not enough for
+optimality, only for the one-unit bound.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._backend import as_numpy
-from ._checks import check_fraction
+from ._checks import check_fraction, finite_result
 
 __all__ = [
     "allocate_ranks",
@@ -105,6 +109,19 @@ def layer_units(
     )
 
 
+def _real_vector(x: object, name: str) -> np.ndarray:
+    """``x`` as a float64 numpy array, refusing complex, object and string data."""
+    try:
+        arr = np.asarray(as_numpy(x) if hasattr(x, "shape") else x)
+    except (TypeError, ValueError) as err:
+        msg = f"`{name}` must be an array of real numbers; got {type(x).__name__}"
+        raise TypeError(msg) from err
+    if arr.dtype.kind not in "fiub":
+        msg = f"`{name}` must hold real numbers; got dtype {arr.dtype}"
+        raise TypeError(msg)
+    return arr.astype(np.float64)
+
+
 def _as_unit_arrays(
     gains: Sequence[object], costs: Sequence[object]
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -122,8 +139,8 @@ def _as_unit_arrays(
         raise ValueError(msg)
     g_out, c_out = [], []
     for i, (g, c) in enumerate(zip(gains, costs, strict=True)):
-        g_arr = np.asarray(as_numpy(g) if hasattr(g, "shape") else g, dtype=np.float64)
-        c_arr = np.asarray(as_numpy(c) if hasattr(c, "shape") else c, dtype=np.float64)
+        g_arr = _real_vector(g, f"gains[{i}]")
+        c_arr = _real_vector(c, f"costs[{i}]")
         if g_arr.ndim != 1 or c_arr.ndim != 1:
             msg = f"`gains[{i}]` and `costs[{i}]` must be 1-D; got shapes {g_arr.shape} and {c_arr.shape}"
             raise ValueError(msg)
@@ -134,10 +151,18 @@ def _as_unit_arrays(
             )
             raise ValueError(msg)
         if not np.all(np.isfinite(g_arr)) or np.any(g_arr < 0):
-            msg = f"`gains[{i}]` must be finite and >= 0; got min {np.nanmin(g_arr) if g_arr.size else 0!r}"
+            finite = g_arr[np.isfinite(g_arr)]
+            msg = (
+                f"`gains[{i}]` must be finite and >= 0; got {g_arr.size - finite.size} "
+                f"non-finite, min finite {finite.min() if finite.size else None!r}"
+            )
             raise ValueError(msg)
         if not np.all(np.isfinite(c_arr)) or np.any(c_arr <= 0):
-            msg = f"`costs[{i}]` must be finite and > 0; got min {c_arr.min() if c_arr.size else 0!r}"
+            finite = c_arr[np.isfinite(c_arr)]
+            msg = (
+                f"`costs[{i}]` must be finite and > 0; got {c_arr.size - finite.size} "
+                f"non-finite, min finite {finite.min() if finite.size else None!r}"
+            )
             raise ValueError(msg)
         g_out.append(g_arr)
         c_out.append(c_arr)
@@ -187,6 +212,7 @@ def _finish_hulls_sequentially(
     return alive
 
 
+@finite_result
 def allocate_ranks(
     gains: Sequence[object], costs: Sequence[object], budget: float
 ) -> list[int]:
@@ -226,7 +252,10 @@ def allocate_ranks(
     Guarantee, for concave layers: with :math:`G` the greedy total and
     :math:`g^\star` the gain of the first unit that did not fit,
     :math:`G \le \mathrm{OPT} \le G + g^\star`, and :math:`G = \mathrm{OPT}`
-    when the greedy spends exactly :math:`B`.
+    when :math:`B` is the cost of a prefix of the units in decreasing
+    gain/cost order (the greedy then spends exactly :math:`B` without
+    skipping a unit). For any layers, the bound holds with :math:`g^\star`
+    the gain of the first hull group that did not fit.
 
     Cost: :math:`O(N \log N)` for :math:`N` units in total (a sort, a few
     vectorized hull passes and a heap over the layers).
@@ -256,7 +285,7 @@ def allocate_ranks(
     if n_fit == order.size:
         return [int(t) for t in taken]
     left = limit - (float(spent[n_fit - 1]) if n_fit else 0.0)
-    groups = _Groups(layer, first, units, ratio, cost, c_list)
+    groups = _Groups(layer, first, units, ratio, cost, c_list, g_list)
     _continue_with_heap(order[n_fit:], groups, taken, left)
     return [int(t) for t in taken]
 
@@ -268,6 +297,7 @@ class _Groups(NamedTuple):
     ratio: np.ndarray
     cost: np.ndarray
     unit_costs: list[np.ndarray]
+    unit_gains: list[np.ndarray]
 
 
 def _concave_groups(
@@ -290,32 +320,51 @@ def _concave_groups(
 def _continue_with_heap(rest: np.ndarray, groups: _Groups, taken: np.ndarray, left: float) -> None:
     """After the first misfit: a heap over each open layer's next group.
 
-    A group that does not fit contributes the longest prefix of its units
-    that does (spending what is left, never more), and closes its layer:
-    the layer's later units would break the prefix rule.
+    A group that does not fit closes its layer (the layer's later units
+    would break the prefix rule), but the prefix of its units that still fits
+    is split again by its own upper concave hull and those sub-groups go back
+    into the heap at their own gain/cost ratios. So leftover budget can still
+    buy part of the group, but never ahead of better units elsewhere, and
+    never a run of units that gains nothing.
     """
-    queues: dict[int, list[int]] = {}
+    # per layer, a stack of (ratio, n_units, cost, first unit), next group last
+    queues: dict[int, list[tuple[float, int, float, int]]] = {}
     for g in rest:
-        queues.setdefault(int(groups.layer[g]), []).append(int(g))
+        queues.setdefault(int(groups.layer[g]), []).append(
+            (float(groups.ratio[g]), int(groups.units[g]), float(groups.cost[g]), int(groups.first[g]))
+        )
     for q in queues.values():
         q.reverse()  # pop() from the end yields groups in layer order
-    heap = [(-groups.ratio[q[-1]], lay, q.pop()) for lay, q in queues.items()]
+    heap = [(-q[-1][0], lay, q.pop()) for lay, q in queues.items()]
     heapq.heapify(heap)
     slack = 1 + 1e-12
     while heap:
-        _, lay, g = heapq.heappop(heap)
-        if groups.cost[g] <= left * slack:
-            left -= float(groups.cost[g])
-            taken[lay] += int(groups.units[g])
+        _, lay, (_, n_units, cost, first) = heapq.heappop(heap)
+        if cost <= left * slack:
+            left -= cost
+            taken[lay] += n_units
             if queues[lay]:
                 nxt = queues[lay].pop()
-                heapq.heappush(heap, (-groups.ratio[nxt], lay, nxt))
+                heapq.heappush(heap, (-nxt[0], lay, nxt))
             continue
-        start = int(groups.first[g])
-        unit_costs = groups.unit_costs[lay][start : start + int(groups.units[g])]
-        partial = int(np.searchsorted(np.cumsum(unit_costs), left * slack, side="right"))
-        left -= float(unit_costs[:partial].sum())
-        taken[lay] += partial
+        unit_costs = groups.unit_costs[lay][first : first + n_units]
+        fits = int(np.searchsorted(np.cumsum(unit_costs), left * slack, side="right"))
+        if fits == 0:
+            continue
+        unit_gains = groups.unit_gains[lay][first : first + fits]
+        _, sub_first, sub_units, sub_gain, sub_cost = _concave_groups(
+            [unit_gains], [unit_costs[:fits]]
+        )
+        sub = [
+            (float(gn / cs), int(un), float(cs), first + int(fs))
+            for fs, un, gn, cs in zip(sub_first, sub_units, sub_gain, sub_cost, strict=True)
+            if gn > 0
+        ]
+        if sub:
+            sub.reverse()
+            queues[lay] = sub  # replaces the layer's later groups: it closes here
+            nxt = queues[lay].pop()
+            heapq.heappush(heap, (-nxt[0], lay, nxt))
 
 
 def allocate_uniform(shapes: Sequence[tuple[int, int]], budget: float) -> list[int]:

@@ -85,6 +85,12 @@ class LayerStatistics(NamedTuple):
     n_samples: int
 
 
+def _check_dtype_name(dtype: object) -> None:
+    if dtype not in (None, "float32", "float64"):
+        msg = f"`dtype` must be 'float32', 'float64' or None; got {dtype!r}"
+        raise ValueError(msg)
+
+
 def _resolve_dtype(xp: ModuleType, like: Array, dtype: str | None) -> Any:
     """float64 on CPU and float32 on CUDA unless ``dtype`` says otherwise."""
     if dtype is None:
@@ -161,6 +167,7 @@ class MomentAccumulator:
         if mode not in _MODES:
             msg = f"`mode` must be one of {_MODES}; got {mode!r}"
             raise ValueError(msg)
+        _check_dtype_name(dtype)
         self.dim = dim
         self.name = name
         self.mode = mode
@@ -244,6 +251,7 @@ class CrossMomentAccumulator:
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 msg = f"`{arg}` must be a positive integer; got {val!r}"
                 raise ValueError(msg)
+        _check_dtype_name(dtype)
         self.rows = rows
         self.cols = cols
         self.name = name

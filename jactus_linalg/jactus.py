@@ -37,7 +37,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._backend import Array, as_numpy, astype, device_of, eps, namespace, svd_reduced
-from ._checks import check_fraction, check_matrix, check_rank
+from ._checks import (
+    check_array,
+    check_fraction,
+    check_matrix,
+    check_no_overflow,
+    check_rank,
+    finite_result,
+)
 from .allocation import break_even_rank, rank_unit_costs
 from .lowrank import (
     LowRankResult,
@@ -303,6 +310,7 @@ def _tail_energy(sigma: np.ndarray, total: float, r_max: int, full: int) -> np.n
     return np.maximum(total - head, 0.0)
 
 
+@finite_result
 def plan_layer(
     weight: Array,
     *,
@@ -363,6 +371,7 @@ def plan_layer(
     directions with :math:`\sigma'_i \le \epsilon \max(m,n) \sigma'_1` carry no
     gradient and are never used (``task_rank``).
     """
+    check_array(weight, "weight")
     xp = namespace(weight, xp=xp)
     check_matrix(xp, weight, "weight")
     m, n = (int(d) for d in weight.shape)
@@ -377,6 +386,7 @@ def plan_layer(
     work = _base_dtype(xp, weight, input_cov, grad_cov, grad_mean)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
+    check_no_overflow(xp, whitened, "whitened weight S_g^T W S_x")
     total = float(xp.sum(whitened * whitened))
     p, s, qh = top_singular(whitened, r_max, svd)
     sigma = as_numpy(s).astype(np.float64)
@@ -384,6 +394,7 @@ def plan_layer(
     task_rank = 0
     if tau > 0:
         gamma = whitened_gradient(astype(xp, grad_mean, work), grad_op, input_op)
+        check_no_overflow(xp, gamma, "whitened gradient S_g^-1 G S_x^-T")
         pt, st, qth = top_singular(gamma, max(task_split(r_max, tau)[1], 1), svd)
         task_rank = _numerical_rank(as_numpy(st).astype(np.float64), rcond)
     is_task = _step_sources(r_max, tau, task_rank)
@@ -415,6 +426,7 @@ def plan_layer(
     )
 
 
+@finite_result
 def jactus_layer(
     weight: Array,
     rank: int,
@@ -473,6 +485,7 @@ def jactus_layer(
     .. [1] JACTUS, "Joint Adaptation and Compression with a Task-aware Union
        of Subspaces", arXiv 2605.02829.
     """
+    check_array(weight, "weight")
     xp = namespace(weight, xp=xp)
     check_matrix(xp, weight, "weight")
     m, n = (int(d) for d in weight.shape)

@@ -37,7 +37,7 @@ from ._backend import (
     qr_reduced,
     svd_reduced,
 )
-from ._checks import check_matrix, check_rank
+from ._checks import check_array, check_matrix, check_no_overflow, check_rank, finite_result
 from .covariance import CovarianceRoot
 from .subspaces import default_rtol, orthonormal_basis
 from .whitening import (
@@ -226,6 +226,7 @@ def _diag(xp: ModuleType, s: Array) -> Array:
     return eye * s[None, :]
 
 
+@finite_result
 def projected_lowrank(
     weight: Array,
     rank: int | None = None,
@@ -311,14 +312,20 @@ def projected_lowrank(
        of lower rank", Psychometrika, 1936.
     .. [2] JACTUS, arXiv 2605.02829.
     """
+    check_array(weight, "weight")
     xp = namespace(weight, xp=xp)
     check_matrix(xp, weight, "weight")
     m, n = (int(d) for d in weight.shape)
     if rank is not None:
         rank = check_rank(rank, min(m, n), what=f"min(m, n) of a {m}x{n} weight")
+    if left is not None:
+        check_matrix(xp, left, "left", rows=m)
+    if right is not None:
+        check_matrix(xp, right, "right", rows=n)
     work = _base_dtype(xp, weight, input_cov, grad_cov, left, right)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
+    check_no_overflow(xp, whitened, "whitened weight S_g^T W S_x")
     total = float(xp.sum(whitened * whitened))
     sigma = None
     if left is None and right is None:
@@ -382,6 +389,7 @@ def _project_onto_bases(
     return y[:, :keep], _diag(xp, s[:keep]), v @ zh[:keep, :].T
 
 
+@finite_result
 def curvature_error(
     weight: Array,
     left: Array,
@@ -430,6 +438,7 @@ class Factors(NamedTuple):
     right: Array
 
 
+@finite_result
 def orthonormal_factors(left: Array, core: Array, right: Array) -> Factors:
     r"""Re-express :math:`A C B^\top` with orthonormal outer factors, same spans and product.
 

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._backend import Array, astype, device_of, namespace, qr_reduced, svd_reduced
-from ._checks import check_matrix, check_rank
+from ._checks import check_matrix, check_rank, finite_result
 
 __all__ = ["RandomizedSVD", "expected_error_factor", "randomized_svd"]
 
@@ -79,6 +79,7 @@ def _gaussian(xp, shape: tuple[int, int], dtype, like: Array, seed: int) -> Arra
     return astype(xp, xp.asarray(draw, device=device_of(like)), dtype)
 
 
+@finite_result
 def randomized_svd(
     a: Array,
     k: int,

@@ -40,7 +40,7 @@ from ._backend import (
     qr_reduced,
     svd_reduced,
 )
-from ._checks import check_matrix, check_nonnegative
+from ._checks import check_array, check_matrix, check_nonnegative, finite_result
 
 __all__ = [
     "SubspaceUnion",
@@ -124,6 +124,7 @@ def principal_angles(a: Array, b: Array) -> Array:
     return xp.where(from_sin < math.pi / 4, from_sin, from_cos)
 
 
+@finite_result
 def union_of_subspaces(*bases: Array, rtol: float | None = None) -> SubspaceUnion:
     r"""Orthonormal basis of the sum of the column spans of ``bases``.
 
@@ -174,10 +175,13 @@ def union_of_subspaces(*bases: Array, rtol: float | None = None) -> SubspaceUnio
     if not bases:
         msg = "`bases` must hold at least one array; got none"
         raise ValueError(msg)
-    xp = namespace(*bases)
     for i, b in enumerate(bases):
-        check_matrix(xp, b, f"bases[{i}]", rows=int(bases[0].shape[0]))
+        check_array(b, f"bases[{i}]")
+    xp = namespace(*bases)
+    check_matrix(xp, bases[0], "bases[0]")
     m = int(bases[0].shape[0])
+    for i, b in enumerate(bases[1:], start=1):
+        check_matrix(xp, b, f"bases[{i}]", rows=m)
     work = decomposition_dtype(xp, *(b.dtype for b in bases))
     total_cols = sum(int(b.shape[1]) for b in bases)
     tol = (

@@ -47,7 +47,7 @@ from ._backend import (
     solve_triangular,
     svd_reduced,
 )
-from ._checks import check_matrix, check_nonnegative, check_symmetric
+from ._checks import check_array, check_matrix, check_nonnegative, check_symmetric, finite_result
 from .covariance import CovarianceRoot
 
 __all__ = [
@@ -252,7 +252,13 @@ def _root_operator(
         diag = xp.abs(xp.linalg.diagonal(upper))
         if float(xp.min(diag)) <= rcond * float(xp.max(diag)):
             rank = int(xp.sum(xp.astype(diag > rcond * float(xp.max(diag)), xp.int64)))
-            raise _singular_error(name, rank, n)
+            if delta == 0.0:
+                raise _singular_error(name, rank, n)
+            msg = (
+                f"`{name}` + delta I is numerically singular (rank {rank} of {n}): "
+                f"delta={delta:.3g} (damping={relative:g}) is below rounding; raise `damping`"
+            )
+            raise ValueError(msg)
         return WhiteningOperator(
             "cholesky", n, upper.T, None, None, math.sqrt(delta), delta, relative,
             None, diag**2, tuple(notes),
@@ -260,8 +266,9 @@ def _root_operator(
     _, sing, vh = svd_reduced(xp, root)
     lam_top = sing**2
     k = int(lam_top.shape[0])
-    lam_max = float(lam_top[0])
-    rank = int(xp.sum(xp.astype(lam_top > rcond * lam_max, xp.int64)))
+    # decide rank on the root's singular values: sigma > n eps sigma_max, not
+    # lambda > n eps lambda_max, which would square the condition number
+    rank = int(xp.sum(xp.astype(sing > rcond * float(sing[0]), xp.int64)))
     if delta == 0.0 and rank < n:
         raise _singular_error(name, rank, n)
     if rank < n:
@@ -297,10 +304,12 @@ def whitening_operator(
     notes: list[str] = []
     if isinstance(cov, CovarianceRoot):
         root = cov.root
+        check_array(root, f"{name}.root")
         xp = namespace(root)
         check_matrix(xp, root, f"{name}.root")
         work = decomposition_dtype(xp, root.dtype, *(() if dtype is None else (dtype,)))
         return _root_operator(xp, astype(xp, root, work), method, relative, name, notes)
+    check_array(cov, name)
     xp = namespace(cov)
     check_matrix(xp, cov, name, square=True)
     check_symmetric(xp, cov, name)
@@ -376,6 +385,7 @@ def _effective_rank(op: WhiteningOperator, inverse: Array) -> float:
     return float(op.dim - op.damping * float(xp.sum(inverse * inverse)))
 
 
+@finite_result
 def whiten(
     cov: Any,
     *,

@@ -97,9 +97,8 @@ def unit_instances(draw, max_layers: int = 3, max_units: int = 5):
     gains, costs = [], []
     for _ in range(n_layers):
         units = draw(st.integers(1, max_units))
-        gains.append(
-            np.array(draw(st.lists(st.floats(0.0, 100.0), min_size=units, max_size=units)))
-        )
+        gain = st.one_of(st.just(0.0), st.floats(1e-3, 100.0))  # exact zeros: dead units
+        gains.append(np.array(draw(st.lists(gain, min_size=units, max_size=units))))
         costs.append(
             np.array(draw(st.lists(st.floats(0.5, 20.0), min_size=units, max_size=units)))
         )

@@ -1,0 +1,183 @@
+"""numpy, array-api-strict and torch agree; results stay in the input's namespace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jactus_linalg as jl
+
+from .conftest import Backend
+from .numerics import (
+    covariance_with_spectrum,
+    orthonormal,
+    relative_gap,
+    spectrum,
+    tolerance,
+    with_spectrum,
+)
+from .test_lowrank import Reference
+
+M, N, R = 14, 10, 4
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """A layer with well-separated spectra, so every result is well defined."""
+    rng = np.random.default_rng(7)
+    w = with_spectrum(rng, M, N, np.geomspace(1.0, 1e-2, N))
+    cx = covariance_with_spectrum(rng, spectrum("decaying", N, cond=1e2))
+    cg = covariance_with_spectrum(rng, spectrum("decaying", M, cond=1e2))
+    g = with_spectrum(rng, M, N, np.geomspace(1.0, 1e-1, 3))
+    bases = (rng.standard_normal((M, 3)), rng.standard_normal((M, 4)) + 0.5)
+    return {"W": w, "Cx": cx, "Cg": cg, "G": g, "bases": bases}
+
+
+def _same_kind(result, like) -> None:
+    assert type(result) is type(like)
+    assert result.dtype == like.dtype
+
+
+def _product(res) -> np.ndarray:
+    b = Backend("numpy")
+    return b.to_numpy(res.left) @ b.to_numpy(res.core) @ b.to_numpy(res.right).T
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_backends_agree(backend, dtype, problem):
+    w, cx, cg, g = problem["W"], problem["Cx"], problem["Cg"], problem["G"]
+    x = {k: backend.asarray(v, dtype) for k, v in (("W", w), ("Cx", cx), ("Cg", cg), ("G", g))}
+    ref = Reference(w, cx, cg)
+    cond_cov = float(np.linalg.cond(cx))
+
+    # whiten: both methods, against the float64 numpy result
+    for method in ("eigh", "cholesky"):
+        got = jl.whiten(x["Cx"], method=method)
+        want = jl.whiten(cx, method=method)
+        _same_kind(got.factor, x["Cx"])
+        _same_kind(got.inverse, x["Cx"])
+        diff = backend.to_numpy(got.factor) - want.factor
+        assert np.linalg.norm(diff) <= tolerance(dtype, N, cond=cond_cov) * np.linalg.norm(want.factor)
+        assert got.damping == pytest.approx(want.damping, rel=tolerance(dtype, N))
+
+    # union of subspaces: same dimension, same span
+    bases = [backend.asarray(b, dtype) for b in problem["bases"]]
+    got_u = jl.union_of_subspaces(*bases)
+    want_u = jl.union_of_subspaces(*problem["bases"])
+    _same_kind(got_u.basis, bases[0])
+    assert got_u.contributions == want_u.contributions == (3, 4)
+    q = backend.to_numpy(got_u.basis)
+    cond_b = max(np.linalg.cond(np.concatenate(problem["bases"], axis=1)), 1.0)
+    assert np.linalg.norm(q @ q.T - want_u.basis @ want_u.basis.T) <= tolerance(dtype, M, cond=cond_b)
+
+    # projected_lowrank: no bases, with bases, with both covariances
+    gap = relative_gap(ref.sigma, R)
+    cases = [
+        ({}, {}),
+        ({"input_cov": x["Cx"], "grad_cov": x["Cg"]}, {"input_cov": cx, "grad_cov": cg}),
+        (
+            {"input_cov": x["Cx"], "left": backend.asarray(w[:, :5], dtype), "right": backend.asarray(w.T[:, :4], dtype)},
+            {"input_cov": cx, "left": w[:, :5], "right": w.T[:, :4]},
+        ),
+    ]
+    for kwargs, np_kwargs in cases:
+        got_r = jl.projected_lowrank(x["W"], R, **kwargs)
+        want_r = jl.projected_lowrank(w, R, **np_kwargs)
+        for field in ("left", "core", "right"):
+            _same_kind(getattr(got_r, field), x["W"])
+        assert got_r.core.shape == want_r.core.shape
+        diff = _product(got_r) - _product(want_r)
+        assert np.linalg.norm(diff) <= tolerance(dtype, M + N, cond=ref.kappa**2 / gap) * np.linalg.norm(w)
+        assert abs(got_r.error - want_r.error) <= tolerance(dtype, M + N, cond=ref.kappa**2 / gap) * np.linalg.norm(ref.m_white)
+
+    # jactus_layer
+    got_j = jl.jactus_layer(x["W"], R, input_cov=x["Cx"], grad_cov=x["Cg"], grad_mean=x["G"], task_fraction=0.5)
+    want_j = jl.jactus_layer(w, R, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=0.5)
+    for field in ("left", "core", "right"):
+        _same_kind(getattr(got_j, field), x["W"])
+    assert (got_j.weight_directions, got_j.task_directions) == (2, 2)
+    assert got_j.core.shape == want_j.core.shape
+    diff = _product(got_j) - _product(want_j)
+    assert np.linalg.norm(diff) <= tolerance(dtype, M + N, cond=ref.kappa**2 / gap) * np.linalg.norm(w)
+    assert np.max(np.abs(np.asarray(got_j.gains) - want_j.gains)) <= tolerance(
+        dtype, M + N, cond=ref.kappa**2 / gap
+    ) * ref.energy
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_precision_is_upcast(half, problem):
+    torch = pytest.importorskip("torch")
+    half_dtype = getattr(torch, half)
+    w_h = torch.as_tensor(problem["W"]).to(half_dtype)
+    cx_h = torch.as_tensor(problem["Cx"]).to(half_dtype)
+    cg_h = torch.as_tensor(problem["Cg"]).to(half_dtype)
+    g_h = torch.as_tensor(problem["G"]).to(half_dtype)
+    # the same (rounded) data in float32: what the computation must run on
+    w_32, cx_32, cg_32, g_32 = (t.float() for t in (w_h, cx_h, cg_h, g_h))
+
+    res_h = jl.projected_lowrank(w_h, R, input_cov=cx_h, grad_cov=cg_h)
+    res_32 = jl.projected_lowrank(w_32, R, input_cov=cx_32, grad_cov=cg_32)
+    for field in ("left", "core", "right"):
+        got, want = getattr(res_h, field), getattr(res_32, field)
+        assert got.dtype == half_dtype, "factors come back in the weight's dtype"
+        # computed in float32 and rounded once at the end
+        assert torch.equal(got, want.to(half_dtype))
+    assert res_h.error == pytest.approx(res_32.error, rel=tolerance(torch.float32, M + N, cond=1e4))
+
+    lay_h = jl.jactus_layer(w_h, R, input_cov=cx_h, grad_cov=cg_h, grad_mean=g_h, task_fraction=0.5)
+    lay_32 = jl.jactus_layer(w_32, R, input_cov=cx_32, grad_cov=cg_32, grad_mean=g_32, task_fraction=0.5)
+    for field in ("left", "core", "right"):
+        got, want = getattr(lay_h, field), getattr(lay_32, field)
+        assert got.dtype == half_dtype
+        assert torch.equal(got, want.to(half_dtype))
+
+    # whiten decomposes in float32 (torch has no half-precision eigh/cholesky)
+    for method in ("eigh", "cholesky"):
+        w_half = jl.whiten(cx_h, method=method)
+        w_f32 = jl.whiten(cx_32, method=method)
+        assert w_half.factor.dtype == torch.float32
+        assert torch.equal(w_half.factor, w_f32.factor)
+
+    # a half-precision result is as good as float32 rounded to half
+    ref = Reference(w_32.double().numpy(), cx_32.double().numpy(), cg_32.double().numpy())
+    approx = (lay_h.left.double() @ lay_h.core.double() @ lay_h.right.double().T).numpy()
+    exact = (lay_32.left.double() @ lay_32.core.double() @ lay_32.right.double().T).numpy()
+    assert np.linalg.norm(approx - exact) <= tolerance(half_dtype, M + N, cond=ref.kappa) * np.linalg.norm(exact)
+
+
+def test_union_of_subspaces_half_precision_upcasts():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    a = torch.as_tensor(orthonormal(rng, 8, 3)).to(torch.float16)
+    b = torch.as_tensor(orthonormal(rng, 8, 2)).to(torch.float16)
+    res = jl.union_of_subspaces(a, b)
+    assert res.basis.dtype == torch.float32
+    q = res.basis.double().numpy()
+    assert np.linalg.norm(q.T @ q - np.eye(q.shape[1])) <= tolerance(torch.float32, 8)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(backend_cuda, problem):
+    torch = pytest.importorskip("torch")
+    w, cx, cg, g = problem["W"], problem["Cx"], problem["Cg"], problem["G"]
+    ref = Reference(w, cx, cg)
+    gap = relative_gap(ref.sigma, R)
+    for dtype in (np.float64, np.float32):
+        x = {k: backend_cuda.asarray(v, dtype) for k, v in (("W", w), ("Cx", cx), ("Cg", cg), ("G", g))}
+        res = jl.projected_lowrank(x["W"], R, input_cov=x["Cx"], grad_cov=x["Cg"])
+        cpu = jl.projected_lowrank(w, R, input_cov=cx, grad_cov=cg)
+        for field in ("left", "core", "right"):
+            arr = getattr(res, field)
+            assert arr.device.type == "cuda" and arr.dtype == x["W"].dtype
+        diff = _product(res) - _product(cpu)
+        assert np.linalg.norm(diff) <= tolerance(dtype, M + N, cond=ref.kappa**2 / gap) * np.linalg.norm(w)
+        lay = jl.jactus_layer(x["W"], R, input_cov=x["Cx"], grad_cov=x["Cg"], grad_mean=x["G"])
+        lay_cpu = jl.jactus_layer(w, R, input_cov=cx, grad_cov=cg, grad_mean=g)
+        assert lay.left.device.type == "cuda"
+        diff = _product(lay) - _product(lay_cpu)
+        assert np.linalg.norm(diff) <= tolerance(dtype, M + N, cond=ref.kappa**2 / gap) * np.linalg.norm(w)
+        wh = jl.whiten(x["Cx"], method="cholesky")
+        assert wh.factor.device.type == "cuda"
+        acc = jl.MomentAccumulator(N)
+        acc.update(x["W"])
+        assert acc.result().dtype == torch.float32, "float32 statistics on CUDA by default"

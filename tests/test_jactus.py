@@ -1,0 +1,247 @@
+"""The JACTUS layer: union of weight and task subspaces, its bounds and gains."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jactus_linalg as jl
+
+from .numerics import (
+    orth,
+    relative_gap,
+    spectrum,
+    subspace_distance,
+    tail_energy,
+    tolerance,
+    with_spectrum,
+)
+from .strategies import layer_problems, seeds
+from .test_lowrank import Reference
+
+taus = st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
+methods = st.sampled_from(["cholesky", "eigh"])
+EPS = float(np.finfo(np.float64).eps)
+
+
+def _split(r: int, tau: float, task_rank: int) -> tuple[int, int]:
+    """DESIGN: j = round(τ r) (halves up), capped at the gradient's rank; k = r - j."""
+    j = min(math.floor(tau * r + 0.5), task_rank)
+    return r - j, j
+
+
+@given(prob=layer_problems(), tau=taus, method=methods)
+def test_weight_directions_upper_bound(prob, tau, method):
+    w, cx, cg, g, r = prob["W"], prob["Cx"], prob["Cg"], prob["G"], prob["rank"]
+    layer = jl.jactus_layer(
+        w, r, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method
+    )
+    ref = Reference(w, cx, cg)
+    k = layer.weight_directions
+    assert k + layer.task_directions == r
+    direct = ref.error(layer.left, layer.core, layer.right) ** 2
+    upper = tail_energy(ref.sigma, k)
+    lower = tail_energy(ref.sigma, r)
+    tol = ref.energy_tol()
+    # Σ_{i>r} σ_i² ≤ err² ≤ Σ_{i>k} σ_i², on the residual measured directly
+    assert lower - tol <= direct <= upper + tol
+    assert lower - tol <= layer.error**2 <= upper + tol
+    assert abs(direct - layer.error**2) <= tol
+    assert abs(layer.weight_bound**2 - upper) <= tol
+    assert abs(layer.eckart_young**2 - lower) <= tol
+    assert layer.core.shape[0] <= r and layer.core.shape[1] <= r
+    assert layer.n_params == layer.left.size + layer.right.size + layer.core.size
+
+
+@given(prob=layer_problems(), method=methods, with_grad=st.booleans())
+def test_task_fraction_zero_is_optimal_rank_r(prob, method, with_grad):
+    w, cx, cg, r = prob["W"], prob["Cx"], prob["Cg"], prob["rank"]
+    g = prob["G"] if with_grad else None
+    layer = jl.jactus_layer(
+        w, r, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=0.0, whitening=method
+    )
+    ref = Reference(w, cx, cg)
+    assert (layer.weight_directions, layer.task_directions) == (r, 0)
+    tail = tail_energy(ref.sigma, r)
+    tol = ref.energy_tol()
+    # both bounds are equalities: the optimal rank-r approximation
+    assert abs(layer.error**2 - tail) <= tol
+    assert abs(ref.error(layer.left, layer.core, layer.right) ** 2 - tail) <= tol
+    assert layer.error == pytest.approx(layer.eckart_young, abs=math.sqrt(tol))
+    gap = relative_gap(ref.sigma, r)
+    if gap > 0:
+        diff = ref.whiten(layer.left @ layer.core @ layer.right.T - ref.truncated(r))
+        assert np.linalg.norm(diff) <= tolerance(np.float64, ref.dims, cond=ref.kappa / gap) * ref.sigma[0]
+
+
+@given(prob=layer_problems(max_side=14), tau=taus, method=methods)
+def test_gains_sum_to_preserved_energy(prob, tau, method):
+    w, cx, cg, g = prob["W"], prob["Cx"], prob["Cg"], prob["G"]
+    m, n = w.shape
+    plan = jl.plan_layer(
+        w, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method
+    )
+    ref = Reference(w, cx, cg)
+    gains = plan.gains
+    assert gains.shape == (plan.max_rank,)
+    assert plan.max_rank == max(jl.break_even_rank(m, n), 1)
+    assert np.all(gains >= 0)
+    assert np.array_equal(plan.costs, m + n + 1 + 2 * np.arange(plan.max_rank))
+    tol = ref.energy_tol()
+    assert abs(plan.total_energy - ref.energy) <= tol
+    for r in range(1, plan.max_rank + 1):
+        layer = plan.factorize(r)
+        preserved = float(np.sum(np.asarray(layer.core, dtype=np.float64) ** 2))
+        assert abs(np.sum(gains[:r]) - preserved) <= tol
+        assert abs(plan.total_energy - preserved - layer.error**2) <= tol
+        assert np.array_equal(layer.gains, gains)
+    if tau == 0.0:  # the gains are the squared singular values of M
+        assert np.max(np.abs(gains - ref.sigma[: plan.max_rank] ** 2)) <= tol
+
+
+@given(
+    prob=layer_problems(max_side=12, max_cond=1e8),
+    tau=st.sampled_from([0.25, 0.5, 1.0]),
+    method=methods,
+    data=st.data(),
+)
+def test_plan_matches_direct_projection(prob, tau, method, data):
+    w, cx, cg, g = prob["W"], prob["Cx"], prob["Cg"], prob["G"]
+    m, n = w.shape
+    plan = jl.plan_layer(
+        w, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method,
+        max_rank=min(m, n),
+    )
+    ref = Reference(w, cx, cg)
+    # naive float64: Γ = S_g⁻¹ G S_x⁻ᵀ and both SVDs
+    gamma = np.linalg.solve(ref.sg, np.linalg.solve(ref.sx, g.T).T)
+    p, s, qt = np.linalg.svd(ref.m_white)
+    pt, st_, qtt = np.linalg.svd(gamma)
+    task_rank = int(np.sum(st_ > EPS * max(m, n) * st_[0]))
+    assert plan.task_rank == task_rank
+    ranks = sorted(set(data.draw(st.lists(st.integers(1, min(m, n)), min_size=1, max_size=4))))
+    for r in ranks:
+        k, j = _split(r, tau, task_rank)
+        layer = plan.factorize(r)
+        assert (layer.weight_directions, layer.task_directions) == (k, j)
+        u = orth(np.concatenate([p[:, :k], pt[:, :j]], axis=1))
+        v = orth(np.concatenate([qt[:k].T, qtt[:j].T], axis=1))
+        # the subspaces are well defined when σ(M) has a gap at k, σ(Γ) one at
+        # j, and the task directions are not nearly inside the weight ones
+        sens = [relative_gap(s, k), relative_gap(st_, j)]
+        for basis, parts in ((u, (p[:, :k], pt[:, :j])), (v, (qt[:k].T, qtt[:j].T))):
+            stacked = np.concatenate(parts, axis=1)
+            sv = np.linalg.svd(stacked, compute_uv=False)
+            sens.append(sv[basis.shape[1] - 1] if basis.shape[1] else 1.0)
+        if min(sens) <= 0:
+            continue
+        cond = ref.kappa**2 / min(sens)
+        if cond * EPS > 1e-4:  # pragma: no cover - too ill-posed to compare products
+            continue
+        direct = jl.projected_lowrank(
+            w,
+            input_cov=cx,
+            grad_cov=cg,
+            left=np.linalg.solve(ref.sg.T, u),
+            right=np.linalg.solve(ref.sx.T, v),
+            whitening=method,
+        )
+        assert layer.core.shape == direct.core.shape == (u.shape[1], v.shape[1])
+        diff = ref.whiten(
+            layer.left @ layer.core @ layer.right.T - direct.left @ direct.core @ direct.right.T
+        )
+        assert np.linalg.norm(diff) <= tolerance(np.float64, ref.dims, cond=cond) * ref.sigma[0]
+        assert abs(layer.error**2 - direct.error**2) <= tolerance(
+            np.float64, ref.dims, cond=cond
+        ) * ref.energy
+        # the plan's whitened bases span the union
+        assert subspace_distance(ref.sg.T @ layer.left, u) <= tolerance(np.float64, ref.dims, cond=cond)
+        assert subspace_distance(ref.sx.T @ layer.right, v) <= tolerance(np.float64, ref.dims, cond=cond)
+
+
+@given(
+    seed=seeds,
+    g_rank=st.integers(0, 2),
+    tau=st.sampled_from([0.5, 1.0]),
+    method=methods,
+)
+def test_task_directions_capped_by_gradient_rank(seed, g_rank, tau, method):
+    rng = np.random.default_rng(seed)
+    m, n, r = 14, 11, 6
+    w = with_spectrum(rng, m, n, spectrum("decaying", n, cond=1e3))
+    cx = np.cov(rng.standard_normal((n, 30)))
+    cg = np.cov(rng.standard_normal((m, 30)))
+    g = np.zeros((m, n)) if g_rank == 0 else with_spectrum(rng, m, n, [1.0, 0.3][:g_rank])
+    layer = jl.jactus_layer(
+        w, r, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method
+    )
+    j_wanted = math.floor(tau * r + 0.5)
+    assert j_wanted > g_rank
+    # the gradient has only g_rank directions: the rest go back to the weight
+    assert layer.task_directions == g_rank
+    assert layer.weight_directions == r - g_rank
+    assert layer.core.shape == (r, r)
+    plan = jl.plan_layer(w, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method)
+    assert plan.task_rank == g_rank
+    ref = Reference(w, cx, cg)
+    assert abs(layer.weight_bound**2 - tail_energy(ref.sigma, r - g_rank)) <= ref.energy_tol()
+    if g_rank == 0:  # no gradient signal: exactly the τ = 0 factorization
+        base = jl.jactus_layer(w, r, input_cov=cx, grad_cov=cg, task_fraction=0.0, whitening=method)
+        assert abs(layer.error**2 - base.error**2) <= ref.energy_tol()
+
+
+@given(seed=seeds, r=st.integers(2, 8), c=st.floats(0.1, 10.0))
+def test_task_direction_in_weight_span_adds_nothing(seed, r, c):
+    """Γ ∝ M (gradient along the weight): task directions repeat weight ones."""
+    rng = np.random.default_rng(seed)
+    w = with_spectrum(rng, 13, 10, np.geomspace(1.0, 1e-3, 10))
+    layer = jl.jactus_layer(w, r, grad_mean=c * w, task_fraction=0.5)
+    k, j = layer.weight_directions, layer.task_directions
+    assert j == math.floor(0.5 * r + 0.5) and k == r - j
+    # P'_j = P_j: the union of P_k and P_j is P_max(k, j), nothing more
+    d = max(k, j)
+    assert layer.core.shape == (d, d)
+    sigma = np.geomspace(1.0, 1e-3, 10)
+    assert abs(layer.error**2 - tail_energy(sigma, d)) <= tolerance(np.float64, 23) * np.sum(sigma**2)
+    plan = jl.plan_layer(w, grad_mean=c * w, task_fraction=0.5, max_rank=r)
+    assert plan.left_counts[r] == plan.right_counts[r] == d
+    # units that add a repeated direction gain nothing
+    assert int(np.sum(plan.gains > tolerance(np.float64, 23))) == d
+
+
+def test_task_split_rounds_half_up():
+    assert jl.task_split(4, 0.25) == (3, 1)
+    assert jl.task_split(2, 0.25) == (1, 1)  # τ r = 0.5 rounds up
+    assert jl.task_split(1, 0.25) == (1, 0)
+    assert jl.task_split(10, 1.0) == (0, 10)
+    assert jl.task_split(10, 1.0, task_rank=3) == (7, 3)
+    assert jl.task_split(7, 0.0) == (7, 0)
+
+
+def test_plan_is_nested_across_ranks(rng):
+    """Every rank's union contains the previous one, so gains are well defined."""
+    m, n = 12, 10
+    w = with_spectrum(rng, m, n, np.geomspace(1.0, 1e-2, n))
+    g = rng.standard_normal((m, n))
+    plan = jl.plan_layer(w, grad_mean=g, task_fraction=0.5, max_rank=8)
+    prev = None
+    for r in range(1, 9):
+        layer = plan.factorize(r)
+        # no covariances: A and B are the orthonormal bases themselves
+        if prev is not None:
+            for new, old in ((layer.left, prev.left), (layer.right, prev.right)):
+                assert new.shape[1] >= old.shape[1]
+                assert np.linalg.norm(old - new @ (new.T @ old)) <= tolerance(np.float64, m + n)
+        prev = layer
+
+
+def test_jactus_layer_without_grad_mean_needs_zero_task_fraction(rng):
+    w = rng.standard_normal((5, 4))
+    with pytest.raises(ValueError, match="grad_mean"):
+        jl.jactus_layer(w, 2, task_fraction=0.25)
+    layer = jl.jactus_layer(w, 2, task_fraction=0.0)
+    assert layer.task_directions == 0

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/*.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: test paper smoke docs serve-docs bench env clean
+.PHONY: test paper smoke docs serve-docs bench env clean fashion-mnist
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,9 +23,14 @@ env: $(STAMP)
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -q
 
-paper: $(STAMP)
-	@if [ -f validation/run_paper.py ]; then $(BIN)/python validation/run_paper.py; \
-	else $(BIN)/python validation/demo_core.py; fi
+paper: $(STAMP) fashion-mnist
+	$(BIN)/python validation/run_paper.py
+
+# the vision part pretrains its ViT on Fashion-MNIST, shipped as a Debian package
+fashion-mnist:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
 
 smoke: $(STAMP)
 	$(BIN)/python validation/run_paper.py --preset smoke

@@ -1,0 +1,495 @@
+"""Reproduce the JACTUS paper's comparison: JACTUS vs compress-then-finetune vs LoRA/DoRA.
+
+Usage
+-----
+``python validation/run_paper.py``                     the embedded default (offline, CPU, <= 30 min)
+``python validation/run_paper.py --preset full``       + language ablations and retain sweep
+``python validation/run_paper.py --preset smoke``      every method on tiny models, seconds (CI)
+``torchrun --nproc_per_node 8 validation/run_paper.py --preset paper --vit-checkpoint ... ``
+                                                         paper scale (see ``--help`` and docs)
+
+Each method starts from the same base model and is tuned for the same steps
+on the same data in the same order with the same seed; only the learning
+rate differs between trainable kinds (cores vs adapters). Results go to
+``--out`` (default ``results/<preset>``): ``results.json``, ``results.csv``,
+``results.md`` and PNG plots. Finished methods are kept in ``methods/`` and
+skipped on a rerun with the same settings, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a transformers-5 deprecation raised from inside peft.get_peft_model, not our code
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from methods import Method, build_method, method_grid  # noqa: E402
+from report import (  # noqa: E402
+    ResultRow,
+    bootstrap_macro_ci,
+    macro_average,
+    markdown_table,
+    paired_comparison,
+    plot_accuracy_vs_retain,
+    plot_layer_profile,
+    write_results,
+)
+from train import tune  # noqa: E402
+
+from jactus_linalg import DEFAULT_DAMPING, DEFAULT_TASK_FRACTION  # noqa: E402
+from jactus_linalg.torch import CalibrationStats, calibrate  # noqa: E402
+
+PAPER_REPORTED = {
+    "vision": {"JACTUS@0.8": 89.2, "DoRA@1.0": 87.9},
+    "language": {"JACTUS@0.8": 80.9, "DoRA@1.0": 79.7},
+}
+
+
+@dataclass
+class PartConfig:
+    """Settings of one part (everything that changes a result is in here)."""
+
+    enabled: bool = True
+    model: str = "default"  # "smollm2" | "tiny" | "fmnist-vit" | "tiny-vit" | "paper"
+    n_tune: int = 32
+    n_test: int = 40
+    batch_size: int = 8
+    max_length: int = 96
+    eval_batch_size: int = 32
+    calibration_batches: int = 16
+    steps: int = 30
+    lr_core: float = 1e-3
+    lr_adapter: float = 1e-3
+    lora_rank: int = 8
+    task_fraction: float = DEFAULT_TASK_FRACTION
+    damping: float = DEFAULT_DAMPING
+    retains: tuple = (0.8,)
+    ablations: bool = False
+    svd_ctf: bool = False
+    base_row: bool = True
+    probe_steps: int = 0
+    probe_lr: float = 1e-2
+
+
+@dataclass
+class Preset:
+    name: str
+    language: PartConfig
+    vision: PartConfig
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def presets() -> dict[str, Preset]:
+    default = Preset(
+        "default",
+        language=PartConfig(model="smollm2", n_tune=32, n_test=40, steps=30,
+                            calibration_batches=16, lr_core=1e-3, lr_adapter=1e-3),
+        vision=PartConfig(model="fmnist-vit", n_tune=500, n_test=500, batch_size=32, steps=150,
+                          calibration_batches=8, lr_core=1e-3, lr_adapter=1e-3,
+                          retains=(0.6, 0.7, 0.8, 0.9), ablations=True, svd_ctf=True,
+                          base_row=True, probe_steps=100),
+    )
+    full = replace(
+        default, name="full",
+        language=replace(default.language, n_test=100, retains=(0.6, 0.7, 0.8, 0.9),
+                         ablations=True, svd_ctf=True),
+    )
+    smoke = Preset(
+        "smoke",
+        language=PartConfig(model="tiny", n_tune=4, n_test=3, batch_size=8, max_length=48,
+                            eval_batch_size=16, calibration_batches=2, steps=2, lora_rank=2,
+                            retains=(0.6, 0.8), ablations=True, svd_ctf=True),
+        vision=PartConfig(model="tiny-vit", n_tune=64, n_test=64, batch_size=32,
+                          calibration_batches=1, steps=2, lora_rank=2, retains=(0.6, 0.8),
+                          ablations=True, svd_ctf=True, probe_steps=2),
+    )
+    paper = Preset(
+        "paper",
+        language=PartConfig(model="paper", n_tune=0, n_test=0, batch_size=16, max_length=256,
+                            eval_batch_size=32, calibration_batches=64, steps=3 * 170_000 // 16,
+                            lr_core=2e-4, lr_adapter=2e-4, lora_rank=32),
+        vision=PartConfig(model="paper", n_tune=0, n_test=0, batch_size=64,
+                          calibration_batches=32, steps=5000, lr_core=1e-3, lr_adapter=1e-3,
+                          lora_rank=16, probe_steps=500),
+    )
+    return {p.name: p for p in (default, full, smoke, paper)}
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+def build_language(cfg: PartConfig, seed: int, args) -> object:
+    from parts import LanguagePart  # noqa: PLC0415
+
+    if cfg.model == "smollm2":
+        from assets import load_smollm2  # noqa: PLC0415
+
+        model, tokenizer = load_smollm2()
+    elif cfg.model == "tiny":
+        from assets import tiny_llama  # noqa: PLC0415
+
+        model, tokenizer = tiny_llama(seed=seed)
+    elif cfg.model == "paper":
+        from paper_data import paper_language  # noqa: PLC0415
+
+        return paper_language(cfg, seed, args)
+    else:
+        msg = f"unknown language model {cfg.model!r}"
+        raise ValueError(msg)
+    return LanguagePart(
+        model, tokenizer, n_tune=cfg.n_tune, n_test=cfg.n_test, seed=seed,
+        batch_size=cfg.batch_size, max_length=cfg.max_length,
+        calibration_batches=cfg.calibration_batches, eval_batch_size=cfg.eval_batch_size,
+        settings=asdict(cfg),
+    )
+
+
+def build_vision(cfg: PartConfig, seed: int, args) -> object:
+    from parts import VisionPart  # noqa: PLC0415
+
+    if cfg.model == "paper":
+        from paper_data import paper_vision  # noqa: PLC0415
+
+        return paper_vision(cfg, seed, args)
+    import vision  # noqa: PLC0415
+
+    if cfg.model == "fmnist-vit":
+        model = vision.pretrained_vit(seed=seed, progress=not args.no_progress)
+    elif cfg.model == "tiny-vit":
+        model = vision.tiny_pretrained_vit(seed=seed, epochs=1)
+    else:
+        msg = f"unknown vision model {cfg.model!r}"
+        raise ValueError(msg)
+    model = vision.replace_head(model, num_labels=10, seed=seed)
+    task = vision.digits_task(seed=seed, n_tune=cfg.n_tune, n_test=cfg.n_test)
+    return VisionPart(
+        model, task, task_name="digits", seed=seed, batch_size=cfg.batch_size,
+        calibration_batches=cfg.calibration_batches, probe_steps=cfg.probe_steps,
+        probe_lr=cfg.probe_lr, settings=asdict(cfg), progress=not args.no_progress,
+    )
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(path)
+
+
+def is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[CalibrationStats, float]:
+    """Calibrate the part's base model once; the file lets a rerun skip it."""
+    path = out / f"stats-{part.name}-{key}.safetensors"
+    if path.exists():
+        return CalibrationStats.load(path), 0.0
+    start = time.perf_counter()
+    stats = calibrate(part.base, part.calibration_batches, part.loss, progress=progress,
+                      total=len(part.calibration_batches))
+    elapsed = time.perf_counter() - start
+    if is_main_process():
+        stats.save(path)
+    return stats, elapsed
+
+
+def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress: bool) -> dict:
+    start = time.perf_counter()
+    built = build_method(method, part.base, stats, head=part.head, lora_rank=cfg.lora_rank,
+                         damping=cfg.damping, progress=progress)
+    losses: list[float] = []
+    if method.kind != "none":
+        lr = cfg.lr_core if method.kind == "jactus" else cfg.lr_adapter
+        result = tune(built.model, part.tune_batches, part.loss, steps=cfg.steps, lr=lr,
+                      seed=seed, progress=progress, desc=f"{part.name}: {method.name}")
+        losses = result.losses
+    correct = part.evaluate(built.model, progress=progress)
+    record = {
+        "method": method.to_dict(),
+        "correct": {t: v.astype(int).tolist() for t, v in correct.items()},
+        "trainable_params": built.trainable_params,
+        "total_params": built.total_params,
+        "retain_achieved": built.retain_achieved,
+        "train_losses": losses,
+        "wall_time_s": time.perf_counter() - start,
+        "notes": built.notes,
+    }
+    if built.report is not None:
+        record["layers"] = [
+            {"name": r.name, "shape": list(r.shape), "rank": r.rank,
+             "predicted_loss_increase": r.predicted_loss_increase}
+            for r in built.report.layers
+        ]
+        record["predicted_loss_increase"] = built.report.total_predicted_loss_increase
+    del built
+    return record
+
+
+def rows_from(part_name: str, records: dict, seed: int) -> list[ResultRow]:
+    rows = []
+    for rec in records.values():
+        m = rec["method"]
+        correct = {t: np.asarray(v, bool) for t, v in rec["correct"].items()}
+        settings = {"family": m["family"], "kind": m["kind"], **m["options"]}
+        common = dict(
+            part=part_name, method=m["name"], retain_target=m["retain"],
+            retain_achieved=rec["retain_achieved"], trainable_params=rec["trainable_params"],
+            total_params=rec["total_params"], seed=seed, wall_time_s=rec["wall_time_s"],
+            settings=settings,
+        )
+        for task, v in correct.items():
+            rows.append(ResultRow(task=task, accuracy=float(v.mean()), n_items=int(v.size), **common))
+        lo, hi = bootstrap_macro_ci(correct, seed=seed)
+        rows.append(ResultRow(task="average", accuracy=macro_average(correct),
+                              n_items=int(sum(v.size for v in correct.values())),
+                              ci_low=lo, ci_high=hi, **common))
+    return rows
+
+
+def comparisons(records: dict, seed: int) -> list[dict]:
+    """Paired comparisons of JACTUS against each other method at the same or full budget."""
+    out = []
+    by_name = {rec["method"]["name"]: rec for rec in records.values()}
+    for name, rec in by_name.items():
+        if rec["method"]["family"] != "JACTUS":
+            continue
+        retain = rec["method"]["retain"]
+        for other_name, other in by_name.items():
+            fam = other["method"]["family"]
+            same_budget = other["method"]["retain"] == retain and fam != "JACTUS"
+            full = fam in ("LoRA", "DoRA") and retain == 0.8
+            if not (same_budget or full):
+                continue
+            a = {t: np.asarray(v, bool) for t, v in rec["correct"].items()}
+            b = {t: np.asarray(v, bool) for t, v in other["correct"].items()}
+            out.append({"a": name, "b": other_name, **paired_comparison(a, b, seed=seed)})
+    return out
+
+
+def write_outputs(out: Path, preset: Preset, all_records: dict, parts_info: dict,
+                  command: str, timings: dict) -> None:
+    rows: list[ResultRow] = []
+    comps: dict[str, list] = {}
+    for part_name, records in all_records.items():
+        rows.extend(rows_from(part_name, records, preset.seed))
+        comps[part_name] = comparisons(records, preset.seed)
+    extra = {
+        "preset": preset.name,
+        "command": command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.is_available()},
+        "settings": {k: asdict(getattr(preset, k)) for k in ("language", "vision")},
+        "seed": preset.seed,
+        "splits": {k: v["splits"] for k, v in parts_info.items()},
+        "paired_comparisons": comps,
+        "timings_s": timings,
+        "paper_reported": PAPER_REPORTED,
+    }
+    write_results(out, rows, extra)
+    md = [f"# JACTUS reproduction: preset `{preset.name}`", "",
+          f"Command: `{command}`  ", f"Date: {extra['date']}  ",
+          f"Machine: {extra['machine']['platform']}, {extra['machine']['cpus']} CPUs, "
+          f"torch {extra['machine']['torch']}", ""]
+    for part_name, records in all_records.items():
+        info = parts_info[part_name]
+        md += [f"## {part_name}", "", markdown_table(rows, part_name, info["tasks"]), ""]
+        md += _comparison_lines(comps[part_name])
+        md += _paper_lines(part_name, rows)
+        _plots(out, part_name, rows, records)
+        md += [f"![accuracy vs retain](accuracy_vs_retain_{part_name}.png)", ""]
+        if (out / f"ranks_{part_name}.png").exists():
+            md += [f"![ranks](ranks_{part_name}.png)",
+                   f"![predicted loss](predicted_loss_{part_name}.png)", ""]
+    md += ["Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
+    (out / "results.md").write_text("\n".join(md))
+
+
+def _comparison_lines(comps: list[dict]) -> list[str]:
+    if not comps:
+        return []
+    lines = ["Paired comparisons on the same test items (difference of macro averages, "
+             "95% paired-bootstrap CI, exact McNemar p):", ""]
+    for c in comps:
+        lines.append(
+            f"- {c['a']} - {c['b']}: {100 * c['difference']:+.1f} points "
+            f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}], p = {c['mcnemar_p']:.3g} "
+            f"({c['only_a_right']} vs {c['only_b_right']} items right for one only, of {c['n_items']})"
+        )
+    return [*lines, ""]
+
+
+def _paper_lines(part: str, rows: list[ResultRow]) -> list[str]:
+    reported = PAPER_REPORTED.get(part, {})
+    got = {r.method: r for r in rows if r.part == part and r.task == "average"}
+    lines = ["Paper (ViT-Base / Llama2-7B) vs this run (different model and data):", ""]
+    for name, value in reported.items():
+        mine = got.get(name)
+        lines.append(f"- {name}: paper {value:.1f}, here "
+                     f"{'-' if mine is None else f'{100 * mine.accuracy:.1f}'}")
+    return [*lines, ""]
+
+
+def _plots(out: Path, part: str, rows: list[ResultRow], records: dict) -> None:
+    plot_accuracy_vs_retain(rows, part, out / f"accuracy_vs_retain_{part}.png")
+    main = [r for r in records.values()
+            if r["method"]["family"] == "JACTUS" and "layers" in r]
+    if not main:
+        return
+    rec = min(main, key=lambda r: abs(r["method"]["retain"] - 0.8))
+    layers = rec["layers"]
+    names = [lay["name"] for lay in layers]
+    dense = [lay["rank"] is None for lay in layers]
+    ranks = [min(lay["shape"]) if lay["rank"] is None else lay["rank"] for lay in layers]
+    plot_layer_profile(names, ranks, dense, "rank (dense: min(m, n))",
+                       f"{part}: ranks chosen by global allocation, {rec['method']['name']}",
+                       out / f"ranks_{part}.png")
+    plot_layer_profile(names, [lay["predicted_loss_increase"] for lay in layers], dense,
+                       "predicted loss increase", f"{part}: 1/2 ||S_g^T dW S_x||^2 per layer, "
+                       f"{rec['method']['name']}", out / f"predicted_loss_{part}.png", log=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(presets()), default="default")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default results/<preset>)")
+    p.add_argument("--parts", default="language,vision", help="comma-separated parts to run")
+    p.add_argument("--methods", default=None, help="only methods whose name contains one of these (comma-separated)")
+    p.add_argument("--retain", type=float, nargs="+", default=None, help="override the retain sweep")
+    p.add_argument("--steps", type=int, default=None, help="override tuning steps (all parts)")
+    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--n-tune", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("paper preset (local paths)")
+    g.add_argument("--vit-checkpoint", type=Path)
+    g.add_argument("--vision-data", type=Path, help="folder with one sub-folder per dataset")
+    g.add_argument("--vision-datasets", default=None, help="comma-separated dataset folder names")
+    g.add_argument("--llama-checkpoint", type=Path)
+    g.add_argument("--commonsense-train", type=Path, help="commonsense_170k.json")
+    g.add_argument("--commonsense-test", type=Path, help="folder with <task>/test.json")
+    g.add_argument("--device", default=None, help="cpu or cuda (paper preset default: cuda)")
+    g.add_argument("--dtype", default="bfloat16", help="model dtype for the paper preset")
+    return p.parse_args(argv)
+
+
+def configure(preset: Preset, args) -> Preset:
+    def over(cfg: PartConfig) -> PartConfig:
+        changes = {}
+        if args.retain is not None:
+            changes["retains"] = tuple(args.retain)
+        if args.steps is not None:
+            changes["steps"] = args.steps
+        if args.n_test is not None:
+            changes["n_test"] = args.n_test
+        if args.n_tune is not None:
+            changes["n_tune"] = args.n_tune
+        return replace(cfg, **changes)
+
+    parts = set(args.parts.split(","))
+    unknown = parts - {"language", "vision"}
+    if unknown:
+        msg = f"--parts: unknown part(s) {sorted(unknown)}; choose from language, vision"
+        raise SystemExit(msg)
+    lang = replace(over(preset.language), enabled="language" in parts)
+    vis = replace(over(preset.vision), enabled="vision" in parts)
+    seed = preset.seed if args.seed is None else args.seed
+    return replace(preset, language=lang, vision=vis, seed=seed)
+
+
+def methods_for(cfg: PartConfig, args) -> list[Method]:
+    methods = method_grid(cfg.retains, ablations=cfg.ablations, base=cfg.base_row,
+                          task_fraction=cfg.task_fraction, svd_ctf=cfg.svd_ctf)
+    if args.methods:
+        wanted = [w.strip() for w in args.methods.split(",")]
+        methods = [m for m in methods if any(w in m.name for w in wanted)]
+    return methods
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    preset = configure(presets()[args.preset], args)
+    out = args.out or Path("results") / preset.name
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress and is_main_process()
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    all_records: dict[str, dict] = {}
+    parts_info: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    for part_name, builder in (("language", build_language), ("vision", build_vision)):
+        cfg: PartConfig = getattr(preset, part_name)
+        if not cfg.enabled:
+            continue
+        start = time.perf_counter()
+        part = builder(cfg, preset.seed, args)
+        timings[f"{part_name}: setup"] = time.perf_counter() - start
+        parts_info[part_name] = {"tasks": part.tasks, "splits": part.split_ids}
+        part_key = fingerprint({"cfg": asdict(cfg), "seed": preset.seed, "model": cfg.model})
+        methods = methods_for(cfg, args)
+        stats = None
+        records: dict[str, dict] = {}
+        for method in methods:
+            key = fingerprint({"part": part_key, "method": method.to_dict()})
+            path = out / "methods" / f"{part_name}__{method.key()}__{key}.json"
+            if path.exists():
+                records[method.name] = json.loads(path.read_text())
+                print(f"[{part_name}] {method.name}: already done, reusing {path.name}", flush=True)
+                continue
+            if stats is None and method.kind in ("jactus", "ctf"):
+                stats, secs = statistics_for(part, out, part_key, progress)
+                timings[f"{part_name}: calibration"] = secs
+            rec = run_method(part, method, cfg, stats, preset.seed, progress)
+            records[method.name] = rec
+            timings[f"{part_name}: {method.name}"] = rec["wall_time_s"]
+            acc = macro_average({t: np.asarray(v) for t, v in rec["correct"].items()})
+            print(f"[{part_name}] {method.name}: avg acc {100 * acc:.1f}%, retain "
+                  f"{rec['retain_achieved']:.3f}, trainable {rec['trainable_params']:,}, "
+                  f"{rec['wall_time_s']:.0f} s", flush=True)
+            if is_main_process():
+                atomic_json(path, rec)
+        all_records[part_name] = records
+        if is_main_process():
+            write_outputs(out, preset, all_records, parts_info, command, timings)
+    if is_main_process():
+        write_outputs(out, preset, all_records, parts_info, command, timings)
+        print(f"results in {out}/results.md", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -396,6 +396,18 @@ def allocate_uniform(shapes: Sequence[tuple[int, int]], budget: float) -> list[i
     if len(shapes) == 0:
         msg = "`shapes` must hold at least one layer; got none"
         raise ValueError(msg)
+    for i, shape in enumerate(shapes):
+        ok = (
+            isinstance(shape, tuple | list)
+            and len(shape) == 2
+            and all(
+                isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1
+                for d in shape
+            )
+        )
+        if not ok:
+            msg = f"`shapes[{i}]` must be a pair of positive integers (m, n); got {shape!r}"
+            raise ValueError(msg)
     dense = np.array([m * n for m, n in shapes], dtype=np.float64)
     limit = fraction * dense.sum()
 

@@ -61,13 +61,31 @@ __all__ = [
 
 
 class WhiteningInfo(NamedTuple):
-    """What whitening did to one side of a layer (reported, never silent)."""
+    r"""What whitening did to one side of a layer (reported, never silent).
+
+    Attributes
+    ----------
+    method : str
+        ``"eigh"`` or ``"cholesky"`` (the method actually used).
+    damping : float
+        The absolute :math:`\delta` added to the diagonal.
+    relative_damping : float
+        :math:`\delta / \operatorname{mean}(\operatorname{diag} C)`.
+    numerical_rank : int or None
+        Eigenvalues above :math:`n \epsilon \lambda_\max` (``eigh`` only).
+    notes : tuple of str
+        Rank deficiency, clipped rounding negatives, a Cholesky fallback.
+    effective_rank : float or None
+        :math:`\operatorname{tr}\, C (C + \delta I)^{-1}`, the number of
+        directions the data resolve above the damping (both methods).
+    """
 
     method: str
     damping: float
     relative_damping: float
     numerical_rank: int | None
     notes: tuple[str, ...]
+    effective_rank: float | None = None
 
 
 class LowRankResult(NamedTuple):
@@ -117,7 +135,8 @@ def info_of(op: WhiteningOperator | None) -> WhiteningInfo | None:
     if op is None:
         return None
     return WhiteningInfo(
-        op.method, op.damping, op.relative_damping, op.numerical_rank, op.notes
+        op.method, op.damping, op.relative_damping, op.numerical_rank, op.notes,
+        op.effective_rank,
     )
 
 

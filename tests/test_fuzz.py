@@ -114,3 +114,92 @@ def test_allocate_ranks_fuzz(gains, costs, budget):
     out = _call(jl.allocate_ranks, gains, costs, budget)
     if out is not None:
         assert all(isinstance(r, int) and r >= 0 for r in out)
+
+
+@settings(max_examples=100)
+@given(left=arrays(max_dims=2), core=arrays(max_dims=2), right=arrays(max_dims=2))
+def test_orthonormal_factors_fuzz(left, core, right):
+    _call(jl.orthonormal_factors, left, core, right)
+
+
+@settings(max_examples=100)
+@given(
+    w=arrays(max_dims=2),
+    left=arrays(max_dims=2),
+    core=arrays(max_dims=2),
+    right=arrays(max_dims=2),
+    cx=st.one_of(st.none(), square_psd_or_not()),
+    cg=st.one_of(st.none(), square_psd_or_not()),
+)
+def test_curvature_error_fuzz(w, left, core, right, cx, cg):
+    out = _call(jl.curvature_error, w, left, core, right, input_cov=cx, grad_cov=cg)
+    if out is not None:
+        assert out >= 0.0
+
+
+@settings(max_examples=100)
+@given(
+    shapes=st.lists(
+        st.tuples(st.integers(-2, 40), st.integers(-2, 40)) | st.just((1.5, 2)) | st.just(("a", 2)),
+        max_size=4,
+    ),
+    budget=st.one_of(FLOATS, st.integers(-1, 2)),
+)
+def test_allocate_uniform_fuzz(shapes, budget):
+    out = _call(jl.allocate_uniform, shapes, budget)
+    if out is not None:
+        assert len(out) == len(shapes)
+        assert all(isinstance(r, int) and r >= 1 for r in out)
+
+
+@settings(max_examples=100)
+@given(
+    a=arrays(max_dims=3),
+    k=st.one_of(st.integers(-1, 8), st.just(2.5), st.just(True)),
+    oversample=st.integers(-2, 12),
+    power_iters=st.integers(0, 2),
+)
+def test_randomized_svd_fuzz(a, k, oversample, power_iters):
+    from jactus_linalg.randomized import randomized_svd
+
+    _call(randomized_svd, a, k, oversample=oversample, power_iters=power_iters)
+
+
+@settings(max_examples=100)
+@given(
+    dim=st.integers(1, 5),
+    mode=st.sampled_from(["gram", "qr"]),
+    batches=st.lists(arrays(max_dims=3, max_side=5), min_size=1, max_size=3),
+)
+def test_moment_accumulator_update_fuzz(dim, mode, batches):
+    """A rejected batch leaves the accumulator as it was; the result stays finite."""
+    acc = jl.MomentAccumulator(dim, mode=mode)
+    for x in batches:
+        before = (acc.count, None if acc.total is None else acc.total.copy())
+        try:
+            acc.update(x)
+        except (ValueError, TypeError):
+            assert acc.count == before[0]
+            assert (acc.total is None) == (before[1] is None)
+            if acc.total is not None:
+                np.testing.assert_array_equal(acc.total, before[1])
+    if acc.count:
+        res = acc.result()
+        assert _finite(res.root if mode == "qr" else res)
+
+
+@settings(max_examples=100)
+@given(
+    rows=st.integers(1, 4),
+    cols=st.integers(1, 4),
+    g=arrays(max_dims=3, max_side=4),
+    x=arrays(max_dims=3, max_side=4),
+)
+def test_cross_moment_accumulator_update_fuzz(rows, cols, g, x):
+    acc = jl.CrossMomentAccumulator(rows, cols)
+    try:
+        acc.update(g, x)
+    except (ValueError, TypeError):
+        assert acc.count == 0 and acc.total is None
+        return
+    assert _finite(acc.result())

@@ -127,6 +127,7 @@ def build_method(
     head: list[str],
     lora_rank: int,
     damping: float | tuple[float, float] | None = None,
+    dtype: str | None = None,
     progress: bool = False,
 ) -> BuiltMethod:
     """A fresh copy of ``base`` prepared for ``method``: compressed and/or wrapped, trainables set."""
@@ -139,16 +140,18 @@ def build_method(
             model, stats, retain=method.retain, method="jactus", progress=progress,
             task_fraction=opts.get("task_fraction", _default_tau()),
             grad_whitening=opts.get("grad_whitening", True),
-            allocation=opts.get("allocation", "global"), **damp,
+            allocation=opts.get("allocation", "global"), dtype=dtype, **damp,
         )
-        mark_trainable(model, extra=head)
+        half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        # float32 cores on a half-precision model, like peft's float32 adapters
+        mark_trainable(model, extra=head, core_dtype=torch.float32 if half else None)
         trainable, total = count_parameters(model)
         return BuiltMethod(model, trainable, total, total / total_before, report)
     if method.kind == "ctf":
         res = compress_then_lora(
             model, stats, retain=method.retain, lora_rank=lora_rank,
             method=opts.get("compression", "svd-llm"), modules_to_save=head or None,
-            progress=progress, **damp,
+            dtype=dtype, progress=progress, **damp,
         )
         trainable, total = count_parameters(res.model)
         total = _count_peft_total(res.model)

@@ -33,7 +33,9 @@ __all__ = ["LanguagePart", "Part", "VisionPart"]
 
 
 def hf_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(**batch).loss
+    """``model(**batch).loss``, with the batch moved to the model's device."""
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}).loss
 
 
 @dataclass
@@ -94,8 +96,12 @@ class VisionPart(Part):
 
     def __init__(self, model: nn.Module, task, *, task_name: str, seed: int, batch_size: int,
                  calibration_batches: int, probe_steps: int, probe_lr: float, settings: dict,
-                 progress: bool = False):
+                 progress: bool = False, device: torch.device | None = None):
         batches = _image_batches(task.tune_x, task.tune_y, batch_size, seed)
+        if device is not None:
+            dtype = next(model.parameters()).dtype
+            batches = [{"pixel_values": b["pixel_values"].to(device=device, dtype=dtype),
+                        "labels": b["labels"].to(device)} for b in batches]
         base = _linear_probe(model, batches, probe_steps, probe_lr, seed, progress)
         super().__init__(
             name="vision", tasks=[task_name], base=base, tune_batches=batches,
@@ -107,9 +113,11 @@ class VisionPart(Part):
     def evaluate(self, model: nn.Module, progress: bool = False) -> dict[str, np.ndarray]:
         model.eval()
         preds = []
+        param = next(model.parameters())
         with torch.no_grad():
             for s in range(0, len(self.test_x), 256):
-                preds.append(model(pixel_values=self.test_x[s : s + 256]).logits.argmax(-1))
+                pixels = self.test_x[s : s + 256].to(device=param.device, dtype=param.dtype)
+                preds.append(model(pixel_values=pixels).logits.argmax(-1).cpu())
         correct = (torch.cat(preds) == self.test_y).numpy()
         return {self.tasks[0]: correct.astype(bool)}
 

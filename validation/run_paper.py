@@ -86,6 +86,7 @@ class PartConfig:
     base_row: bool = True
     probe_steps: int = 0
     probe_lr: float = 1e-2
+    compress_dtype: str | None = None  # decomposition dtype; statistics stay float64
 
 
 @dataclass
@@ -101,7 +102,8 @@ def presets() -> dict[str, Preset]:
     default = Preset(
         "default",
         language=PartConfig(model="smollm2", n_tune=32, n_test=40, steps=30,
-                            calibration_batches=16, lr_core=1e-3, lr_adapter=1e-3),
+                            calibration_batches=16, lr_core=1e-3, lr_adapter=1e-3,
+                            compress_dtype="float32"),
         vision=PartConfig(model="fmnist-vit", n_tune=500, n_test=500, batch_size=32, steps=150,
                           calibration_batches=8, lr_core=1e-3, lr_adapter=1e-3,
                           retains=(0.6, 0.7, 0.8, 0.9), ablations=True, svd_ctf=True,
@@ -150,25 +152,25 @@ def build_language(cfg: PartConfig, seed: int, args) -> object:
     elif cfg.model == "paper":
         from paper_data import paper_language  # noqa: PLC0415
 
-        return paper_language(cfg, seed, args)
+        return [paper_language(cfg, seed, args)]
     else:
         msg = f"unknown language model {cfg.model!r}"
         raise ValueError(msg)
-    return LanguagePart(
+    return [LanguagePart(
         model, tokenizer, n_tune=cfg.n_tune, n_test=cfg.n_test, seed=seed,
         batch_size=cfg.batch_size, max_length=cfg.max_length,
         calibration_batches=cfg.calibration_batches, eval_batch_size=cfg.eval_batch_size,
         settings=asdict(cfg),
-    )
+    )]
 
 
 def build_vision(cfg: PartConfig, seed: int, args) -> object:
     from parts import VisionPart  # noqa: PLC0415
 
     if cfg.model == "paper":
-        from paper_data import paper_vision  # noqa: PLC0415
+        from paper_data import paper_vision_parts  # noqa: PLC0415
 
-        return paper_vision(cfg, seed, args)
+        return paper_vision_parts(cfg, seed, args)
     import vision  # noqa: PLC0415
 
     if cfg.model == "fmnist-vit":
@@ -180,11 +182,11 @@ def build_vision(cfg: PartConfig, seed: int, args) -> object:
         raise ValueError(msg)
     model = vision.replace_head(model, num_labels=10, seed=seed)
     task = vision.digits_task(seed=seed, n_tune=cfg.n_tune, n_test=cfg.n_test)
-    return VisionPart(
+    return [VisionPart(
         model, task, task_name="digits", seed=seed, batch_size=cfg.batch_size,
         calibration_batches=cfg.calibration_batches, probe_steps=cfg.probe_steps,
         probe_lr=cfg.probe_lr, settings=asdict(cfg), progress=not args.no_progress,
-    )
+    )]
 
 
 # ----------------------------------------------------------------------------- running
@@ -224,7 +226,7 @@ def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[Calibrati
 def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress: bool) -> dict:
     start = time.perf_counter()
     built = build_method(method, part.base, stats, head=part.head, lora_rank=cfg.lora_rank,
-                         damping=cfg.damping, progress=progress)
+                         damping=cfg.damping, dtype=cfg.compress_dtype, progress=progress)
     losses: list[float] = []
     if method.kind != "none":
         lr = cfg.lr_core if method.kind == "jactus" else cfg.lr_adapter
@@ -388,6 +390,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="override tuning steps (all parts)")
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--n-tune", type=int, default=None)
+    p.add_argument("--calibration-batches", type=int, default=None)
+    p.add_argument("--lora-rank", type=int, default=None, help="override the LoRA/DoRA rank")
+    p.add_argument("--probe-steps", type=int, default=None, help="override the vision linear-probe steps")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -414,6 +419,12 @@ def configure(preset: Preset, args) -> Preset:
             changes["n_test"] = args.n_test
         if args.n_tune is not None:
             changes["n_tune"] = args.n_tune
+        if args.calibration_batches is not None:
+            changes["calibration_batches"] = args.calibration_batches
+        if args.probe_steps is not None:
+            changes["probe_steps"] = args.probe_steps
+        if args.lora_rank is not None:
+            changes["lora_rank"] = args.lora_rank
         return replace(cfg, **changes)
 
     parts = set(args.parts.split(","))
@@ -436,6 +447,61 @@ def methods_for(cfg: PartConfig, args) -> list[Method]:
     return methods
 
 
+def run_part(part, cfg: PartConfig, seed: int, args, out: Path, progress: bool,
+             timings: dict) -> dict[str, dict]:
+    """Every method of one part; finished methods are read back instead of rerun."""
+    part_key = fingerprint({"cfg": asdict(cfg), "seed": seed, "part": part.name})
+    stats = None
+    records: dict[str, dict] = {}
+    safe = part.name.replace("/", "-")
+    for method in methods_for(cfg, args):
+        key = fingerprint({"part": part_key, "method": method.to_dict()})
+        path = out / "methods" / f"{safe}__{method.key()}__{key}.json"
+        if path.exists():
+            records[method.name] = json.loads(path.read_text())
+            print(f"[{part.name}] {method.name}: already done, reusing {path.name}", flush=True)
+            continue
+        if stats is None and method.kind in ("jactus", "ctf"):
+            stats, secs = statistics_for(part, out, part_key, progress)
+            timings[f"{part.name}: calibration"] = secs
+        rec = run_method(part, method, cfg, stats, seed, progress)
+        records[method.name] = rec
+        timings[f"{part.name}: {method.name}"] = rec["wall_time_s"]
+        acc = macro_average({t: np.asarray(v) for t, v in rec["correct"].items()})
+        print(f"[{part.name}] {method.name}: avg acc {100 * acc:.1f}%, retain "
+              f"{rec['retain_achieved']:.3f}, trainable {rec['trainable_params']:,}, "
+              f"{rec['wall_time_s']:.0f} s", flush=True)
+        if is_main_process():
+            atomic_json(path, rec)
+    return records
+
+
+def combine_subparts(group: str, all_records: dict, parts_info: dict) -> None:
+    """Merge per-dataset parts ``group/<name>`` into one ``group`` table (one task per dataset)."""
+    subs = [name for name in all_records if name.startswith(group + "/")]
+    if not subs:
+        return
+    merged: dict[str, dict] = {}
+    for name in subs:
+        for method, rec in all_records.pop(name).items():
+            m = merged.setdefault(method, {**rec, "correct": {}, "wall_time_s": 0.0,
+                                           "_n": 0, "_train": 0, "_retain": 0.0})
+            m["correct"].update(rec["correct"])
+            m["wall_time_s"] += rec["wall_time_s"]
+            m["_n"] += 1
+            m["_train"] += rec["trainable_params"]
+            m["_retain"] += rec["retain_achieved"]
+    for m in merged.values():
+        n = m.pop("_n")
+        m["trainable_params"] = m.pop("_train") // n  # mean over datasets
+        m["retain_achieved"] = m.pop("_retain") / n
+    all_records[group] = merged
+    parts_info[group] = {
+        "tasks": [name.split("/", 1)[1] for name in subs],
+        "splits": {name: parts_info.pop(name)["splits"] for name in subs},
+    }
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     if args.threads:
@@ -451,38 +517,18 @@ def main(argv=None) -> Path:
     all_records: dict[str, dict] = {}
     parts_info: dict[str, dict] = {}
     timings: dict[str, float] = {}
-    for part_name, builder in (("language", build_language), ("vision", build_vision)):
-        cfg: PartConfig = getattr(preset, part_name)
+    for group, builder in (("language", build_language), ("vision", build_vision)):
+        cfg: PartConfig = getattr(preset, group)
         if not cfg.enabled:
             continue
         start = time.perf_counter()
-        part = builder(cfg, preset.seed, args)
-        timings[f"{part_name}: setup"] = time.perf_counter() - start
-        parts_info[part_name] = {"tasks": part.tasks, "splits": part.split_ids}
-        part_key = fingerprint({"cfg": asdict(cfg), "seed": preset.seed, "model": cfg.model})
-        methods = methods_for(cfg, args)
-        stats = None
-        records: dict[str, dict] = {}
-        for method in methods:
-            key = fingerprint({"part": part_key, "method": method.to_dict()})
-            path = out / "methods" / f"{part_name}__{method.key()}__{key}.json"
-            if path.exists():
-                records[method.name] = json.loads(path.read_text())
-                print(f"[{part_name}] {method.name}: already done, reusing {path.name}", flush=True)
-                continue
-            if stats is None and method.kind in ("jactus", "ctf"):
-                stats, secs = statistics_for(part, out, part_key, progress)
-                timings[f"{part_name}: calibration"] = secs
-            rec = run_method(part, method, cfg, stats, preset.seed, progress)
-            records[method.name] = rec
-            timings[f"{part_name}: {method.name}"] = rec["wall_time_s"]
-            acc = macro_average({t: np.asarray(v) for t, v in rec["correct"].items()})
-            print(f"[{part_name}] {method.name}: avg acc {100 * acc:.1f}%, retain "
-                  f"{rec['retain_achieved']:.3f}, trainable {rec['trainable_params']:,}, "
-                  f"{rec['wall_time_s']:.0f} s", flush=True)
-            if is_main_process():
-                atomic_json(path, rec)
-        all_records[part_name] = records
+        parts = builder(cfg, preset.seed, args)
+        timings[f"{group}: setup"] = time.perf_counter() - start
+        for part in parts:
+            records = run_part(part, cfg, preset.seed, args, out, progress, timings)
+            all_records[part.name] = records
+            parts_info[part.name] = {"tasks": part.tasks, "splits": part.split_ids}
+        combine_subparts(group, all_records, parts_info)
         if is_main_process():
             write_outputs(out, preset, all_records, parts_info, command, timings)
     if is_main_process():

@@ -104,6 +104,7 @@ def compress_then_lora(
     method: str = "svd-llm",
     damping: float | tuple[float, float] | None = None,
     modules_to_save: Sequence[str] | None = None,
+    dtype: str | None = None,
     progress: bool = True,
 ) -> CompressThenLoRA:
     """Compress, then add LoRA on the factors, within ``retain`` of the original parameters.
@@ -121,7 +122,7 @@ def compress_then_lora(
         If even the smallest compression leaves no room for the adapters.
     """
     kwargs = {} if damping is None else {"damping": damping}
-    plan = plan_compression(model, stats, method=method, progress=progress, **kwargs)
+    plan = plan_compression(model, stats, method=method, dtype=dtype, progress=progress, **kwargs)
     shapes = {n: p.shape for n, p in plan.plans.items()}
     total = plan.total_params
     fixed = total - plan.target_dense_params

@@ -38,6 +38,27 @@ def _token_mask(batch: Any) -> torch.Tensor | None:
     return None
 
 
+def _half_precision_hint(dtype: torch.dtype) -> str:
+    """What to do when a half-precision model produced NaN / Inf (empty for other dtypes)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return ""
+    return (
+        f"; the model computes in {dtype}, whose largest finite value is "
+        f"{torch.finfo(dtype).max:.6g}: an activation or gradient overflowed. Calibrate a "
+        "float32 copy of the model (statistics do not depend on the model's dtype), or "
+        "scale the inputs or the loss down"
+    )
+
+
+def _absorb(acc: MomentAccumulator, rows: torch.Tensor, layer: str, what: str) -> None:
+    """``acc.update(rows)``, with the layer and a half-precision hint in any error."""
+    try:
+        acc.update(rows)
+    except ValueError as err:
+        msg = f"layer `{layer}`, {what}: {err}{_half_precision_hint(rows.dtype)}"
+        raise ValueError(msg) from err
+
+
 def _valid_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Tokens of ``t`` (shape ``(..., d)``) where ``mask`` is set (if the shapes line up)."""
     if mask is not None and tuple(t.shape[:-1]) == tuple(mask.shape):
@@ -102,7 +123,7 @@ class _Collector:
                     mod.in_features, name=f"{name}:input_cov", mode=self.mode, dtype=self.dtype
                 )
                 self.stats.inputs[group] = acc
-            acc.update(_valid_rows(x, self.mask))
+            _absorb(acc, _valid_rows(x, self.mask), name, "input activations")
 
         return hook
 
@@ -119,7 +140,7 @@ class _Collector:
             mask = self.mask
 
             def grad_hook(g: torch.Tensor) -> None:
-                acc.update(_valid_rows(g.detach(), mask))
+                _absorb(acc, _valid_rows(g.detach(), mask), name, "output gradient")
 
             output.register_hook(grad_hook)
 
@@ -132,7 +153,10 @@ class _Collector:
             if grad is None:
                 continue
             if not torch.isfinite(grad).all():
-                msg = f"non-finite values in the weight gradient of layer `{name}` (statistic grad_mean)"
+                msg = (
+                    f"non-finite values in the weight gradient of layer `{name}` (statistic "
+                    f"`{name}:grad_mean`){_half_precision_hint(grad.dtype)}"
+                )
                 raise ValueError(msg)
             total = self.stats.grad_sums.get(name)
             grad = grad.detach().to(_accumulation_dtype(grad, self.dtype))
@@ -164,6 +188,32 @@ def _only_target_weights_need_grad(model: nn.Module, modules: dict[str, nn.Linea
             p.requires_grad_(flag)
             p.grad = grads[p]
         model.train(was_training)
+
+
+def _check_finite_weights(modules: dict[str, nn.Linear]) -> None:
+    """A target layer's weight or bias holding NaN / Inf is refused up front, by name."""
+    for name, mod in modules.items():
+        for label, p in (("weight", mod.weight), ("bias", mod.bias)):
+            if p is not None and not bool(torch.isfinite(p).all()):
+                n_nan = int(torch.isnan(p).sum())
+                n_inf = int(torch.isinf(p).sum())
+                msg = (
+                    f"layer `{name}`: `{label}` contains non-finite values ({n_nan} NaN, "
+                    f"{n_inf} Inf); calibrate a model with finite weights"
+                )
+                raise ValueError(msg)
+
+
+def _check_resume(stats: CalibrationStats, meta: dict, checkpoint: Path) -> None:
+    """A checkpoint resumes only the calibration that wrote it (same targets and mode)."""
+    for key in ("model", "targets", "exclude", "mode"):
+        if key in stats.meta and stats.meta[key] != meta[key]:
+            msg = (
+                f"`checkpoint` {checkpoint} was written with {key}={stats.meta[key]!r}, but this "
+                f"call has {key}={meta[key]!r}: resuming would mix two calibrations. Call "
+                "calibrate with the same arguments, or pass another checkpoint path"
+            )
+            raise ValueError(msg)
 
 
 def _check_fresh(model: nn.Module) -> None:
@@ -235,28 +285,38 @@ def calibrate(
     ------
     ValueError
         If ``targets`` matches nothing, the model is already compressed, a
-        batch produces NaN/Inf (the message names layer and statistic), or
-        the loss is not a finite scalar.
+        target layer's weight or bias holds NaN/Inf, a batch produces NaN/Inf
+        (the message names layer and statistic, and for a float16/bfloat16
+        model says that it overflowed), the loss is not a finite scalar, or
+        ``checkpoint`` was written by a calibration with other ``targets``,
+        ``exclude``, ``mode`` or model class.
 
     Notes
     -----
     The model's weights are not changed; ``requires_grad`` flags, existing
     ``.grad`` tensors and the train/eval mode are restored afterwards.
+
+    Resuming from ``checkpoint`` adds the remaining batches to the saved sums
+    in the same order as an uninterrupted run, so on the same data and
+    hardware the statistics are bit-identical to it. Across different numbers
+    of ``torch.distributed`` processes they agree to rounding only (the
+    summation order differs).
     """
     _check_fresh(model)
     modules = find_targets(model, targets, exclude=exclude)
+    _check_finite_weights(modules)
+    meta = {
+        "model": type(model).__name__,
+        "targets": targets if isinstance(targets, str) else list(targets),
+        "exclude": exclude if exclude is None or isinstance(exclude, str) else list(exclude),
+        "mode": mode,
+    }
     if checkpoint is not None and Path(checkpoint).exists():
         stats = CalibrationStats.load(checkpoint)
+        _check_resume(stats, meta, Path(checkpoint))
         stats.check_model({n: (m.out_features, m.in_features) for n, m in modules.items()})
     else:
-        stats = CalibrationStats(
-            meta={
-                "model": type(model).__name__,
-                "targets": targets if isinstance(targets, str) else list(targets),
-                "exclude": exclude if exclude is None or isinstance(exclude, str) else list(exclude),
-                "mode": mode,
-            }
-        )
+        stats = CalibrationStats(meta=meta)
     collector = _Collector(modules, stats, dtype, mode)
     skip = stats.n_batches
     bar = _progress(progress, total, "calibrate", initial=skip)

@@ -33,8 +33,9 @@ from ..allocation import (
     factor_params,
     layer_units,
 )
+from ..covariance import CovarianceRoot, LayerStatistics
 from ..jactus import DEFAULT_TASK_FRACTION, LayerPlan, plan_layer
-from ..lowrank import curvature_error, orthonormal_factors
+from ..lowrank import WhiteningInfo, curvature_error, info_of, orthonormal_factors
 from ..whitening import DEFAULT_DAMPING, WhiteningOperator, whitening_operator
 from .layer import JactusLinear
 from .stats import CalibrationStats
@@ -79,6 +80,10 @@ class LayerReport:
     params_after: int
     predicted_loss_increase: float | None
     notes: list[str] = field(default_factory=list)
+    #: Damping, effective rank, numerical rank and notes of the input and
+    #: gradient covariances (``None`` where that statistic was not used).
+    input_whitening: WhiteningInfo | None = None
+    grad_whitening: WhiteningInfo | None = None
 
 
 @dataclass
@@ -144,6 +149,7 @@ class CompressionPlan:
     total_params: int
     target_dense_params: int
     notes: list[str] = field(default_factory=list)
+    layer_notes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _model_params(model: nn.Module) -> int:
@@ -166,14 +172,18 @@ def _target_modules(model: nn.Module, stats: CalibrationStats) -> dict[str, nn.L
         try:
             expected = find_targets(model, recorded, exclude=stats.meta.get("exclude"))
         except ValueError as err:
-            msg = f"`stats` targets {recorded!r} match no layer of `model`: statistics from another model"
+            msg = (
+                f"`stats` targets {recorded!r} match no layer of `model`: statistics from "
+                "another model; calibrate this model and compress it with its own statistics"
+            )
             raise ValueError(msg) from err
         lacking = [n for n in expected if n not in stats.layers]
         if lacking:
             msg = (
                 f"`stats` lacks {len(lacking)} layer(s) that its targets select in `model`, "
-                f"e.g. {lacking[:3]}: statistics from another model or with missing layers; "
-                "recalibrate"
+                f"e.g. {lacking[:3]}: statistics from another model or with missing layers, "
+                "or layers that no calibration batch reached (the forward pass never called "
+                "them); recalibrate this model, with `exclude=` for layers it never calls"
             )
             raise ValueError(msg)
     found: dict[str, nn.Linear] = {}
@@ -187,19 +197,55 @@ def _target_modules(model: nn.Module, stats: CalibrationStats) -> dict[str, nn.L
     if missing:
         msg = (
             f"`stats` names {len(missing)} layer(s) that are not nn.Linear modules of "
-            f"`model`, e.g. {missing[:3]}: statistics from another model"
+            f"`model`, e.g. {missing[:3]}: statistics from another model; calibrate this "
+            "model and compress it with its own statistics"
         )
         raise ValueError(msg)
     stats.check_model({n: (m.out_features, m.in_features) for n, m in found.items()})
     return found
 
 
-def _to(t: Any, device: torch.device) -> Any:
-    return t.to(device) if isinstance(t, torch.Tensor) else t
+def _to(t: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """A statistic on the weight's device, in the decomposition dtype if one is asked for."""
+    return t.to(device=device, dtype=dtype or t.dtype) if isinstance(t, torch.Tensor) else t
 
 
 def _layer_error(name: str, err: Exception) -> ValueError:
     return ValueError(f"layer `{name}`: {err}")
+
+
+def _gradient_signal(layer: LayerStatistics) -> str | None:
+    """Why no loss gradient reached a layer's output (``None`` if one did)."""
+    cov = layer.grad_cov
+    if cov is None:
+        return (
+            "its output gradient was never computed (the output does not feed the loss, "
+            "or it runs without autograd)"
+        )
+    data = cov.root if isinstance(cov, CovarianceRoot) else cov
+    if not bool(torch.any(data != 0)):
+        return (
+            f"its output gradient is identically zero over all {layer.n_samples} "
+            "calibration tokens"
+        )
+    return None
+
+
+def _no_gradient_error(name: str, method: str, why: str, dtype: torch.dtype) -> ValueError:
+    msg = (
+        f"layer `{name}`: no loss gradient reached this layer during calibration: {why}. "
+        f"method={method!r} weighs every layer by its gradient covariance E[g g^T], which is "
+        "zero here, so this layer cannot be ranked against the others. Check that `loss_fn` "
+        "depends on this layer; or calibrate again with it in `exclude=` (it then stays "
+        "dense); or use method='svd-llm', which needs input statistics only"
+    )
+    if dtype == torch.float16:
+        msg += (
+            ". In float16, small gradients underflow to zero: calibrate with the loss "
+            "multiplied by a large constant (the compression does not depend on the loss "
+            "scale), or calibrate a float32 copy"
+        )
+    return ValueError(msg)
 
 
 def plan_compression(
@@ -211,9 +257,14 @@ def plan_compression(
     damping: float | tuple[float, float] = DEFAULT_DAMPING,
     grad_whitening: bool = True,
     whitening: str = "cholesky",
+    dtype: str | None = None,
     progress: bool = True,
 ) -> CompressionPlan:
     """Decompose every target layer once (see :func:`compress` for the parameters)."""
+    if dtype not in (None, "float32", "float64"):
+        msg = f"`dtype` must be None, 'float32' or 'float64'; got {dtype!r}"
+        raise ValueError(msg)
+    work = None if dtype is None else getattr(torch, dtype)
     if method not in METHODS:
         msg = f"`method` must be one of {sorted(METHODS)}; got {method!r}"
         raise ValueError(msg)
@@ -222,11 +273,13 @@ def plan_compression(
     use_x, use_g, use_task = METHODS[method]
     use_g = use_g and grad_whitening
     tau = task_fraction if use_task else 0.0
+    needs_grad = use_g or (use_task and tau > 0)
     damp_x, damp_g = damping if isinstance(damping, tuple | list) else (damping, damping)
     input_ops: dict[str, WhiteningOperator] = {}
     plans: dict[str, LayerPlan] = {}
     curvature: dict[str, tuple[WhiteningOperator | None, WhiteningOperator | None]] = {}
     fixed: list[str] = []
+    layer_notes: dict[str, list[str]] = {}
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     for name, mod in tqdm(modules.items(), desc=f"plan {method}", disable=not progress, leave=False):
@@ -237,23 +290,35 @@ def plan_compression(
         weight = mod.weight.detach()
         layer = stats.layer(name)
         group = stats.layers[name].input_group
+        no_gradient = _gradient_signal(layer)
+        if no_gradient is not None:
+            if needs_grad:
+                raise _no_gradient_error(name, method, no_gradient, weight.dtype)
+            layer_notes[name] = [
+                f"no loss gradient reached this layer ({no_gradient}): its predicted loss "
+                "increase is not available"
+            ]
+            layer = layer._replace(grad_cov=None)
+        if mod.bias is not None and not bool(torch.isfinite(mod.bias).all()):
+            msg = f"layer `{name}`: `bias` contains non-finite values (NaN or Inf)"
+            raise ValueError(msg)
         try:
             if group not in input_ops:  # one factorization per shared input
                 input_ops[group] = whitening_operator(
-                    _to(layer.input_cov, weight.device), damping=damp_x,
+                    _to(layer.input_cov, weight.device, work), damping=damp_x,
                     method=whitening, name="input_cov",
                 )
             grad_op = None
             if layer.grad_cov is not None:
                 grad_op = whitening_operator(
-                    _to(layer.grad_cov, weight.device), damping=damp_g,
+                    _to(layer.grad_cov, weight.device, work), damping=damp_g,
                     method=whitening, name="grad_cov",
                 )
             plans[name] = plan_layer(
                 weight,
                 input_cov=input_ops[group] if use_x else None,
                 grad_cov=grad_op if use_g else None,
-                grad_mean=_to(layer.grad_mean, weight.device) if tau > 0 else None,
+                grad_mean=_to(layer.grad_mean, weight.device, work) if tau > 0 else None,
                 task_fraction=tau,
                 max_rank=break_even_rank(m, n),
                 whitening=whitening,
@@ -272,6 +337,7 @@ def plan_compression(
         total_params=_model_params(model),
         target_dense_params=target_dense,
         notes=[f"{len(fixed)} target layer(s) too small to factor stay dense"] if fixed else [],
+        layer_notes=layer_notes,
     )
 
 
@@ -356,24 +422,32 @@ def replace_layers(
         mod = modules[name]
         m, n = mod.out_features, mod.in_features
         bias = 0 if mod.bias is None else mod.bias.numel()
+        infos, notes = _whitening_report(plan, name)
         if rank is None:
-            reports.append(LayerReport(name, (m, n), None, None, m * n + bias, m * n + bias, 0.0))
+            reports.append(
+                LayerReport(
+                    name, (m, n), None, None, m * n + bias, m * n + bias, 0.0, notes, *infos
+                )
+            )
             continue
         lp = plan.plans[name]
-        cut = lp.factorize(rank)
+        # factor, orthonormalise and measure in the working precision (at least
+        # float32); round to the model's dtype once, at the end
+        cut = lp._replace(weight_dtype=lp.core.dtype).factorize(rank)
         factors = (cut.left, cut.core, cut.right)
         if basis == "orthonormal":
             factors = orthonormal_factors(*factors)
+        factors = tuple(f.to(mod.weight.dtype) for f in factors)
+        _check_factors(name, rank, factors, basis)
         new = JactusLinear.from_factors(
-            *(f.to(mod.weight.dtype) for f in factors),
-            None if mod.bias is None else mod.bias.detach(),
+            *factors, None if mod.bias is None else mod.bias.detach()
         )
         loss = _predicted_loss(plan, name, mod.weight.detach(), cut)
         _set_module(model, name, new)
         reports.append(
             LayerReport(
                 name, (m, n), rank, tuple(cut.core.shape), m * n + bias, new.n_params(), loss,
-                list(_notes(cut)),
+                notes, *infos,
             )
         )
     for name in plan.fixed_dense:
@@ -396,12 +470,31 @@ def replace_layers(
     )
 
 
-def _notes(cut) -> list[str]:
-    notes = []
-    for info in (cut.input_whitening, cut.grad_whitening):
-        if info is not None:
-            notes.extend(info.notes)
-    return notes
+def _whitening_report(
+    plan: CompressionPlan, name: str
+) -> tuple[tuple[WhiteningInfo | None, WhiteningInfo | None], list[str]]:
+    """Whitening info of both statistics of a planned layer, and every note about it."""
+    input_op, grad_op = plan.curvature.get(name, (None, None))
+    infos = (info_of(input_op), info_of(grad_op))
+    notes = [note for info in infos if info is not None for note in info.notes]
+    return infos, notes + list(plan.layer_notes.get(name, []))
+
+
+def _check_factors(name: str, rank: int, factors: tuple[torch.Tensor, ...], basis: str) -> None:
+    """Refuse factors that overflowed when rounded to the model's dtype."""
+    for label, f in zip(("left", "core", "right"), factors, strict=True):
+        if not bool(torch.isfinite(f).all()):
+            msg = (
+                f"layer `{name}`: the rank-{rank} `{label}` factor overflows the model's "
+                f"dtype {f.dtype} (largest finite value {torch.finfo(f.dtype).max:.6g})"
+                + (
+                    "; use basis='orthonormal' (bounded factors)"
+                    if basis != "orthonormal"
+                    else ""
+                )
+                + "; or compress a float32 copy of the model"
+            )
+            raise ValueError(msg)
 
 
 def _predicted_loss(plan: CompressionPlan, name: str, weight: torch.Tensor, cut) -> float | None:
@@ -435,6 +528,7 @@ def compress(
     grad_whitening: bool = True,
     whitening: str = "cholesky",
     basis: str = "orthonormal",
+    dtype: str | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     r"""Compress ``model`` in place to ``retain`` of its parameters.
@@ -464,6 +558,10 @@ def compress(
     whitening : {"cholesky", "eigh"}, optional
     basis : {"orthonormal", "whitened"}, optional
         How the frozen factors are stored (see :func:`replace_layers`).
+    dtype : {None, "float32", "float64"}, optional
+        Decomposition dtype. ``None`` keeps the statistics' dtype (float64 on
+        CPU); ``"float32"`` halves the time of the SVDs. Statistics are still
+        accumulated in float64; the weight is promoted to at least this dtype.
     progress : bool, optional
 
     Returns
@@ -479,12 +577,24 @@ def compress(
     ValueError
         On an unknown ``method``, ``retain`` outside (0, 1] or too small for
         the non-target parameters, a model that is already compressed,
-        statistics from another model or with missing layers, or non-finite
-        statistics (the message names the layer).
+        statistics from another model or with missing layers, non-finite
+        statistics, weights or biases, a singular covariance with
+        ``damping=0``, a layer that no loss gradient reached (for ``"kfac"``
+        and ``"jactus"``; ``"svd-llm"`` and ``"svd"`` compress it and note
+        that its predicted loss is unavailable), or factors that overflow the
+        model's dtype. Every message names the layer and says what to do.
+
+    Notes
+    -----
+    Each :class:`LayerReport` carries ``input_whitening`` and
+    ``grad_whitening`` (:class:`~jactus_linalg.WhiteningInfo`: damping,
+    effective rank, numerical rank, notes), also for layers kept dense.
+    Factors are computed and orthonormalised in the working precision (at
+    least float32) and rounded to the model's dtype once.
     """
     plan = plan_compression(
         model, stats, method=method, task_fraction=task_fraction, damping=damping,
-        grad_whitening=grad_whitening, whitening=whitening, progress=progress,
+        grad_whitening=grad_whitening, whitening=whitening, dtype=dtype, progress=progress,
     )
     ranks = allocate(plan, retain, allocation=allocation)
     return replace_layers(model, plan, ranks, retain=retain, allocation=allocation, basis=basis)

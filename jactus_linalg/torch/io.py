@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -29,6 +29,11 @@ _FORMAT = "jactus_linalg.model/1"
 _WEIGHTS = "model.safetensors"
 _CONFIG = "jactus.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: safetensors' dtype codes, by the torch dtype names ``jactus.json`` records.
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
 
 
 def _layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -128,11 +133,45 @@ def _read_config(folder: Path) -> dict:
         if not (folder / required).is_file():
             msg = f"`folder` {folder} lacks {required}; was it written by save_compressed?"
             raise ValueError(msg)
-    config = json.loads((folder / _CONFIG).read_text())
-    if config.get("format") != _FORMAT:
-        msg = f"`folder` {folder} has format {config.get('format')!r}; expected {_FORMAT!r}"
+    try:
+        config = json.loads((folder / _CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        msg = (
+            f"`folder` {folder}: {_CONFIG} is not valid JSON ({err}); was it written by "
+            "save_compressed?"
+        )
+        raise ValueError(msg) from err
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        msg = f"`folder` {folder} has format {found!r}; expected {_FORMAT!r}"
         raise ValueError(msg)
+    for key, kind in (("architecture", str), ("layers", dict), ("shapes", dict), ("dtypes", dict)):
+        if not isinstance(config.get(key), kind):
+            msg = f"`folder` {folder}: {_CONFIG} lacks a valid `{key}` (tampered file?)"
+            raise ValueError(msg)
+    for name, spec in config["layers"].items():
+        if not _valid_layer_spec(spec):
+            msg = (
+                f"`folder` {folder}: malformed record for layer `{name}` in {_CONFIG} "
+                "(tampered file?)"
+            )
+            raise ValueError(msg)
     return config
+
+
+def _valid_layer_spec(spec: object) -> bool:
+    def positive(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+    return (
+        isinstance(spec, dict)
+        and positive(spec.get("in_features"))
+        and positive(spec.get("out_features"))
+        and isinstance(spec.get("core"), list)
+        and len(spec["core"]) == 2
+        and all(positive(x) for x in spec["core"])
+        and isinstance(spec.get("bias"), bool)
+    )
 
 
 def _build_model(config: dict) -> nn.Module:
@@ -181,7 +220,7 @@ def load_compressed(
     if type(model).__name__ != config["architecture"]:
         msg = (
             f"`folder` holds a {config['architecture']} but `model` is a "
-            f"{type(model).__name__}"
+            f"{type(model).__name__}: pass a freshly constructed {config['architecture']}"
         )
         raise ValueError(msg)
     modules = dict(model.named_modules())
@@ -193,6 +232,23 @@ def load_compressed(
             msg = f"`model` has no {spec['out_features']}x{spec['in_features']} linear layer `{name}` recorded in {folder}"
             raise ValueError(msg)
     expected = _expected_state(model, config)
+    try:
+        state = _read_checked(folder, config, expected)
+    except SafetensorError as err:
+        msg = (
+            f"`folder` {folder}: {_WEIGHTS} is not a valid safetensors file ({err}): it is "
+            "corrupted, truncated or tampered with"
+        )
+        raise ValueError(msg) from err
+    _install_layers(model, config["layers"], state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _read_checked(
+    folder: Path, config: dict, expected: dict[str, list[int]]
+) -> dict[str, torch.Tensor]:
+    """Every tensor, after checking names, shapes and dtypes from the file's header alone."""
     with safe_open(str(folder / _WEIGHTS), framework="pt") as f:
         names = set(f.keys())
         if names != set(expected):
@@ -200,17 +256,22 @@ def load_compressed(
             msg = f"`folder` tensors do not match the model: unexpected {extra[:3]}, missing {lacking[:3]}"
             raise ValueError(msg)
         for key in sorted(names):
-            shape = list(f.get_slice(key).get_shape())
+            view = f.get_slice(key)
+            shape = list(view.get_shape())
             if shape != expected[key] or shape != config["shapes"].get(key):
                 msg = (
                     f"tensor `{key}` in {folder} has shape {shape}; the config records "
                     f"{config['shapes'].get(key)} and the model needs {expected[key]} (tampered file?)"
                 )
                 raise ValueError(msg)
-        state = {k: f.get_tensor(k) for k in sorted(names)}
-    _install_layers(model, config["layers"], state)
-    model.load_state_dict(state, strict=True)
-    return model
+            recorded = config["dtypes"].get(key)
+            if _SAFETENSORS_DTYPES.get(recorded) != view.get_dtype():
+                msg = (
+                    f"tensor `{key}` in {folder} has dtype {view.get_dtype()}; the config "
+                    f"records {recorded!r} (tampered file?)"
+                )
+                raise ValueError(msg)
+        return {k: f.get_tensor(k) for k in sorted(names)}
 
 
 def _expected_state(model: nn.Module, config: dict) -> dict[str, list[int]]:

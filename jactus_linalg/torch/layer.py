@@ -102,7 +102,11 @@ class JactusLinear(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.left_proj(self.core(self.right_proj(x)))
+        # the core may be kept in float32 while the frozen factors are half precision
+        # (see mark_trainable(core_dtype=...)); the casts are no-ops otherwise
+        h = self.right_proj(x)
+        h = self.core(h.to(self.core.weight.dtype))
+        return self.left_proj(h.to(self.left_proj.weight.dtype))
 
     def extra_repr(self) -> str:
         a, b = self.rank

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..covariance import LayerStatistics, MomentAccumulator
@@ -109,7 +109,8 @@ class CalibrationStats:
                 msg = (
                     f"`stats` for layer `{name}` are for shape "
                     f"({info.out_features}, {info.in_features}) but the model's layer is "
-                    f"({out_f}, {in_f}): statistics from another model"
+                    f"({out_f}, {in_f}): statistics from another model; calibrate this model "
+                    "and compress it with its own statistics"
                 )
                 raise ValueError(msg)
 
@@ -171,40 +172,171 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
-        """Read statistics written by :meth:`save` (safetensors only; never unpickles)."""
+        """Read statistics written by :meth:`save` (safetensors only; never unpickles).
+
+        The file is treated as untrusted: its header is validated, and every
+        tensor's shape and dtype is checked against the layer table before
+        any tensor is read.
+
+        Raises
+        ------
+        ValueError
+            If ``path`` is not a ``.safetensors`` file, is not valid
+            safetensors (a pickle, a truncated file, a header that claims
+            more data than the file holds), lacks the jactus header, or its
+            tensors' names, shapes, dtypes or values (NaN / Inf) do not match
+            that header.
+        """
         path = Path(path)
         if path.suffix != ".safetensors":
             msg = f"`path` must be a .safetensors file written by CalibrationStats.save; got {path}"
             raise ValueError(msg)
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("jactus")
-            if raw is None:
-                msg = f"`path` {path} holds no jactus calibration header"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("jactus")
+                if raw is None:
+                    msg = f"`path` {path} holds no jactus calibration header"
+                    raise ValueError(msg)
+                header = _parse_header(raw, path)
+                expected = _expected_tensors(header)
+                names = set(f.keys())
+                unexpected = sorted(names - set(expected))
+                if unexpected:
+                    msg = f"`path` {path} holds tensors its header does not list: {unexpected[:3]}"
+                    raise ValueError(msg)
+                for key in sorted(names):
+                    view = f.get_slice(key)
+                    shape, dtype = list(view.get_shape()), view.get_dtype()
+                    _check_tensor(path, key, shape, dtype, expected[key])
+                tensors = {k: f.get_tensor(k) for k in sorted(names)}
+        except SafetensorError as err:
+            msg = (
+                f"`path` {path} is not a valid safetensors file ({err}): it is corrupted, "
+                "truncated or tampered with, or was not written by CalibrationStats.save"
+            )
+            raise ValueError(msg) from err
+        for key, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                msg = f"tensor `{key}` in {path} holds NaN or Inf: the file is corrupted"
                 raise ValueError(msg)
-            header = json.loads(raw)
-            if header.get("format") != _FORMAT:
-                msg = f"`path` {path} has format {header.get('format')!r}; expected {_FORMAT!r}"
+        counts = header["counts"]
+        for key in expected:
+            if key.startswith("grad_sum/"):
+                continue
+            has_tensor = key in tensors
+            if has_tensor != (counts.get(key, 0) > 0):
+                msg = (
+                    f"`path` {path}: statistic `{key}` has count {counts.get(key, 0)} but "
+                    f"{'a' if has_tensor else 'no'} tensor: the header does not match the data"
+                )
                 raise ValueError(msg)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        stats = cls(n_batches=int(header["n_batches"]), meta=dict(header["meta"]))
+        stats = cls(n_batches=header["n_batches"], meta=dict(header["meta"]))
         for d in header["layers"]:
             info = LayerInfo(**d)
             stats.layers[info.name] = info
-        counts = header["counts"]
         for info in stats.layers.values():
             group = info.input_group
             if group not in stats.inputs:
                 stats.inputs[group] = _restore(
-                    info.in_features, f"{group}:input", header["modes"]["input"],
+                    info.in_features, f"{group}:input_cov", header["modes"]["input"],
                     tensors.get(f"input/{group}"), counts.get(f"input/{group}", 0),
                 )
             stats.grads[info.name] = _restore(
-                info.out_features, f"{info.name}:grad", header["modes"]["grad"],
+                info.out_features, f"{info.name}:grad_cov", header["modes"]["grad"],
                 tensors.get(f"grad/{info.name}"), counts.get(f"grad/{info.name}", 0),
             )
             if f"grad_sum/{info.name}" in tensors:
                 stats.grad_sums[info.name] = tensors[f"grad_sum/{info.name}"]
         return stats
+
+
+_SAFETENSORS_FLOATS = {"F32": "float32", "F64": "float64"}
+
+
+def _malformed(path: Path, what: str) -> ValueError:
+    return ValueError(
+        f"`path` {path} has a malformed jactus calibration header ({what}); it was not "
+        "written by CalibrationStats.save or was tampered with"
+    )
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _parse_header(raw: str, path: Path) -> dict:
+    """The JSON header, with its structure and types checked."""
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise _malformed(path, f"not JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise _malformed(path, "not a JSON object")
+    if header.get("format") != _FORMAT:
+        msg = f"`path` {path} has format {header.get('format')!r}; expected {_FORMAT!r}"
+        raise ValueError(msg)
+    for key, kind in (("layers", list), ("counts", dict), ("modes", dict), ("meta", dict)):
+        if not isinstance(header.get(key), kind):
+            raise _malformed(path, f"`{key}` must be a {kind.__name__}")
+    if not _is_count(header.get("n_batches")):
+        raise _malformed(path, "`n_batches` must be a non-negative integer")
+    for side in ("input", "grad"):
+        if header["modes"].get(side) not in ("gram", "qr"):
+            raise _malformed(path, f"`modes.{side}` must be 'gram' or 'qr'")
+    if not all(isinstance(k, str) and _is_count(v) for k, v in header["counts"].items()):
+        raise _malformed(path, "`counts` must map names to non-negative integers")
+    fields = {"name", "in_features", "out_features", "input_group"}
+    names = set()
+    for d in header["layers"]:
+        if not isinstance(d, dict) or set(d) != fields:
+            raise _malformed(path, f"each layer needs exactly the fields {sorted(fields)}")
+        if not (isinstance(d["name"], str) and isinstance(d["input_group"], str)):
+            raise _malformed(path, "layer names must be strings")
+        if not all(_is_count(d[k]) and d[k] > 0 for k in ("in_features", "out_features")):
+            raise _malformed(path, f"layer `{d['name']}` needs positive integer sizes")
+        names.add(d["name"])
+    widths: dict[str, int] = {}
+    for d in header["layers"]:
+        if d["input_group"] not in names:
+            raise _malformed(path, f"input group `{d['input_group']}` is not a layer")
+        if widths.setdefault(d["input_group"], d["in_features"]) != d["in_features"]:
+            raise _malformed(path, f"layers of input group `{d['input_group']}` differ in width")
+    return header
+
+
+def _expected_tensors(header: dict) -> dict[str, tuple[str, int, int | None]]:
+    """``{key: (mode, columns, rows)}``; ``rows=None``: at most ``columns`` rows (a QR root)."""
+    modes = header["modes"]
+    out: dict[str, tuple[str, int, int | None]] = {}
+
+    def square(mode: str, dim: int) -> tuple[str, int, int | None]:
+        return (mode, dim, dim if mode == "gram" else None)
+
+    for d in header["layers"]:
+        out[f"input/{d['input_group']}"] = square(modes["input"], d["in_features"])
+        out[f"grad/{d['name']}"] = square(modes["grad"], d["out_features"])
+        out[f"grad_sum/{d['name']}"] = ("gram", d["in_features"], d["out_features"])
+    return out
+
+
+def _check_tensor(
+    path: Path, key: str, shape: list[int], dtype: str, spec: tuple[str, int, int | None]
+) -> None:
+    """Shape and dtype of one stored tensor, read from the header only."""
+    _, cols, rows = spec
+    if dtype not in _SAFETENSORS_FLOATS:
+        msg = f"tensor `{key}` in {path} has dtype {dtype}; statistics are float32 or float64"
+        raise ValueError(msg)
+    ok = len(shape) == 2 and shape[1] == cols and (
+        shape[0] == rows if rows is not None else 1 <= shape[0] <= cols
+    )
+    if not ok:
+        want = f"[{rows}, {cols}]" if rows is not None else f"[p, {cols}] with 1 <= p <= {cols}"
+        msg = (
+            f"tensor `{key}` in {path} has shape {shape}; its layer table needs {want} "
+            "(tampered file?)"
+        )
+        raise ValueError(msg)
 
 
 def _restore(dim: int, name: str, mode: str, total, count: int) -> MomentAccumulator:

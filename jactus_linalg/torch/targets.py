@@ -85,7 +85,9 @@ def find_targets(
         sample = ", ".join(list(linear)[:8]) or "none"
         msg = (
             f"`targets`={targets!r} matched no nn.Linear module (head excluded: "
-            f"{sorted(heads) or 'none'}); linear layers here include: {sample}"
+            f"{sorted(heads) or 'none'}); linear layers here include: {sample}. Pass "
+            "'all-linear', a list of these names (or their last parts, e.g. 'q_proj'), or "
+            "a regex that matches a whole qualified name"
         )
         raise ValueError(msg)
     return chosen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from .layer import JactusLinear
@@ -16,7 +17,9 @@ def core_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [m.core.weight for m in model.modules() if isinstance(m, JactusLinear)]
 
 
-def mark_trainable(model: nn.Module, extra: Sequence[str] | str = ()) -> list[str]:
+def mark_trainable(
+    model: nn.Module, extra: Sequence[str] | str = (), *, core_dtype: torch.dtype | None = None
+) -> list[str]:
     """Freeze everything except the cores and the modules named in ``extra``.
 
     Parameters
@@ -26,6 +29,10 @@ def mark_trainable(model: nn.Module, extra: Sequence[str] | str = ()) -> list[st
     extra : str or list of str, optional
         Module names (or name suffixes, e.g. ``"classifier"``) whose
         parameters also train, such as a new task head.
+    core_dtype : torch.dtype, optional
+        Keep the trainable cores in this dtype (e.g. ``torch.float32`` for a
+        bf16 model, so optimizer updates are not lost to bf16 rounding); the
+        frozen factors keep the model's dtype.
 
     Returns
     -------
@@ -45,6 +52,11 @@ def mark_trainable(model: nn.Module, extra: Sequence[str] | str = ()) -> list[st
     extra = [extra] if isinstance(extra, str) else list(extra)
     for p in model.parameters():
         p.requires_grad_(False)
+    if core_dtype is not None:
+        for mod in model.modules():
+            if isinstance(mod, JactusLinear):
+                mod.core.to(core_dtype)
+        cores = core_parameters(model)
     for p in cores:
         p.requires_grad_(True)
     for wanted in extra:

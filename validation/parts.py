@@ -64,17 +64,23 @@ class LanguagePart(Part):
 
     def __init__(self, model: nn.Module, tokenizer, *, tasks=TASKS, n_tune: int, n_test: int,
                  seed: int, batch_size: int, max_length: int, calibration_batches: int,
-                 eval_batch_size: int, settings: dict):
+                 eval_batch_size: int, settings: dict, dev_per_task: int = 0):
         splits = load_commonsense(tuple(tasks), n_tune=n_tune, n_test=n_test, seed=seed)
-        batches = tuning_batches(splits.tune_items(), tokenizer, batch_size=batch_size,
+        train_items, eval_items = splits.tune_items(), splits.test_items()
+        ids = splits.ids()
+        if dev_per_task:  # hyperparameter search: evaluate on held-back tune items only
+            train_items, eval_items = _split_dev(train_items, dev_per_task)
+            ids = {"dev_of_tune": {t: [i.id for i in eval_items if i.task == t] for t in tasks},
+                   "train_of_tune": {t: [i.id for i in train_items if i.task == t] for t in tasks}}
+        batches = tuning_batches(train_items, tokenizer, batch_size=batch_size,
                                  max_length=max_length, seed=seed)
         super().__init__(
             name="language", tasks=list(tasks), base=model.eval(), tune_batches=batches,
             calibration_batches=batches[:calibration_batches], head=[],
-            settings=settings, split_ids=splits.ids(),
+            settings=settings, split_ids=ids,
         )
         self.tokenizer = tokenizer
-        self.test_items = splits.test_items()
+        self.test_items = eval_items
         self.max_length = max_length
         self.eval_batch_size = eval_batch_size
 
@@ -120,6 +126,21 @@ class VisionPart(Part):
                 preds.append(model(pixel_values=pixels).logits.argmax(-1).cpu())
         correct = (torch.cat(preds) == self.test_y).numpy()
         return {self.tasks[0]: correct.astype(bool)}
+
+
+def _split_dev(items, per_task: int):
+    """The last ``per_task`` tune items of each task become the dev set."""
+    by_task: dict[str, list] = {}
+    for item in items:
+        by_task.setdefault(item.task, []).append(item)
+    train, dev = [], []
+    for group in by_task.values():
+        if len(group) <= per_task:
+            msg = f"dev_per_task={per_task} leaves no tuning items for task {group[0].task}"
+            raise ValueError(msg)
+        train.extend(group[:-per_task])
+        dev.extend(group[-per_task:])
+    return train, dev
 
 
 def _image_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> list[dict]:

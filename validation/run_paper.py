@@ -87,6 +87,7 @@ class PartConfig:
     probe_steps: int = 0
     probe_lr: float = 1e-2
     compress_dtype: str | None = None  # decomposition dtype; statistics stay float64
+    threads: int | None = None  # torch CPU threads for this part (None: leave as is)
 
 
 @dataclass
@@ -521,6 +522,8 @@ def main(argv=None) -> Path:
         cfg: PartConfig = getattr(preset, group)
         if not cfg.enabled:
             continue
+        if cfg.threads and not args.threads:
+            torch.set_num_threads(cfg.threads)
         start = time.perf_counter()
         parts = builder(cfg, preset.seed, args)
         timings[f"{group}: setup"] = time.perf_counter() - start

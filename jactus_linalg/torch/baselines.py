@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,7 +68,10 @@ def lora_model(
         use_dora=dora,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # transformers 5 deprecates an attribute that peft reads while wrapping; not ours to fix
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        return get_peft_model(model, config)
 
 
 def lora_adapter_params(shapes: Sequence[tuple[int, int]], rank: int, *, dora: bool = False) -> int:

@@ -32,6 +32,7 @@ from ..allocation import (
     break_even_rank,
     factor_params,
     layer_units,
+    rank_unit_costs,
 )
 from ..covariance import CovarianceRoot, LayerStatistics
 from ..jactus import DEFAULT_TASK_FRACTION, LayerPlan, plan_layer
@@ -342,9 +343,13 @@ def plan_compression(
 
 
 def allocate(
-    plan: CompressionPlan, retain: float, *, allocation: str = "global"
+    plan: CompressionPlan, retain: float, *, allocation: str = "global", keep_dense: bool = True
 ) -> dict[str, int | None]:
     """Ranks per layer (``None`` = keep dense) meeting ``retain`` for the whole model.
+
+    With ``keep_dense=False`` no layer is kept dense: a layer that would be is
+    factorized at its break-even rank instead, so every target layer has a
+    trainable core (at the price of the energy beyond that rank).
 
     Raises
     ------
@@ -372,19 +377,27 @@ def allocate(
         )
         raise ValueError(msg)
     if available >= plan.target_dense_params:
-        return dict.fromkeys(names)
+        if keep_dense:
+            return dict.fromkeys(names)
+        return {n: max(1, break_even_rank(*plan.plans[n].shape)) for n in names}
     if allocation == "uniform":
         ranks = allocate_uniform(shapes, available / plan.target_dense_params)
         return {
-            n: (None if factor_params(m, k, r) >= m * k else r)
+            n: (None if keep_dense and factor_params(m, k, r) >= m * k else r)
             for n, (m, k), r in zip(names, shapes, ranks, strict=True)
         }
     gains, costs = [], []
     for n in names:
         p = plan.plans[n]
-        g, c = layer_units(p.gains, *p.shape, p.total_energy)
+        if keep_dense:
+            g, c = layer_units(p.gains, *p.shape, p.total_energy)
+        else:  # rank units only, up to break-even
+            r_be = max(1, break_even_rank(*p.shape))
+            g, c = np.asarray(p.gains[:r_be]), rank_unit_costs(*p.shape, r_be)
         gains.append(g[1:])  # rank 1 is bought up front for every layer
         costs.append(c[1:])
+    if not keep_dense and sum(c.sum() for c in costs) == 0:
+        return {n: 1 for n in names}
     budget = (available - floor) / float(sum(c.sum() for c in costs))
     if budget <= 0:
         taken = [0] * len(names)
@@ -392,7 +405,7 @@ def allocate(
         taken = allocate_ranks(gains, costs, min(budget, 1.0))
     out: dict[str, int | None] = {}
     for n, t, g in zip(names, taken, gains, strict=True):
-        out[n] = None if t == len(g) else 1 + t
+        out[n] = None if keep_dense and t == len(g) else 1 + t
     return out
 
 
@@ -529,6 +542,7 @@ def compress(
     whitening: str = "cholesky",
     basis: str = "orthonormal",
     dtype: str | None = None,
+    keep_dense: bool = True,
     progress: bool = True,
 ) -> CompressionReport:
     r"""Compress ``model`` in place to ``retain`` of its parameters.
@@ -562,6 +576,10 @@ def compress(
         Decomposition dtype. ``None`` keeps the statistics' dtype (float64 on
         CPU); ``"float32"`` halves the time of the SVDs. Statistics are still
         accumulated in float64; the weight is promoted to at least this dtype.
+    keep_dense : bool, optional
+        Keep a layer dense (frozen, no core) when its allocation reaches the
+        break-even rank (default, as DESIGN.md says). ``False`` factorizes it
+        at the break-even rank instead, so every target layer has a core.
     progress : bool, optional
 
     Returns
@@ -596,7 +614,7 @@ def compress(
         model, stats, method=method, task_fraction=task_fraction, damping=damping,
         grad_whitening=grad_whitening, whitening=whitening, dtype=dtype, progress=progress,
     )
-    ranks = allocate(plan, retain, allocation=allocation)
+    ranks = allocate(plan, retain, allocation=allocation, keep_dense=keep_dense)
     return replace_layers(model, plan, ranks, retain=retain, allocation=allocation, basis=basis)
 
 

@@ -66,6 +66,12 @@ def save_compressed(model: nn.Module, folder: str | os.PathLike) -> Path:
     ValueError
         If ``model`` holds no :class:`JactusLinear`.
     """
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        msg = (
+            "`model` is a peft model: merge the adapters first (`model = "
+            "model.merge_and_unload()`), then save the compressed model"
+        )
+        raise ValueError(msg)
     layers = _layer_table(model)
     if not layers:
         msg = "`model` holds no JactusLinear layer; save a compressed model"

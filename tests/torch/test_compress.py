@@ -203,3 +203,14 @@ def test_bf16_model_compresses_and_stays_bf16():
     cores = [m.core.weight for m in model.modules() if isinstance(m, JactusLinear)]
     assert cores and all(c.dtype == torch.bfloat16 for c in cores)
     assert torch.isfinite(model(**batches[0]).logits).all()
+
+
+@pytest.mark.parametrize("retain", [0.8, 1.0])
+def test_keep_dense_false_gives_every_layer_a_core(calibrated, retain):
+    model, stats, _, _ = calibrated["vit"]
+    model = copy.deepcopy(model)
+    total = sum(p.numel() for p in model.parameters())
+    report = compress(model, stats, retain=retain, keep_dense=False, progress=False)
+    assert all(r.rank is not None for r in report.layers)
+    assert sum(isinstance(m, JactusLinear) for m in model.modules()) == len(report.layers)
+    assert sum(p.numel() for p in model.parameters()) <= retain * total

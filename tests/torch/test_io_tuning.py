@@ -155,3 +155,16 @@ def test_wrong_architecture_is_refused(tmp_path, compressed_llama):
     (folder / "jactus.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format"):
         load_compressed(folder)
+
+
+def test_saving_a_peft_model_says_to_merge_first(tmp_path):
+    from jactus_linalg.torch import lora_model
+
+    model, batches = mlp(), mlp_batches()
+    compress(model, calibrate(model, batches, mlp_loss, progress=False), retain=0.8, progress=False)
+    names = [n + ".left_proj" for n, m in model.named_modules() if isinstance(m, JactusLinear)]
+    wrapped = lora_model(model, rank=2, targets=names)
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        save_compressed(wrapped, tmp_path / "m")
+    save_compressed(wrapped.merge_and_unload(), tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists()

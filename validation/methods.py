@@ -89,9 +89,16 @@ def method_grid(
     base: bool = False,
     task_fraction: float | None = None,
     svd_ctf: bool = False,
+    keep_dense: bool = True,
 ) -> list[Method]:
-    """The standard comparison: JACTUS and compress-then-LoRA at each retain, LoRA/DoRA at 100%."""
-    tau = () if task_fraction is None else (("task_fraction", task_fraction),)
+    """The standard comparison: JACTUS and compress-then-LoRA at each retain, LoRA/DoRA at 100%.
+
+    ``keep_dense`` is JACTUS's rule for layers whose allocation reaches the
+    break-even rank; the ablations include the opposite rule.
+    """
+    tau = (() if task_fraction is None else (("task_fraction", task_fraction),)) + (
+        ("keep_dense", keep_dense),
+    )
     methods: list[Method] = []
     if base:
         methods.append(Method("base (untuned)", "base", "none"))
@@ -107,7 +114,8 @@ def method_grid(
             methods.append(Method(f"SVD+LoRA@{r}", "SVD+LoRA", "ctf", r, (("compression", "svd"),)))
     if ablations:
         r = 0.8 if 0.8 in retains else retains[0]
-        methods.append(Method(f"JACTUS tau=0@{r}", "ablation: tau=0", "jactus", r, (("task_fraction", 0.0),)))
+        methods.append(Method(f"JACTUS tau=0@{r}", "ablation: tau=0", "jactus", r,
+                              (("task_fraction", 0.0), ("keep_dense", keep_dense))))
         methods.append(
             Method(f"JACTUS no-Cg@{r}", "ablation: no grad whitening", "jactus", r,
                    (*tau, ("grad_whitening", False)))
@@ -116,6 +124,9 @@ def method_grid(
             Method(f"JACTUS uniform@{r}", "ablation: uniform ranks", "jactus", r,
                    (*tau, ("allocation", "uniform")))
         )
+        flipped = tuple(kv for kv in tau if kv[0] != "keep_dense") + (("keep_dense", not keep_dense),)
+        label = "keep-dense" if not keep_dense else "no-dense"
+        methods.append(Method(f"JACTUS {label}@{r}", f"ablation: {label}", "jactus", r, flipped))
     return methods
 
 

@@ -88,6 +88,7 @@ class PartConfig:
     probe_lr: float = 1e-2
     compress_dtype: str | None = None  # decomposition dtype; statistics stay float64
     threads: int | None = None  # torch CPU threads for this part (None: leave as is)
+    keep_dense: bool = True  # JACTUS: keep layers at break-even dense (frozen) or factorize them
 
 
 @dataclass
@@ -105,10 +106,11 @@ def presets() -> dict[str, Preset]:
         language=PartConfig(model="smollm2", n_tune=32, n_test=40, steps=30,
                             calibration_batches=16, lr_core=1e-3, lr_adapter=1e-3,
                             compress_dtype="float32"),
+        # learning rates and keep_dense chosen on the tune split (validation/sweep.py)
         vision=PartConfig(model="fmnist-vit", n_tune=500, n_test=500, batch_size=32, steps=150,
-                          calibration_batches=8, lr_core=1e-3, lr_adapter=1e-3,
+                          calibration_batches=8, lr_core=3e-3, lr_adapter=1e-2,
                           retains=(0.6, 0.7, 0.8, 0.9), ablations=True, svd_ctf=True,
-                          base_row=True, probe_steps=100),
+                          base_row=True, probe_steps=100, keep_dense=False),
     )
     full = replace(
         default, name="full",
@@ -441,7 +443,8 @@ def configure(preset: Preset, args) -> Preset:
 
 def methods_for(cfg: PartConfig, args) -> list[Method]:
     methods = method_grid(cfg.retains, ablations=cfg.ablations, base=cfg.base_row,
-                          task_fraction=cfg.task_fraction, svd_ctf=cfg.svd_ctf)
+                          task_fraction=cfg.task_fraction, svd_ctf=cfg.svd_ctf,
+                          keep_dense=cfg.keep_dense)
     if args.methods:
         wanted = [w.strip() for w in args.methods.split(",")]
         methods = [m for m in methods if any(w in m.name for w in wanted)]

@@ -37,7 +37,7 @@ def test_smoke_writes_every_output(smoke):
     payload = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in payload["rows"]}
     for expected in ("JACTUS@0.8", "SVD-LLM+LoRA@0.8", "LoRA@1.0", "DoRA@1.0", "JACTUS@0.6",
-                     "JACTUS tau=0@0.8", "JACTUS no-Cg@0.8", "JACTUS uniform@0.8"):
+                     "JACTUS tau=0@0.8", "JACTUS no-Cg@0.8", "JACTUS uniform@0.8", "JACTUS no-dense@0.8"):
         assert expected in methods
     tasks = {r["task"] for r in payload["rows"] if r["part"] == "language"}
     assert tasks == {"boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa", "average"}
@@ -74,4 +74,4 @@ def test_rerun_resumes_from_finished_methods(smoke):
     out, _ = smoke
     done = _run(out)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("already done") == 24  # 12 methods x 2 parts
+    assert done.stdout.count("already done") == 26  # 13 methods x 2 parts

@@ -1,0 +1,81 @@
+"""The benchmark runner end to end on small shapes (``--quick``).
+
+No timing is asserted: machines are noisy. The test checks that the runner
+exits 0, prints a ratio line (measured value, target, PASS or MISS) for every
+benchmark, and writes the same rows to its JSON file. BLAS runs on one thread
+(``--threads 1``), which skips the start-up thread probe and keeps the run
+short on a busy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "validation" / "bench.py"
+NAMES = ("factorization", "compress", "calibration", "deployed", "allocation")
+#: a table row: benchmark name first, then ``<measured> <= or >= <target> PASS|MISS``
+RATIO_LINE = re.compile(r"^(\w+)\s+.*\s(\S+)\s+(<=|>=) (\S+(?: s)?)\s+(PASS|MISS)$")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )
+    return done, out
+
+
+def _ratio_lines(stdout: str) -> list[re.Match]:
+    return [m for line in stdout.splitlines() if (m := RATIO_LINE.match(line.strip()))]
+
+
+def test_quick_run_exits_zero(quick_run):
+    done, _ = quick_run
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_every_benchmark_prints_a_ratio_line(quick_run):
+    done, _ = quick_run
+    seen = {m.group(1) for m in _ratio_lines(done.stdout)}
+    assert set(NAMES) <= seen, f"no ratio line for {set(NAMES) - seen}:\n{done.stdout[-3000:]}"
+
+
+def test_json_holds_the_printed_rows_and_the_machine(quick_run):
+    done, out = quick_run
+    payload = json.loads(out.read_text())
+    assert set(payload["benchmarks"]) == set(NAMES)
+    machine = payload["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["date"]
+    assert machine["torch_threads"] == 1
+    rows = [r for b in payload["benchmarks"].values() for r in b["rows"]]
+    summary = done.stdout.split("== summary ==", 1)[1]
+    assert len(_ratio_lines(summary)) == len(rows)
+    for row in rows:
+        assert row["passed"] in (True, False) and row["sense"] in ("<=", ">=")
+
+
+def test_only_runs_the_named_benchmark(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--threads", "1", "--only", "allocation"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {m.group(1) for m in _ratio_lines(done.stdout)} == {"allocation"}
+
+
+def test_unknown_benchmark_is_refused():
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--only", "nonsense"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert done.returncode == 2
+    assert "unknown benchmark" in done.stderr

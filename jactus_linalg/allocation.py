@@ -276,8 +276,9 @@ def allocate_ranks(
     layer, first, units, gain, cost = _concave_groups(g_list, c_list)
     ratio = gain / cost
     order = np.flatnonzero(ratio > 0)
-    # decreasing ratio; ties by layer then position (np.lexsort: last key first)
-    order = order[np.lexsort((order, layer[order], -ratio[order]))]
+    # decreasing ratio; ties by layer then position: groups are numbered in
+    # layer order, so a stable sort of the ascending indices breaks ties so
+    order = order[np.argsort(-ratio[order], kind="stable")]
     spent = np.cumsum(cost[order])
     n_fit = int(np.searchsorted(spent, limit * (1 + 1e-12), side="right"))
     taken = np.zeros(len(g_list), dtype=np.int64)
@@ -327,28 +328,50 @@ def _continue_with_heap(rest: np.ndarray, groups: _Groups, taken: np.ndarray, le
     buy part of the group, but never ahead of better units elsewhere, and
     never a run of units that gains nothing.
     """
-    # per layer, a stack of (ratio, n_units, cost, first unit), next group last
-    queues: dict[int, list[tuple[float, int, float, int]]] = {}
-    for g in rest:
-        queues.setdefault(int(groups.layer[g]), []).append(
-            (float(groups.ratio[g]), int(groups.units[g]), float(groups.cost[g]), int(groups.first[g]))
-        )
-    for q in queues.values():
-        q.reverse()  # pop() from the end yields groups in layer order
-    heap = [(-q[-1][0], lay, q.pop()) for lay, q in queues.items()]
-    heapq.heapify(heap)
+    n_layers = len(groups.unit_gains)
+    # groups are numbered in layer order, contiguously per layer: each open
+    # layer's next group is its smallest remaining index, and later ones follow
+    none_left = np.iinfo(np.int64).max
+    next_group = np.full(n_layers, none_left, dtype=np.int64)
+    np.minimum.at(next_group, groups.layer[rest], rest)
+    layer_end = np.searchsorted(groups.layer, np.arange(n_layers), side="right").tolist()
+    pointer: dict[int, int] = {}
+    # a layer whose group did not fit is re-split; its sub-groups, next last
+    split: dict[int, list[tuple[float, int, float, int]]] = {}
+
+    def entry(g: int) -> tuple[float, int, float, int]:
+        return (float(groups.ratio[g]), int(groups.units[g]), float(groups.cost[g]),
+                int(groups.first[g]))
+
+    def following(lay: int) -> tuple[float, int, float, int] | None:
+        if lay in split:
+            return split[lay].pop() if split[lay] else None
+        g = pointer[lay] + 1
+        if g >= layer_end[lay]:
+            return None
+        pointer[lay] = g
+        return entry(g)
+
+    heap = []
+    for lay in np.flatnonzero(next_group != none_left).tolist():
+        g = int(next_group[lay])
+        pointer[lay] = g
+        item = entry(g)
+        heap.append((-item[0], lay, item))
+    heapq.heapify(heap)  # one entry per open layer: (ratio, layer) never ties
     slack = 1 + 1e-12
     while heap:
-        _, lay, (_, n_units, cost, first) = heapq.heappop(heap)
-        if cost <= left * slack:
-            left -= cost
+        _, lay, (_, n_units, group_cost, first) = heapq.heappop(heap)
+        if group_cost <= left * slack:
+            left -= group_cost
             taken[lay] += n_units
-            if queues[lay]:
-                nxt = queues[lay].pop()
+            nxt = following(lay)
+            if nxt is not None:
                 heapq.heappush(heap, (-nxt[0], lay, nxt))
             continue
         unit_costs = groups.unit_costs[lay][first : first + n_units]
         fits = int(np.searchsorted(np.cumsum(unit_costs), left * slack, side="right"))
+        split[lay] = []  # the layer closes here: its later groups are dropped
         if fits == 0:
             continue
         unit_gains = groups.unit_gains[lay][first : first + fits]
@@ -362,8 +385,8 @@ def _continue_with_heap(rest: np.ndarray, groups: _Groups, taken: np.ndarray, le
         ]
         if sub:
             sub.reverse()
-            queues[lay] = sub  # replaces the layer's later groups: it closes here
-            nxt = queues[lay].pop()
+            split[lay] = sub
+            nxt = split[lay].pop()
             heapq.heappush(heap, (-nxt[0], lay, nxt))
 
 

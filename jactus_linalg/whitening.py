@@ -42,7 +42,9 @@ from ._backend import (
     eigh,
     eps,
     eye,
+    inverse_frobenius_squared,
     namespace,
+    plus_diagonal,
     qr_r,
     solve_triangular,
     svd_reduced,
@@ -220,14 +222,14 @@ def _cholesky_operator(
         # The damping would hide an indefinite C (C + delta I is PD whenever
         # lambda_min > -delta): check C itself, up to rounding, first.
         shift = INDEFINITE_SLACK * n * eps(xp, cov.dtype) * float(xp.max(diag))
-        if cholesky_lower(xp, cov + shift * eye(xp, n, cov.dtype, cov)) is None:
+        if cholesky_lower(xp, plus_diagonal(xp, cov, shift)) is None:
             notes.append(
                 f"{name}: C + {shift:.3g} I is not numerically positive definite "
                 "(C is not PSD up to rounding); used the symmetric square root "
                 "(eigh) to check its spectrum"
             )
             return _eigh_operator(xp, cov, relative, name, notes)
-    damped = cov + delta * eye(xp, n, cov.dtype, cov)
+    damped = plus_diagonal(xp, cov, delta)
     lower = cholesky_lower(xp, damped)
     if lower is None:
         notes.append(
@@ -247,8 +249,8 @@ def _cholesky_effective_rank(xp: ModuleType, lower: Array, delta: float) -> floa
     r"""Effective rank :math:`\operatorname{tr} C (C+\delta I)^{-1}` from the Cholesky factor.
 
     With :math:`L L^\top = C + \delta I` it is
-    :math:`n - \delta \lVert L^{-1} \rVert_F^2`: one triangular solve
-    (:math:`n^3/3` flops, as many as the factorization), on
+    :math:`n - \delta \lVert L^{-1} \rVert_F^2`: one triangular inversion
+    (:math:`n^3/3` flops, as many as the factorization), of
     :math:`L / \sqrt\delta`, whose inverse has entries of order one at any
     scale of :math:`C`.
     """
@@ -256,8 +258,7 @@ def _cholesky_effective_rank(xp: ModuleType, lower: Array, delta: float) -> floa
     if delta == 0.0:
         return float(n)
     scaled = lower / math.sqrt(delta)
-    inv = solve_triangular(xp, scaled, eye(xp, n, lower.dtype, lower), lower=True)
-    return max(0.0, float(n) - float(xp.sum(inv * inv)))
+    return max(0.0, float(n) - inverse_frobenius_squared(xp, scaled))
 
 
 def _root_operator(

@@ -52,10 +52,10 @@ from .whitening import (
 __all__ = [
     "Factors",
     "LowRankResult",
-    "orthonormal_factors",
-    "curvature_error",
     "WhiteningInfo",
+    "curvature_error",
     "eckart_young_tail",
+    "orthonormal_factors",
     "projected_lowrank",
 ]
 

@@ -163,7 +163,7 @@ def test_within_one_unit_of_exhaustive_optimum(inst, budget):
     taken = jl.allocate_ranks(gains, costs, budget)
     total_cost = sum(float(np.sum(c)) for c in costs)
     limit = budget * total_cost
-    got, spent = _totals(gains, costs, taken)
+    got, _ = _totals(gains, costs, taken)
     best = _exhaustive(gains, costs, limit * (1 + tolerance(np.float64, _n_units(gains))))
     tol = tolerance(np.float64, _n_units(gains)) * sum(float(np.sum(g)) for g in gains)
     assert got <= best + tol, "the greedy is feasible, so never above the optimum"
@@ -178,7 +178,11 @@ def test_exact_when_budget_spent(inst, data):
     """At the budgets the greedy lands on exactly (the breakpoints of the
     gain/cost order), the greedy total equals the exhaustive optimum."""
     gains, costs = inst
-    ratios = [(g[i] / c[i], layer, i) for layer, (g, c) in enumerate(zip(gains, costs, strict=True)) for i in range(len(g))]
+    ratios = [
+        (g[i] / c[i], layer, i)
+        for layer, (g, c) in enumerate(zip(gains, costs, strict=True))
+        for i in range(len(g))
+    ]
     order = sorted(ratios, key=lambda t: (-t[0], t[1], t[2]))
     assume(_distinct([r for r, _, _ in ratios]))
     total_cost = sum(float(np.sum(c)) for c in costs)

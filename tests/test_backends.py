@@ -76,7 +76,11 @@ def test_backends_agree(backend, dtype, problem):
         ({}, {}),
         ({"input_cov": x["Cx"], "grad_cov": x["Cg"]}, {"input_cov": cx, "grad_cov": cg}),
         (
-            {"input_cov": x["Cx"], "left": backend.asarray(w[:, :5], dtype), "right": backend.asarray(w.T[:, :4], dtype)},
+            {
+                "input_cov": x["Cx"],
+                "left": backend.asarray(w[:, :5], dtype),
+                "right": backend.asarray(w.T[:, :4], dtype),
+            },
             {"input_cov": cx, "left": w[:, :5], "right": w.T[:, :4]},
         ),
     ]
@@ -87,8 +91,9 @@ def test_backends_agree(backend, dtype, problem):
             _same_kind(getattr(got_r, field), x["W"])
         assert got_r.core.shape == want_r.core.shape
         diff = _product(got_r) - _product(want_r)
-        assert np.linalg.norm(diff) <= tolerance(dtype, M + N, cond=ref.kappa**2 / gap) * np.linalg.norm(w)
-        assert abs(got_r.error - want_r.error) <= tolerance(dtype, M + N, cond=ref.kappa**2 / gap) * np.linalg.norm(ref.m_white)
+        tol = tolerance(dtype, M + N, cond=ref.kappa**2 / gap)
+        assert np.linalg.norm(diff) <= tol * np.linalg.norm(w)
+        assert abs(got_r.error - want_r.error) <= tol * np.linalg.norm(ref.m_white)
 
     # jactus_layer
     got_j = jl.jactus_layer(x["W"], R, input_cov=x["Cx"], grad_cov=x["Cg"], grad_mean=x["G"], task_fraction=0.5)

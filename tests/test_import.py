@@ -60,7 +60,7 @@ def test_signatures_match_design():
         assert params[kw].default is None
 
     params = inspect.signature(jl.whiten).parameters
-    assert list(params)[0] == "cov"
+    assert next(iter(params)) == "cov"
     assert params["damping"].kind is inspect.Parameter.KEYWORD_ONLY
     assert params["method"].default == "eigh"
 

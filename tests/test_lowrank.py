@@ -176,7 +176,8 @@ def test_default_rank_is_numerical_rank(data):
     expected = int(np.sum(sigma > np.finfo(np.float64).eps * max(m, n) * sigma[0]))
     # rounding of the test matrix itself is O(eps·σ₁): allow the count to
     # differ only for singular values within a factor 10 of the threshold
-    near = np.sum(np.abs(sigma - np.finfo(np.float64).eps * max(m, n) * sigma[0]) <= tolerance(np.float64, max(m, n)) * sigma[0])
+    threshold = np.finfo(np.float64).eps * max(m, n) * sigma[0]
+    near = np.sum(np.abs(sigma - threshold) <= tolerance(np.float64, max(m, n)) * sigma[0])
     assert abs(res.core.shape[0] - expected) <= near
 
 

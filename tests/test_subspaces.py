@@ -84,7 +84,6 @@ def test_direction_in_span_adds_nothing(data, seed, n_cols):
     m, bases, _ = data
     rng = np.random.default_rng(seed)
     before = jl.union_of_subspaces(*bases)
-    q = before.basis
     # columns already in the span: combinations of the inputs' columns
     stacked = np.concatenate(bases, axis=1)
     inside = stacked @ rng.standard_normal((stacked.shape[1], n_cols))

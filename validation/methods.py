@@ -124,7 +124,7 @@ def method_grid(
             Method(f"JACTUS uniform@{r}", "ablation: uniform ranks", "jactus", r,
                    (*tau, ("allocation", "uniform")))
         )
-        flipped = tuple(kv for kv in tau if kv[0] != "keep_dense") + (("keep_dense", not keep_dense),)
+        flipped = (*(kv for kv in tau if kv[0] != "keep_dense"), ("keep_dense", not keep_dense))
         label = "keep-dense" if not keep_dense else "no-dense"
         methods.append(Method(f"JACTUS {label}@{r}", f"ablation: {label}", "jactus", r, flipped))
     return methods

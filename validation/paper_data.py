@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from commonsense import MCItem, collate_tuning
 from parts import LanguagePart, Part, VisionPart
 

@@ -39,7 +39,6 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from methods import Method, build_method, method_grid  # noqa: E402
 from report import (  # noqa: E402
     ResultRow,
@@ -213,14 +212,33 @@ def is_main_process() -> bool:
     )
 
 
+def log(message: str) -> None:
+    """Print once per run: on the main process only under torchrun."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+def this_process_batches(batches: list) -> list:
+    """Under torchrun, every N-th whole batch for this process (all of them otherwise).
+
+    ``calibrate`` all-reduces its sums, so N processes over disjoint whole
+    batches give the statistics of one process over all of them. With fewer
+    batches than processes every process takes them all (the means agree).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(batches)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return list(batches[rank::world]) if len(batches) >= world else list(batches)
+
+
 def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[CalibrationStats, float]:
     """Calibrate the part's base model once; the file lets a rerun skip it."""
     path = out / f"stats-{part.name}-{key}.safetensors"
     if path.exists():
         return CalibrationStats.load(path), 0.0
     start = time.perf_counter()
-    stats = calibrate(part.base, part.calibration_batches, part.loss, progress=progress,
-                      total=len(part.calibration_batches))
+    batches = this_process_batches(part.calibration_batches)
+    stats = calibrate(part.base, batches, part.loss, progress=progress, total=len(batches))
     elapsed = time.perf_counter() - start
     if is_main_process():
         stats.save(path)
@@ -464,7 +482,7 @@ def run_part(part, cfg: PartConfig, seed: int, args, out: Path, progress: bool,
         path = out / "methods" / f"{safe}__{method.key()}__{key}.json"
         if path.exists():
             records[method.name] = json.loads(path.read_text())
-            print(f"[{part.name}] {method.name}: already done, reusing {path.name}", flush=True)
+            log(f"[{part.name}] {method.name}: already done, reusing {path.name}")
             continue
         if stats is None and method.kind in ("jactus", "ctf"):
             stats, secs = statistics_for(part, out, part_key, progress)
@@ -473,9 +491,9 @@ def run_part(part, cfg: PartConfig, seed: int, args, out: Path, progress: bool,
         records[method.name] = rec
         timings[f"{part.name}: {method.name}"] = rec["wall_time_s"]
         acc = macro_average({t: np.asarray(v) for t, v in rec["correct"].items()})
-        print(f"[{part.name}] {method.name}: avg acc {100 * acc:.1f}%, retain "
-              f"{rec['retain_achieved']:.3f}, trainable {rec['trainable_params']:,}, "
-              f"{rec['wall_time_s']:.0f} s", flush=True)
+        log(f"[{part.name}] {method.name}: avg acc {100 * acc:.1f}%, retain "
+            f"{rec['retain_achieved']:.3f}, trainable {rec['trainable_params']:,}, "
+            f"{rec['wall_time_s']:.0f} s")
         if is_main_process():
             atomic_json(path, rec)
     return records
@@ -518,7 +536,7 @@ def main(argv=None) -> Path:
     out = args.out or Path("results") / preset.name
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress and is_main_process()
-    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python validation/run_paper.py", *(argv if argv is not None else sys.argv[1:])])
     all_records: dict[str, dict] = {}
     parts_info: dict[str, dict] = {}
     timings: dict[str, float] = {}

@@ -28,7 +28,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
-
 import run_paper  # noqa: E402
 from methods import Method  # noqa: E402
 from report import macro_average  # noqa: E402

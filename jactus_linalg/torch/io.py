@@ -235,7 +235,8 @@ def load_compressed(
         if not isinstance(mod, nn.Linear | JactusLinear) or (
             mod.in_features, mod.out_features
         ) != (spec["in_features"], spec["out_features"]):
-            msg = f"`model` has no {spec['out_features']}x{spec['in_features']} linear layer `{name}` recorded in {folder}"
+            shape = f"{spec['out_features']}x{spec['in_features']}"
+            msg = f"`model` has no {shape} linear layer `{name}` recorded in {folder}"
             raise ValueError(msg)
     expected = _expected_state(model, config)
     try:

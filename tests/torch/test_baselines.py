@@ -17,7 +17,7 @@ from jactus_linalg.torch import (
     lora_model,
 )
 
-from .models import hf_loss, llama_batches, tiny_llama, tiny_vit, vit_batches
+from .models import hf_loss, llama_batches, tiny_llama, tiny_vit
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -69,5 +69,5 @@ def test_compress_then_lora_meets_the_same_budget():
 def test_compress_then_lora_refuses_an_impossible_budget():
     model = tiny_llama()
     stats = calibrate(model, llama_batches(n=1), hf_loss, progress=False)
-    with pytest.raises(ValueError, match="too small|no room"):
+    with pytest.raises(ValueError, match=r"too small|no room"):
         compress_then_lora(model, stats, retain=0.3, lora_rank=16, progress=False)

@@ -24,7 +24,7 @@ def _naive_mlp_stats(model: nn.Sequential, batches):
         for i, mod in enumerate(model):
             if isinstance(mod, nn.Linear):
 
-                def keep(m, a, o, i=i):
+                def keep(m, a, o, i=i, acts=acts):
                     o.retain_grad()
                     acts[i] = (a[0].detach(), o)
 
@@ -114,7 +114,7 @@ def test_targets_by_names_and_regex():
 
 
 def test_target_matching_nothing_raises():
-    with pytest.raises(ValueError, match="targets.*matched no nn.Linear"):
+    with pytest.raises(ValueError, match=r"targets.*matched no nn\.Linear"):
         calibrate(tiny_llama(), llama_batches(n=1), hf_loss, targets=["nonexistent"], progress=False)
 
 

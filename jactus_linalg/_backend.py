@@ -136,10 +136,13 @@ def inverse_frobenius_squared(xp: ModuleType, lower: Array) -> float:
 
     ``L`` must hold zeros above its diagonal.
 
-    numpy: LAPACK ``trtri`` (:math:`n^3/3` flops, a third of a solve against
-    the identity); torch: ``cholesky_inverse`` (``potri``), CPU and CUDA;
-    other namespaces: a solve against the identity.
+    numpy and torch on CPU: LAPACK ``trtri`` (:math:`n^3/3` flops, a third of
+    a solve against the identity; a torch CPU tensor is shared with numpy,
+    not copied); torch on other devices: ``cholesky_inverse`` (``potri``),
+    on the device; other namespaces: a solve against the identity.
     """
+    if is_torch(xp) and lower.device.type == "cpu":
+        return inverse_frobenius_squared(np, lower.detach().resolve_conj().numpy())
     if is_numpy(xp):
         (trtri,) = scipy.linalg.get_lapack_funcs(("trtri",), (lower,))
         # trtri copies the strict upper triangle through: zero in the factors

@@ -46,8 +46,9 @@ class Method:
         ``none``: the base model, untuned (reference).
     retain : float
     options : dict
-        ``task_fraction``, ``grad_whitening``, ``allocation`` (jactus);
-        ``compression`` (ctf: ``"svd-llm"`` or ``"svd"``).
+        ``task_fraction``, ``grad_whitening``, ``allocation``, ``keep_dense``
+        (jactus); ``compression`` (ctf: ``"svd-llm"`` or ``"svd"``);
+        ``tune`` (jactus, ctf: ``False`` evaluates right after compression).
     """
 
     name: str
@@ -90,11 +91,16 @@ def method_grid(
     task_fraction: float | None = None,
     svd_ctf: bool = False,
     keep_dense: bool = True,
+    untuned: bool = False,
 ) -> list[Method]:
     """The standard comparison: JACTUS and compress-then-LoRA at each retain, LoRA/DoRA at 100%.
 
     ``keep_dense`` is JACTUS's rule for layers whose allocation reaches the
-    break-even rank; the ablations include the opposite rule.
+    break-even rank; the ablations include the opposite rule. ``untuned``
+    adds JACTUS and SVD-LLM+LoRA at retain 0.8 (or the first retain)
+    evaluated straight after compression, before any tuning step: what each
+    compression keeps of the task on its own (the LoRA adapter starts at
+    zero, so the second is the SVD-LLM-compressed model itself).
     """
     tau = (() if task_fraction is None else (("task_fraction", task_fraction),)) + (
         ("keep_dense", keep_dense),
@@ -112,8 +118,13 @@ def method_grid(
         )
         if svd_ctf:
             methods.append(Method(f"SVD+LoRA@{r}", "SVD+LoRA", "ctf", r, (("compression", "svd"),)))
+    r = 0.8 if 0.8 in retains else retains[0]
+    if untuned:
+        methods.append(Method(f"JACTUS@{r} untuned", "untuned: JACTUS", "jactus", r,
+                              (*tau, ("tune", False))))
+        methods.append(Method(f"SVD-LLM+LoRA@{r} untuned", "untuned: SVD-LLM+LoRA", "ctf", r,
+                              (("compression", "svd-llm"), ("tune", False))))
     if ablations:
-        r = 0.8 if 0.8 in retains else retains[0]
         methods.append(Method(f"JACTUS tau=0@{r}", "ablation: tau=0", "jactus", r,
                               (("task_fraction", 0.0), ("keep_dense", keep_dense))))
         methods.append(

@@ -88,6 +88,7 @@ class PartConfig:
     compress_dtype: str | None = None  # decomposition dtype; statistics stay float64
     threads: int | None = None  # torch CPU threads for this part (None: leave as is)
     keep_dense: bool = True  # JACTUS: keep layers at break-even dense (frozen) or factorize them
+    untuned_rows: bool = False  # also evaluate JACTUS and SVD-LLM+LoRA right after compression
 
 
 @dataclass
@@ -104,13 +105,13 @@ def presets() -> dict[str, Preset]:
         "default",
         language=PartConfig(model="smollm2", n_tune=32, n_test=40, steps=30,
                             calibration_batches=16, lr_core=1e-3, lr_adapter=1e-3,
-                            compress_dtype="float32", keep_dense=False),
+                            compress_dtype="float32", keep_dense=False, untuned_rows=True),
         # learning rates and keep_dense chosen on the tune split (validation/sweep.py;
         # language: 96 dev items, keep_dense False 45.8% against True 40.6% at lr 1e-3)
         vision=PartConfig(model="fmnist-vit", n_tune=500, n_test=500, batch_size=32, steps=150,
                           calibration_batches=8, lr_core=3e-3, lr_adapter=1e-2,
                           retains=(0.6, 0.7, 0.8, 0.9), ablations=True, svd_ctf=True,
-                          base_row=True, probe_steps=100, keep_dense=False),
+                          base_row=True, probe_steps=100, keep_dense=False, untuned_rows=True),
     )
     full = replace(
         default, name="full",
@@ -121,10 +122,10 @@ def presets() -> dict[str, Preset]:
         "smoke",
         language=PartConfig(model="tiny", n_tune=4, n_test=3, batch_size=8, max_length=48,
                             eval_batch_size=16, calibration_batches=2, steps=2, lora_rank=2,
-                            retains=(0.6, 0.8), ablations=True, svd_ctf=True),
+                            retains=(0.6, 0.8), ablations=True, svd_ctf=True, untuned_rows=True),
         vision=PartConfig(model="tiny-vit", n_tune=64, n_test=64, batch_size=32,
                           calibration_batches=1, steps=2, lora_rank=2, retains=(0.6, 0.8),
-                          ablations=True, svd_ctf=True, probe_steps=2),
+                          ablations=True, svd_ctf=True, probe_steps=2, untuned_rows=True),
     )
     paper = Preset(
         "paper",
@@ -250,7 +251,8 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
     built = build_method(method, part.base, stats, head=part.head, lora_rank=cfg.lora_rank,
                          damping=cfg.damping, dtype=cfg.compress_dtype, progress=progress)
     losses: list[float] = []
-    if method.kind != "none":
+    tuned = method.kind != "none" and method.opts.get("tune", True)
+    if tuned:
         lr = cfg.lr_core if method.kind == "jactus" else cfg.lr_adapter
         result = tune(built.model, part.tune_batches, part.loss, steps=cfg.steps, lr=lr,
                       seed=seed, progress=progress, desc=f"{part.name}: {method.name}")
@@ -259,7 +261,7 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
     record = {
         "method": method.to_dict(),
         "correct": {t: v.astype(int).tolist() for t, v in correct.items()},
-        "trainable_params": built.trainable_params,
+        "trainable_params": built.trainable_params if tuned else 0,
         "total_params": built.total_params,
         "retain_achieved": built.retain_achieved,
         "train_losses": losses,
@@ -303,15 +305,25 @@ def comparisons(records: dict, seed: int) -> list[dict]:
     out = []
     by_name = {rec["method"]["name"]: rec for rec in records.values()}
     for name, rec in by_name.items():
-        if rec["method"]["family"] != "JACTUS":
+        family = rec["method"]["family"]
+        if family not in ("JACTUS", "untuned: JACTUS"):
             continue
         retain = rec["method"]["retain"]
         for other_name, other in by_name.items():
             fam = other["method"]["family"]
-            same_budget = other["method"]["retain"] == retain and fam != "JACTUS"
-            full = fam in ("LoRA", "DoRA") and retain == 0.8
-            if not (same_budget or full):
-                continue
+            same = other["method"]["retain"] == retain
+            if family == "untuned: JACTUS":
+                # the two compressions before any tuning step
+                if not (same and fam.startswith("untuned: ") and fam != family):
+                    continue
+            else:
+                # tuned JACTUS against the other methods at its budget, against
+                # LoRA/DoRA at 100%, and against itself before tuning
+                untuned_other = fam.startswith("untuned: ") and fam != "untuned: JACTUS"
+                same_budget = same and fam != "JACTUS" and not untuned_other
+                full = fam in ("LoRA", "DoRA") and retain == 0.8
+                if not (same_budget or full):
+                    continue
             a = {t: np.asarray(v, bool) for t, v in rec["correct"].items()}
             b = {t: np.asarray(v, bool) for t, v in other["correct"].items()}
             out.append({"a": name, "b": other_name, **paired_comparison(a, b, seed=seed)})
@@ -463,7 +475,7 @@ def configure(preset: Preset, args) -> Preset:
 def methods_for(cfg: PartConfig, args) -> list[Method]:
     methods = method_grid(cfg.retains, ablations=cfg.ablations, base=cfg.base_row,
                           task_fraction=cfg.task_fraction, svd_ctf=cfg.svd_ctf,
-                          keep_dense=cfg.keep_dense)
+                          keep_dense=cfg.keep_dense, untuned=cfg.untuned_rows)
     if args.methods:
         wanted = [w.strip() for w in args.methods.split(",")]
         methods = [m for m in methods if any(w in m.name for w in wanted)]

@@ -47,6 +47,20 @@ def test_smoke_writes_every_output(smoke):
     assert all(r["seed"] == "0" and float(r["wall_time_s"]) >= 0 for r in rows)
 
 
+def test_untuned_rows_are_evaluated_before_any_step(smoke):
+    out, _ = smoke
+    payload = json.loads((out / "results.json").read_text())
+    untuned = [r for r in payload["rows"] if r["method"].endswith(" untuned")]
+    assert {r["method"] for r in untuned} == {"JACTUS@0.8 untuned", "SVD-LLM+LoRA@0.8 untuned"}
+    assert all(r["trainable_params"] == 0 for r in untuned)
+    for path in (out / "methods").glob("*untuned*.json"):
+        assert json.loads(path.read_text())["train_losses"] == []
+    pairs = {(c["a"], c["b"]) for c in payload["paired_comparisons"]["vision"]}
+    assert ("JACTUS@0.8 untuned", "SVD-LLM+LoRA@0.8 untuned") in pairs
+    assert ("JACTUS@0.8", "JACTUS@0.8 untuned") in pairs
+    assert ("JACTUS@0.8", "SVD-LLM+LoRA@0.8 untuned") not in pairs
+
+
 def test_splits_are_recorded_and_disjoint(smoke):
     out, _ = smoke
     splits = json.loads((out / "results.json").read_text())["splits"]
@@ -74,4 +88,4 @@ def test_rerun_resumes_from_finished_methods(smoke):
     out, _ = smoke
     done = _run(out)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("already done") == 26  # 13 methods x 2 parts
+    assert done.stdout.count("already done") == 30  # 15 methods x 2 parts

@@ -64,11 +64,20 @@ def build_dev_part(name: str, cfg, seed: int, args):
 
 
 def configurations(best_core_lr: float | None, lrs=LRS, taus=TAUS, dampings=DAMPINGS,
-                   keeps=(True, False)):
-    """(label, method, learning rate, damping) to try; stage 2 needs stage 1's best core lr."""
+                   keeps=(True, False), stage1_keep: bool | None = None):
+    """(label, method, learning rate, damping) to try; stage 2 needs stage 1's best core lr.
+
+    ``stage1_keep`` sets ``keep_dense`` for the stage-1 JACTUS rows (named in
+    their label); ``None`` leaves the package default (keep layers dense).
+    """
     out = []
     for lr in lrs:
-        out.append((f"JACTUS lr={lr:g}", Method("JACTUS@0.8", "JACTUS", "jactus", 0.8), lr, None))
+        if stage1_keep is None:
+            out.append((f"JACTUS lr={lr:g}", Method("JACTUS@0.8", "JACTUS", "jactus", 0.8), lr, None))
+        else:
+            out.append((f"JACTUS lr={lr:g} keep_dense={stage1_keep}",
+                        Method("JACTUS@0.8", "JACTUS", "jactus", 0.8,
+                               (("keep_dense", stage1_keep),)), lr, None))
         out.append((f"SVD-LLM+LoRA lr={lr:g}", Method("SVD-LLM+LoRA@0.8", "SVD-LLM+LoRA", "ctf", 0.8,
                                                        (("compression", "svd-llm"),)), lr, None))
         out.append((f"LoRA lr={lr:g}", Method("LoRA@1.0", "LoRA", "lora"), lr, None))
@@ -96,6 +105,10 @@ def main(argv=None) -> None:
     p.add_argument("--taus", type=float, nargs="+", default=list(TAUS))
     p.add_argument("--dampings", type=float, nargs="+", default=list(DAMPINGS))
     p.add_argument("--keep-dense", type=int, nargs="+", default=[1, 0], help="1 and/or 0")
+    p.add_argument("--stage1-keep-dense", type=int, choices=(0, 1), default=None,
+                   help="keep_dense for the stage-1 JACTUS rows (default: the package's)")
+    p.add_argument("--families", default=None,
+                   help="comma-separated method families to run (e.g. JACTUS,SVD-LLM+LoRA)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     grid = {"lrs": tuple(args.lrs), "taus": tuple(args.taus), "dampings": tuple(args.dampings),
@@ -129,8 +142,11 @@ def main(argv=None) -> None:
         print(f"{label}: dev accuracy {100 * acc:.1f}%", flush=True)
         return acc
 
-    for label, method, lr, damping in configurations(None, **grid):
-        run(label, method, lr, damping)
+    keep1 = None if args.stage1_keep_dense is None else bool(args.stage1_keep_dense)
+    families = None if args.families is None else {f.strip() for f in args.families.split(",")}
+    for label, method, lr, damping in configurations(None, **grid, stage1_keep=keep1):
+        if families is None or method.family in families:
+            run(label, method, lr, damping)
     core = {k: v for k, v in done.items() if k.startswith("JACTUS lr=") and "tau" not in k}
     best_lr = max(core.values(), key=lambda v: v["dev_accuracy"])["lr"]
     if args.stage == 2:

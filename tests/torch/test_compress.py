@@ -215,3 +215,38 @@ def test_keep_dense_false_gives_every_layer_a_core(calibrated, retain):
     assert all(r.rank is not None for r in report.layers)
     assert sum(isinstance(m, JactusLinear) for m in model.modules()) == len(report.layers)
     assert sum(p.numel() for p in model.parameters()) <= retain * total
+
+
+def test_each_covariance_is_factored_once(calibrated, monkeypatch):
+    """Layers sharing an input (q, k, v; gate, up) whiten it once, and no
+    covariance is decomposed twice: one whitening per input group and one per
+    gradient covariance, and exactly two Cholesky calls per whitening (the
+    positive-semidefiniteness check of C + shift I, then C + delta I)."""
+    import importlib
+
+    import jactus_linalg._backend as backend
+    import jactus_linalg.whitening as whitening_module
+
+    # the package re-exports the function `compress`, which hides the module
+    compress_module = importlib.import_module("jactus_linalg.torch.compress")
+
+    model, stats, _, _ = calibrated["llama"]
+    calls = {"input_cov": 0, "grad_cov": 0, "cholesky": 0}
+    real_operator, real_cholesky = compress_module.whitening_operator, backend.cholesky_lower
+
+    def counting_operator(cov, **kw):
+        calls[kw["name"]] += 1
+        return real_operator(cov, **kw)
+
+    def counting_cholesky(xp, a):
+        calls["cholesky"] += 1
+        return real_cholesky(xp, a)
+
+    monkeypatch.setattr(compress_module, "whitening_operator", counting_operator)
+    monkeypatch.setattr(whitening_module, "cholesky_lower", counting_cholesky)
+    plan_compression(copy.deepcopy(model), stats, method="jactus", progress=False)
+    groups = {stats.layers[n].input_group for n in stats.layers}
+    assert len(groups) < len(stats.layers)  # the model does share inputs
+    assert calls["input_cov"] == len(groups)
+    assert calls["grad_cov"] == len(stats.layers)
+    assert calls["cholesky"] == 2 * (len(groups) + len(stats.layers))

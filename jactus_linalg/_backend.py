@@ -152,12 +152,17 @@ def inverse_frobenius_squared(xp: ModuleType, lower: Array) -> float:
             return math.inf
         return float(np.einsum("ij,ij->", inv, inv))
     if is_torch(xp):
-        import torch  # noqa: PLC0415
-
-        return float(torch.diagonal(torch.cholesky_inverse(lower)).sum())
+        return _inverse_frobenius_squared_on_device(lower)
     n = int(lower.shape[0])
     inv = xp.linalg.solve(lower, eye(xp, n, lower.dtype, lower))
     return float(xp.sum(inv * inv))
+
+
+def _inverse_frobenius_squared_on_device(lower: Array) -> float:
+    """torch on any device: the trace of ``cholesky_inverse`` (``potri``), computed where ``lower`` lives."""
+    import torch  # noqa: PLC0415
+
+    return float(torch.diagonal(torch.cholesky_inverse(lower)).sum())
 
 
 def all_finite(xp: ModuleType, x: Array) -> bool:

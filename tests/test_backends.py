@@ -186,3 +186,30 @@ def test_cuda_matches_cpu(backend_cuda, problem):
         acc = jl.MomentAccumulator(N)
         acc.update(x["W"])
         assert acc.result().dtype == torch.float32, "float32 statistics on CUDA by default"
+
+
+@pytest.mark.parametrize("n", [1, 7, 60])
+def test_inverse_frobenius_squared_every_route(n):
+    """‖L⁻¹‖_F² by LAPACK trtri (numpy, torch CPU), by ``cholesky_inverse``
+    (the route torch takes on other devices, run here on CPU) and by the
+    generic solve (array-api-strict) against an explicit inverse."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xp_torch
+    import array_api_strict as xp_strict
+
+    from jactus_linalg import _backend
+
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((n, n))
+    lower = np.linalg.cholesky(a @ a.T + 0.1 * np.eye(n))
+    want = float(np.sum(np.linalg.inv(lower) ** 2))
+    cond = np.linalg.cond(lower) ** 2
+    tol = tolerance(np.float64, n, cond=cond) * want
+    got = {
+        "numpy": _backend.inverse_frobenius_squared(np, lower),
+        "torch cpu": _backend.inverse_frobenius_squared(xp_torch, torch.from_numpy(lower)),
+        "torch device route": _backend._inverse_frobenius_squared_on_device(torch.from_numpy(lower)),
+        "array-api-strict": _backend.inverse_frobenius_squared(xp_strict, xp_strict.asarray(lower)),
+    }
+    for route, value in got.items():
+        assert abs(value - want) <= tol, route

@@ -351,6 +351,7 @@ def factor_transpose_times(op: WhiteningOperator | None, x: Array) -> Array:
     if op is None:
         return x
     if op.method == "cholesky":
+        assert op.lower is not None  # a Cholesky operator always holds its factor
         return op.lower.T @ x
     return _symmetric_apply(op, x, inverse=False)
 
@@ -376,6 +377,7 @@ def inverse_transpose_times(op: WhiteningOperator | None, x: Array) -> Array:
 def _symmetric_apply(op: WhiteningOperator, x: Array, *, inverse: bool) -> Array:
     """Apply :math:`S = \\alpha I + Z\\,\\mathrm{diag}(d)\\,Z^T` or its inverse to ``x``."""
     z, roots = op.vectors, op.roots
+    assert z is not None and roots is not None  # an eigh operator always holds both
     complete = int(z.shape[1]) == op.dim
     scale = 1.0 / roots if inverse else roots
     if complete:

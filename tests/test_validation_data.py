@@ -200,6 +200,8 @@ def test_gathered_scoring_equals_naive_full_logits(tiny, arc_items):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+# peft.get_peft_model called directly (jactus_linalg.torch.lora_model contains this warning)
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_scoring_through_peft_lora_wrapper(tiny, arc_items):
     base, tok = assets.tiny_llama(seed=2, tokenizer=tiny[1])
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

@@ -57,7 +57,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,8 +81,6 @@ if (_THREADS := _threads_from_argv(sys.argv[1:])) is not None:
     for _var in THREAD_VARS:
         os.environ[_var] = str(_THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# a transformers-5 deprecation raised from inside peft.get_peft_model, not our code
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402

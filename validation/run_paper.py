@@ -25,7 +25,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,8 +33,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# a transformers-5 deprecation raised from inside peft.get_peft_model, not our code
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -443,22 +440,16 @@ def parse_args(argv=None):
 
 
 def configure(preset: Preset, args) -> Preset:
+    # command-line override -> PartConfig field, applied to both parts when given
+    fields = {"retain": "retains", "steps": "steps", "n_test": "n_test", "n_tune": "n_tune",
+              "calibration_batches": "calibration_batches", "probe_steps": "probe_steps",
+              "lora_rank": "lora_rank"}
+    changes = {field_name: getattr(args, arg) for arg, field_name in fields.items()
+               if getattr(args, arg) is not None}
+    if "retains" in changes:
+        changes["retains"] = tuple(changes["retains"])
+
     def over(cfg: PartConfig) -> PartConfig:
-        changes = {}
-        if args.retain is not None:
-            changes["retains"] = tuple(args.retain)
-        if args.steps is not None:
-            changes["steps"] = args.steps
-        if args.n_test is not None:
-            changes["n_test"] = args.n_test
-        if args.n_tune is not None:
-            changes["n_tune"] = args.n_tune
-        if args.calibration_batches is not None:
-            changes["calibration_batches"] = args.calibration_batches
-        if args.probe_steps is not None:
-            changes["probe_steps"] = args.probe_steps
-        if args.lora_rank is not None:
-            changes["lora_rank"] = args.lora_rank
         return replace(cfg, **changes)
 
     parts = set(args.parts.split(","))

@@ -21,7 +21,6 @@ from __future__ import annotations
 # --8<-- [start:setup]
 import copy
 import tempfile
-import warnings
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -36,9 +35,6 @@ from jactus_linalg.torch import (
     mark_trainable,
     save_compressed,
 )
-
-# peft (0.21) reads a deprecated transformers (5.x) attribute inside get_peft_model
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 torch.manual_seed(0)
 config = LlamaConfig(

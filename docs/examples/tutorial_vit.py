@@ -22,7 +22,6 @@ from __future__ import annotations
 # --8<-- [start:setup]
 import copy
 import tempfile
-import warnings
 
 import torch
 from transformers import ViTConfig, ViTForImageClassification
@@ -37,9 +36,6 @@ from jactus_linalg.torch import (
     mark_trainable,
     save_compressed,
 )
-
-# peft (0.21) reads a deprecated transformers (5.x) attribute inside get_peft_model
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 torch.manual_seed(0)
 config = ViTConfig(

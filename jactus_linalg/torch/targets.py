@@ -26,6 +26,8 @@ def _head_names(model: nn.Module) -> set[str]:
         try:
             out = get_out()
         except (NotImplementedError, AttributeError):
+            # transformers' base class raises NotImplementedError for models
+            # without an output embedding (ViT, encoders); they have no such head
             out = None
         if out is not None:
             names.update(n for n, mod in model.named_modules() if mod is out)

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/*.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: test paper smoke docs serve-docs bench env clean fashion-mnist
+.PHONY: test paper smoke docs serve-docs bench env clean fashion-mnist chromium
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP):
 
 env: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(BIN)/python -m pytest -q
 
 paper: $(STAMP) fashion-mnist
@@ -32,13 +32,19 @@ fashion-mnist:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
 
+# tests/test_docs_browser.py opens the built docs in headless Chromium (Debian's package)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
 smoke: $(STAMP)
 	$(BIN)/python validation/run_paper.py --preset smoke
 
 bench: $(STAMP)
 	$(BIN)/python validation/bench.py
 
-docs: $(STAMP)
+docs: $(STAMP) chromium
 	$(BIN)/mkdocs build --strict
 
 serve-docs: $(STAMP)

@@ -1,6 +1,7 @@
 // MathJax configuration for pymdownx.arithmatex (generic mode), as in the
-// mkdocs-material documentation. MathJax itself is loaded from a CDN by
-// mkdocs.yml (extra_javascript); the build never fetches it.
+// mkdocs-material documentation. MathJax itself is served by the site
+// (assets/mathjax/, copied from a registry package by docs/hooks/mathjax.py),
+// so pages render their math with no network.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .._files import replace_folder
 from .layer import JactusLinear
 
 __all__ = ["load_compressed", "save_compressed"]
@@ -28,6 +27,10 @@ __all__ = ["load_compressed", "save_compressed"]
 _FORMAT = "jactus_linalg.model/1"
 _WEIGHTS = "model.safetensors"
 _CONFIG = "jactus.json"
+#: What ``save_compressed`` writes; ``jactus.json`` lists them under ``files``.
+_OWN_FILES = (_WEIGHTS, _CONFIG)
+#: A larger ``jactus.json`` is refused unread (a real one is a few hundred KB).
+_MAX_CONFIG_BYTES = 64 * 2**20
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: safetensors' dtype codes, by the torch dtype names ``jactus.json`` records.
 _SAFETENSORS_DTYPES = {
@@ -54,17 +57,43 @@ def _hf_config(model: nn.Module) -> dict | None:
     return config.to_dict() if config is not None and hasattr(config, "to_dict") else None
 
 
-def save_compressed(model: nn.Module, folder: str | os.PathLike) -> Path:
+def save_compressed(
+    model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
     """Write ``model`` (compressed) to ``folder`` atomically.
 
+    ``folder`` must be new, empty, or hold only what an earlier
+    ``save_compressed`` wrote there (the files its ``jactus.json`` lists).
+    Anything else in it is never deleted unless ``overwrite=True``.
+
     The new contents are written to a temporary sibling folder, then swapped
-    in with renames, so an interrupted save leaves the previous ``folder``
-    intact.
+    in with renames. Whatever interrupts the save (an error, ``Ctrl-C``), at
+    whatever step, ``folder`` holds either the previous model, intact, or
+    the new one, and no temporary folder is left behind.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A compressed model (holding :class:`JactusLinear` layers).
+    folder : path
+    overwrite : bool, optional
+        Replace ``folder`` even if it holds files that ``save_compressed``
+        did not write: **the whole folder is replaced and those files are
+        deleted**. Never allowed for the current working directory or a
+        folder that contains it. Default ``False``.
+
+    Returns
+    -------
+    Path
+        ``folder``.
 
     Raises
     ------
     ValueError
-        If ``model`` holds no :class:`JactusLinear`.
+        If ``model`` holds no :class:`JactusLinear`, is a peft model, or
+        ``folder`` is an existing file, a symbolic link, or a folder holding
+        other files (without ``overwrite=True``), or the working directory
+        or one of its parents.
     """
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         msg = (
@@ -77,9 +106,9 @@ def save_compressed(model: nn.Module, folder: str | os.PathLike) -> Path:
         msg = "`model` holds no JactusLinear layer; save a compressed model"
         raise ValueError(msg)
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    _check_replaceable(folder, overwrite=overwrite)
+
+    def fill(tmp: Path) -> None:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         state = _untie(state)
         save_file(state, str(tmp / _WEIGHTS), metadata={"format": _FORMAT})
@@ -90,13 +119,74 @@ def save_compressed(model: nn.Module, folder: str | os.PathLike) -> Path:
             "shapes": {k: list(v.shape) for k, v in state.items()},
             "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in state.items()},
             "config": _hf_config(model),
+            "files": sorted(_OWN_FILES),
         }
         (tmp / _CONFIG).write_text(json.dumps(config, indent=1))
-        _swap_in(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return folder
+
+    return replace_folder(folder, fill)
+
+
+def _check_replaceable(folder: Path, *, overwrite: bool) -> None:
+    """Refuse to replace anything but a new or empty folder, or one we wrote before."""
+    if folder.is_symlink():
+        msg = (
+            f"`folder` {folder} is a symbolic link: refusing to replace it; pass the "
+            "path it points to, or a new path"
+        )
+        raise ValueError(msg)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        msg = (
+            f"`folder` {folder} is an existing file, not a folder: refusing to replace it; "
+            "pass the path of a new or empty folder"
+        )
+        raise ValueError(msg)
+    _refuse_working_directory(folder)
+    if overwrite:
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return
+    own = _files_written_by_us(folder)
+    others = [e for e in entries if e not in own]
+    if others:
+        what = "was not written by save_compressed" if not own else "holds other files"
+        msg = (
+            f"`folder` {folder} {what} ({len(others)} other entries, e.g. {others[:5]}): "
+            "refusing to delete them. Save to a new or empty folder, or pass "
+            "overwrite=True to replace the whole folder (its other files are deleted)"
+        )
+        raise ValueError(msg)
+
+
+def _refuse_working_directory(folder: Path) -> None:
+    resolved, cwd = folder.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        msg = (
+            f"`folder` {folder} is the working directory or one of its parents: refusing to "
+            "replace it (even with overwrite=True); save to a new subfolder"
+        )
+        raise ValueError(msg)
+
+
+def _files_written_by_us(folder: Path) -> set[str]:
+    """Names that an earlier ``save_compressed`` wrote in ``folder`` (empty if none)."""
+    config_path = folder / _CONFIG
+    if not config_path.is_file() or config_path.stat().st_size > _MAX_CONFIG_BYTES:
+        return set()
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return set()
+    if not isinstance(config, dict) or config.get("format") != _FORMAT:
+        return set()
+    files = config.get("files", sorted(_OWN_FILES))
+    if not isinstance(files, list) or not all(
+        isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..") for f in files
+    ):
+        return set()
+    return {*files, _CONFIG}
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,20 +198,6 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.clone() if ptr in seen else v
         seen.setdefault(ptr, k)
     return out
-
-
-def _swap_in(tmp: Path, folder: Path) -> None:
-    if not folder.exists():
-        os.replace(tmp, folder)
-        return
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    os.replace(folder, old)
-    try:
-        os.replace(tmp, folder)
-    except OSError:
-        os.replace(old, folder)  # put the previous model back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_config(folder: Path) -> dict:

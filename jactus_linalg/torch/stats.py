@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .._files import atomic_write
 from ..covariance import LayerStatistics, MomentAccumulator
 
 __all__ = ["CalibrationStats", "LayerInfo"]
@@ -132,8 +132,15 @@ class CalibrationStats:
     # -- persistence ----------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write to one safetensors file (atomic: temp file, then rename)."""
-        path = Path(path)
+        """Write to one safetensors file (atomic: temp file, then rename).
+
+        Raises
+        ------
+        ValueError
+            If ``path`` does not end in ``.safetensors`` (the only suffix
+            :meth:`load` reads) or is an existing directory.
+        """
+        path = _check_path(path)
         tensors: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         for key, acc in self.inputs.items():
@@ -154,16 +161,8 @@ class CalibrationStats:
             "n_batches": self.n_batches,
             "meta": self.meta,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"jactus": json.dumps(header)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        metadata = {"jactus": json.dumps(header)}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @staticmethod
     def _mode(accs: dict[str, MomentAccumulator]) -> str:
@@ -187,9 +186,10 @@ class CalibrationStats:
             tensors' names, shapes, dtypes or values (NaN / Inf) do not match
             that header.
         """
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            msg = f"`path` must be a .safetensors file written by CalibrationStats.save; got {path}"
+        path = _check_path(path)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist or is not a regular file"
+            msg = f"`path` {path} {what}; pass a .safetensors file written by CalibrationStats.save"
             raise ValueError(msg)
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -251,6 +251,19 @@ class CalibrationStats:
 
 
 _SAFETENSORS_FLOATS = {"F32": "float32", "F64": "float64"}
+SUFFIX = ".safetensors"
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, if it names a ``.safetensors`` file (the only format read or written)."""
+    path = Path(path)
+    if path.suffix != SUFFIX:
+        msg = (
+            f"`path` must be a {SUFFIX} file (statistics are written and read only as "
+            f"safetensors, never pickled); got {path}"
+        )
+        raise ValueError(msg)
+    return path
 
 
 def _malformed(path: Path, what: str) -> ValueError:

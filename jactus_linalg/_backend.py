@@ -36,6 +36,7 @@ __all__ = [
     "decomposition_dtype",
     "device_of",
     "eigh",
+    "eigvalsh",
     "eps",
     "eye",
     "is_floating",
@@ -44,6 +45,7 @@ __all__ = [
     "namespace",
     "qr_r",
     "qr_reduced",
+    "random_normal",
     "solve_triangular",
     "sum_of_squares",
     "svd_reduced",
@@ -136,13 +138,13 @@ def inverse_frobenius_squared(xp: ModuleType, lower: Array) -> float:
 
     ``L`` must hold zeros above its diagonal.
 
-    numpy and torch on CPU: LAPACK ``trtri`` (:math:`n^3/3` flops, a third of
-    a solve against the identity; a torch CPU tensor is shared with numpy,
-    not copied); torch on other devices: ``cholesky_inverse`` (``potri``),
-    on the device; other namespaces: a solve against the identity.
+    numpy: LAPACK ``trtri`` through scipy (:math:`n^3/3` flops, a third of a
+    solve against the identity); torch on any device: ``cholesky_inverse``
+    (``potri``) through torch's own LAPACK (MKL on CPU), never scipy's: a
+    scipy (OpenBLAS) call between torch's MKL calls leaves OpenBLAS threads
+    spinning and slows the next MKL SVD 2-3x on a small machine (issue 17);
+    other namespaces: a solve against the identity.
     """
-    if is_torch(xp) and lower.device.type == "cpu":
-        return inverse_frobenius_squared(np, lower.detach().resolve_conj().numpy())
     if is_numpy(xp):
         (trtri,) = scipy.linalg.get_lapack_funcs(("trtri",), (lower,))
         # trtri copies the strict upper triangle through: zero in the factors
@@ -198,8 +200,16 @@ def as_numpy(x: Array) -> np.ndarray:
         return np.asarray(x)
 
 
-def svd_reduced(xp: ModuleType, a: Array) -> tuple[Array, Array, Array]:
-    """Thin SVD ``a = U diag(s) Vh`` (LAPACK gesdd on CPU)."""
+def svd_reduced(xp: ModuleType, a: Array, *, dtype: Any = None) -> tuple[Array, Array, Array]:
+    """Thin SVD ``a = U diag(s) Vh`` (LAPACK gesdd on CPU).
+
+    ``dtype`` (e.g. float32 for a float64 ``a``): decompose a copy of ``a``
+    in that dtype and return the factors cast back to ``a``'s dtype. See
+    :func:`jactus_linalg.whitening.svd_dtype` for when that is accurate.
+    """
+    if dtype is not None and dtype != a.dtype:
+        u, s, vh = svd_reduced(xp, astype(xp, a, dtype))
+        return astype(xp, u, a.dtype), astype(xp, s, a.dtype), astype(xp, vh, a.dtype)
     if is_numpy(xp):
         u, s, vh = scipy.linalg.svd(
             a, full_matrices=False, check_finite=False, lapack_driver="gesdd"
@@ -228,6 +238,26 @@ def qr_reduced(xp: ModuleType, a: Array) -> tuple[Array, Array]:
         return q, r
     q, r = xp.linalg.qr(a, mode="reduced")
     return q, r
+
+
+def eigvalsh(xp: ModuleType, a: Array) -> Array:
+    """Eigenvalues of a symmetric matrix, ascending (no eigenvectors)."""
+    if is_numpy(xp):
+        return scipy.linalg.eigh(a, eigvals_only=True, check_finite=False, driver="evd")
+    return xp.linalg.eigvalsh(a)
+
+
+def random_normal(xp: ModuleType, shape: tuple[int, int], dtype: Any, like: Array, seed: int) -> Array:
+    """Standard normal ``shape`` array of ``like``'s kind and device, from a fixed seed.
+
+    Drawn by numpy on the host (same numbers on every backend), then moved.
+    """
+    host = np.random.default_rng(seed).standard_normal(shape)
+    if is_torch(xp):
+        import torch  # noqa: PLC0415
+
+        return torch.from_numpy(host).to(device=like.device, dtype=dtype)
+    return xp.asarray(host, dtype=dtype, device=device_of(like))
 
 
 def eigh(xp: ModuleType, a: Array) -> tuple[Array, Array]:

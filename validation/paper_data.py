@@ -28,11 +28,16 @@ import json
 import re
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from commonsense import MCItem, collate_tuning
-from parts import LanguagePart, Part, VisionPart
+
+from validation.commonsense import MCItem, collate_tuning
+from validation.parts import LanguagePart, Part, VisionPart
+
+if TYPE_CHECKING:
+    from validation.run_paper import PaperInputs
 
 __all__ = ["VISION_DATASETS", "paper_language", "paper_vision_parts"]
 
@@ -61,8 +66,8 @@ def _require(path: Path | None, flag: str) -> Path:
     return Path(path)
 
 
-def _device(args) -> torch.device:
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def _device(inputs: PaperInputs) -> torch.device:
+    name = inputs.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.device("cuda", torch.distributed.get_rank() % torch.cuda.device_count())
     return torch.device(name)
@@ -124,14 +129,14 @@ class _ImageTask:
         return {"tune": self.tune_ids, "test": self.test_ids}
 
 
-def paper_vision_parts(cfg, seed: int, args) -> list[Part]:
+def paper_vision_parts(cfg, seed: int, inputs: PaperInputs, progress: bool = True) -> list[Part]:
     """One :class:`VisionPart` per dataset, each from the same ImageNet-21k checkpoint."""
     from transformers import ViTForImageClassification  # noqa: PLC0415
 
-    checkpoint = _require(args.vit_checkpoint, "--vit-checkpoint")
-    root = _require(args.vision_data, "--vision-data")
-    names = args.vision_datasets.split(",") if args.vision_datasets else list(VISION_DATASETS)
-    dtype = getattr(torch, args.dtype)
+    checkpoint = _require(inputs.vit_checkpoint, "--vit-checkpoint")
+    root = _require(inputs.vision_data, "--vision-data")
+    names = list(inputs.vision_datasets or VISION_DATASETS)
+    dtype = getattr(torch, inputs.dtype)
     parts = []
     for name in names:
         folder = root / name
@@ -142,17 +147,18 @@ def paper_vision_parts(cfg, seed: int, args) -> list[Part]:
         test_images, test_labels, _ = _load_split(folder, "test")
         model = ViTForImageClassification.from_pretrained(
             checkpoint, num_labels=n_classes, ignore_mismatched_sizes=True, use_safetensors=True,
+            local_files_only=True,
         )
         task = _ImageTask(
             _pixels(train_images, model), torch.tensor(train_labels),
             _pixels(test_images, model), torch.tensor(test_labels), name,
         )
-        model = model.to(device=_device(args), dtype=dtype)
+        model = model.to(device=_device(inputs), dtype=dtype)
         part = VisionPart(
             model, task, task_name=name, seed=seed, batch_size=cfg.batch_size,
             calibration_batches=cfg.calibration_batches, probe_steps=cfg.probe_steps,
             probe_lr=cfg.probe_lr, settings={**asdict(cfg), "dataset": name},
-            progress=not args.no_progress, device=_device(args),
+            progress=progress, device=_device(inputs),
         )
         part.name = f"vision/{name}"
         parts.append(part)
@@ -208,7 +214,7 @@ def _test_items(root: Path) -> list[MCItem]:
 
 
 def _tuning_batches(records: list[dict], tokenizer, cfg, seed: int) -> list[dict]:
-    from commonsense import tuning_example  # noqa: PLC0415
+    from validation.commonsense import tuning_example  # noqa: PLC0415
 
     order = np.random.default_rng(seed).permutation(len(records))
     examples = []
@@ -241,16 +247,16 @@ class _PaperLanguage(LanguagePart):
         self.eval_batch_size = cfg.eval_batch_size
 
 
-def paper_language(cfg, seed: int, args) -> Part:
+def paper_language(cfg, seed: int, inputs: PaperInputs) -> Part:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    checkpoint = _require(args.llama_checkpoint, "--llama-checkpoint")
-    train = _require(args.commonsense_train, "--commonsense-train")
-    test = _require(args.commonsense_test, "--commonsense-test")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    checkpoint = _require(inputs.llama_checkpoint, "--llama-checkpoint")
+    train = _require(inputs.commonsense_train, "--commonsense-train")
+    test = _require(inputs.commonsense_test, "--commonsense-test")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=getattr(torch, args.dtype), use_safetensors=True,
-    ).to(_device(args))
+        checkpoint, dtype=getattr(torch, inputs.dtype), use_safetensors=True, local_files_only=True,
+    ).to(_device(inputs))
     return _PaperLanguage(model, tokenizer, cfg, seed, train, test)

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from commonsense import TASKS, load_commonsense, score_items, tuning_batches
 from torch import nn
-from train import tune
+
+from validation.commonsense import TASKS, load_commonsense, score_items, tuning_batches
+from validation.train import tune
 
 __all__ = ["LanguagePart", "Part", "VisionPart"]
 

@@ -3,6 +3,7 @@
 Usage
 -----
 ``python validation/run_paper.py``                     the embedded default (offline, CPU, <= 30 min)
+``python -m validation.run_paper``                      the same, as a module
 ``python validation/run_paper.py --preset full``       + language ablations and retain sweep
 ``python validation/run_paper.py --preset smoke``      every method on tiny models, seconds (CI)
 ``torchrun --nproc_per_node 8 validation/run_paper.py --preset paper --vit-checkpoint ... ``
@@ -14,6 +15,13 @@ rate differs between trainable kinds (cores vs adapters). Results go to
 ``--out`` (default ``results/<preset>``): ``results.json``, ``results.csv``,
 ``results.md`` and PNG plots. Finished methods are kept in ``methods/`` and
 skipped on a rerun with the same settings, so an interrupted run resumes.
+
+The command line is read once, by :func:`run_config`, into a
+:class:`RunConfig` (the preset with its overrides applied, the output
+folder, the method filter, the paper preset's local inputs); everything
+after that takes the fields it needs, never the argparse namespace. Every
+model and data set is read from a local folder (``local_files_only``), so
+no run touches the network.
 """
 
 from __future__ import annotations
@@ -29,15 +37,13 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from methods import Method, build_method, method_grid  # noqa: E402
-from report import (  # noqa: E402
+from jactus_linalg import DEFAULT_DAMPING, DEFAULT_TASK_FRACTION
+from jactus_linalg.torch import CalibrationStats, calibrate
+from validation.methods import Method, build_method, method_grid
+from validation.report import (
     ResultRow,
     bootstrap_macro_ci,
     macro_average,
@@ -47,10 +53,7 @@ from report import (  # noqa: E402
     plot_layer_profile,
     write_results,
 )
-from train import tune  # noqa: E402
-
-from jactus_linalg import DEFAULT_DAMPING, DEFAULT_TASK_FRACTION  # noqa: E402
-from jactus_linalg.torch import CalibrationStats, calibrate  # noqa: E402
+from validation.train import tune
 
 PAPER_REPORTED = {
     "vision": {"JACTUS@0.8": 89.2, "DoRA@1.0": 87.9},
@@ -136,24 +139,51 @@ def presets() -> dict[str, Preset]:
     return {p.name: p for p in (default, full, smoke, paper)}
 
 
+@dataclass(frozen=True)
+class PaperInputs:
+    """Local checkpoints and data of ``--preset paper`` (unused by the other presets)."""
+
+    vit_checkpoint: Path | None = None
+    vision_data: Path | None = None
+    vision_datasets: tuple[str, ...] = ()  # empty: every dataset of paper_data.VISION_DATASETS
+    llama_checkpoint: Path | None = None
+    commonsense_train: Path | None = None
+    commonsense_test: Path | None = None
+    device: str | None = None  # None: cuda when available
+    dtype: str = "bfloat16"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of the runner, built once from the command line by :func:`run_config`."""
+
+    preset: Preset  # with the command-line overrides applied
+    out: Path
+    method_filter: tuple[str, ...] = ()  # run methods whose name contains one of these (empty: all)
+    threads: int | None = None  # torch CPU threads (None: each part's own setting)
+    progress: bool = True
+    paper: PaperInputs = field(default_factory=PaperInputs)
+    command: str = "python validation/run_paper.py"
+
+
 # ----------------------------------------------------------------------------- parts
 
 
-def build_language(cfg: PartConfig, seed: int, args) -> object:
-    from parts import LanguagePart  # noqa: PLC0415
+def build_language(cfg: PartConfig, seed: int, config: RunConfig) -> object:
+    from validation.parts import LanguagePart  # noqa: PLC0415
 
     if cfg.model == "smollm2":
-        from assets import load_smollm2  # noqa: PLC0415
+        from validation.assets import load_smollm2  # noqa: PLC0415
 
         model, tokenizer = load_smollm2()
     elif cfg.model == "tiny":
-        from assets import tiny_llama  # noqa: PLC0415
+        from validation.assets import tiny_llama  # noqa: PLC0415
 
         model, tokenizer = tiny_llama(seed=seed)
     elif cfg.model == "paper":
-        from paper_data import paper_language  # noqa: PLC0415
+        from validation.paper_data import paper_language  # noqa: PLC0415
 
-        return [paper_language(cfg, seed, args)]
+        return [paper_language(cfg, seed, config.paper)]
     else:
         msg = f"unknown language model {cfg.model!r}"
         raise ValueError(msg)
@@ -165,17 +195,17 @@ def build_language(cfg: PartConfig, seed: int, args) -> object:
     )]
 
 
-def build_vision(cfg: PartConfig, seed: int, args) -> object:
-    from parts import VisionPart  # noqa: PLC0415
+def build_vision(cfg: PartConfig, seed: int, config: RunConfig) -> object:
+    from validation.parts import VisionPart  # noqa: PLC0415
 
     if cfg.model == "paper":
-        from paper_data import paper_vision_parts  # noqa: PLC0415
+        from validation.paper_data import paper_vision_parts  # noqa: PLC0415
 
-        return paper_vision_parts(cfg, seed, args)
-    import vision  # noqa: PLC0415
+        return paper_vision_parts(cfg, seed, config.paper, progress=config.progress)
+    from validation import vision  # noqa: PLC0415
 
     if cfg.model == "fmnist-vit":
-        model = vision.pretrained_vit(seed=seed, progress=not args.no_progress)
+        model = vision.pretrained_vit(seed=seed, progress=config.progress)
     elif cfg.model == "tiny-vit":
         model = vision.tiny_pretrained_vit(seed=seed, epochs=1)
     else:
@@ -186,7 +216,7 @@ def build_vision(cfg: PartConfig, seed: int, args) -> object:
     return [VisionPart(
         model, task, task_name="digits", seed=seed, batch_size=cfg.batch_size,
         calibration_batches=cfg.calibration_batches, probe_steps=cfg.probe_steps,
-        probe_lr=cfg.probe_lr, settings=asdict(cfg), progress=not args.no_progress,
+        probe_lr=cfg.probe_lr, settings=asdict(cfg), progress=config.progress,
     )]
 
 
@@ -411,8 +441,9 @@ def _plots(out: Path, part: str, rows: list[ResultRow], records: dict) -> None:
                        f"{rec['method']['name']}", out / f"predicted_loss_{part}.png", log=True)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python validation/run_paper.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(presets()), default="default")
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/<preset>)")
     p.add_argument("--parts", default="language,vision", help="comma-separated parts to run")
@@ -436,10 +467,33 @@ def parse_args(argv=None):
     g.add_argument("--commonsense-test", type=Path, help="folder with <task>/test.json")
     g.add_argument("--device", default=None, help="cpu or cuda (paper preset default: cuda)")
     g.add_argument("--dtype", default="bfloat16", help="model dtype for the paper preset")
-    return p.parse_args(argv)
+    return p
 
 
-def configure(preset: Preset, args) -> Preset:
+def run_config(argv: list[str] | None = None) -> RunConfig:
+    """Read the command line (``sys.argv[1:]`` by default) once into a :class:`RunConfig`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    preset = configure(presets()[args.preset], args)
+    paper = PaperInputs(
+        vit_checkpoint=args.vit_checkpoint, vision_data=args.vision_data,
+        vision_datasets=tuple(d.strip() for d in args.vision_datasets.split(",")) if args.vision_datasets else (),
+        llama_checkpoint=args.llama_checkpoint, commonsense_train=args.commonsense_train,
+        commonsense_test=args.commonsense_test, device=args.device, dtype=args.dtype,
+    )
+    return RunConfig(
+        preset=preset,
+        out=args.out or Path("results") / preset.name,
+        method_filter=tuple(w.strip() for w in args.methods.split(",")) if args.methods else (),
+        threads=args.threads,
+        progress=not args.no_progress,
+        paper=paper,
+        command=" ".join(["python validation/run_paper.py", *argv]),
+    )
+
+
+def configure(preset: Preset, args: argparse.Namespace) -> Preset:
+    """The preset with the command-line overrides applied (called by :func:`run_config` only)."""
     # command-line override -> PartConfig field, applied to both parts when given
     fields = {"retain": "retains", "steps": "steps", "n_test": "n_test", "n_tune": "n_tune",
               "calibration_batches": "calibration_batches", "probe_steps": "probe_steps",
@@ -463,24 +517,24 @@ def configure(preset: Preset, args) -> Preset:
     return replace(preset, language=lang, vision=vis, seed=seed)
 
 
-def methods_for(cfg: PartConfig, args) -> list[Method]:
+def methods_for(cfg: PartConfig, method_filter: tuple[str, ...] = ()) -> list[Method]:
     methods = method_grid(cfg.retains, ablations=cfg.ablations, base=cfg.base_row,
                           task_fraction=cfg.task_fraction, svd_ctf=cfg.svd_ctf,
                           keep_dense=cfg.keep_dense, untuned=cfg.untuned_rows)
-    if args.methods:
-        wanted = [w.strip() for w in args.methods.split(",")]
-        methods = [m for m in methods if any(w in m.name for w in wanted)]
+    if method_filter:
+        methods = [m for m in methods if any(w in m.name for w in method_filter)]
     return methods
 
 
-def run_part(part, cfg: PartConfig, seed: int, args, out: Path, progress: bool,
+def run_part(part, cfg: PartConfig, seed: int, config: RunConfig, progress: bool,
              timings: dict) -> dict[str, dict]:
     """Every method of one part; finished methods are read back instead of rerun."""
     part_key = fingerprint({"cfg": asdict(cfg), "seed": seed, "part": part.name})
     stats = None
     records: dict[str, dict] = {}
     safe = part.name.replace("/", "-")
-    for method in methods_for(cfg, args):
+    out = config.out
+    for method in methods_for(cfg, config.method_filter):
         key = fingerprint({"part": part_key, "method": method.to_dict()})
         path = out / "methods" / f"{safe}__{method.key()}__{key}.json"
         if path.exists():
@@ -528,18 +582,23 @@ def combine_subparts(group: str, all_records: dict, parts_info: dict) -> None:
     }
 
 
-def main(argv=None) -> Path:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def main(argv: list[str] | None = None) -> Path:
+    """The command-line entry point: :func:`run` of :func:`run_config` of ``argv``."""
+    # tokenizers' thread pool and torch's forked workers do not mix; set for this process only
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run(run_config(argv))
+
+
+def run(config: RunConfig) -> Path:
+    """Every enabled part of ``config.preset``; returns the results folder."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
     if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
-    preset = configure(presets()[args.preset], args)
-    out = args.out or Path("results") / preset.name
+    preset, out, command = config.preset, config.out, config.command
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress and is_main_process()
-    command = " ".join(["python validation/run_paper.py", *(argv if argv is not None else sys.argv[1:])])
+    progress = config.progress and is_main_process()
     all_records: dict[str, dict] = {}
     parts_info: dict[str, dict] = {}
     timings: dict[str, float] = {}
@@ -547,13 +606,13 @@ def main(argv=None) -> Path:
         cfg: PartConfig = getattr(preset, group)
         if not cfg.enabled:
             continue
-        if cfg.threads and not args.threads:
+        if cfg.threads and not config.threads:
             torch.set_num_threads(cfg.threads)
         start = time.perf_counter()
-        parts = builder(cfg, preset.seed, args)
+        parts = builder(cfg, preset.seed, config)
         timings[f"{group}: setup"] = time.perf_counter() - start
         for part in parts:
-            records = run_part(part, cfg, preset.seed, args, out, progress, timings)
+            records = run_part(part, cfg, preset.seed, config, progress, timings)
             all_records[part.name] = records
             parts_info[part.name] = {"tasks": part.tasks, "splits": part.split_ids}
         combine_subparts(group, all_records, parts_info)

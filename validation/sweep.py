@@ -9,7 +9,8 @@ the same steps, data order and seed as ``run_paper.py``. Grids:
 2. for JACTUS at its best learning rate: the task fraction, the damping and
    whether layers may stay dense (``keep_dense``).
 
-Usage: ``python validation/sweep.py --part vision`` (a few minutes) or
+Usage: ``python validation/sweep.py --part vision`` (or ``python -m
+validation.sweep --part vision``; a few minutes) or
 ``--part language`` (about an hour on 2 cores). Writes ``sweep.json`` and
 ``sweep.md`` under ``--out`` (default ``results/sweep-<part>``) and resumes
 from finished configurations.
@@ -19,43 +20,44 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import numpy as np
 
-import numpy as np  # noqa: E402
-import run_paper  # noqa: E402
-from methods import Method  # noqa: E402
-from report import macro_average  # noqa: E402
+from validation import run_paper
+from validation.methods import Method
+from validation.report import macro_average
 
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 TAUS = (0.0, 0.1, 0.25, 0.5)
 DAMPINGS = (1e-3, 1e-2, 1e-1)
 
 
-def build_dev_part(name: str, cfg, seed: int, args):
-    """The part with its evaluation set replaced by held-back tune items."""
+def build_dev_part(name: str, cfg, seed: int, *, dev_per_task: int = 8, dev_size: int = 100):
+    """The part with its evaluation set replaced by held-back tune items.
+
+    ``dev_per_task`` language items per task, or ``dev_size`` vision images,
+    are held back from the tune part and scored instead of the test part.
+    """
     if name == "language":
-        from assets import load_smollm2  # noqa: PLC0415
-        from parts import LanguagePart  # noqa: PLC0415
+        from validation.assets import load_smollm2  # noqa: PLC0415
+        from validation.parts import LanguagePart  # noqa: PLC0415
 
         model, tokenizer = load_smollm2()
         return LanguagePart(
             model, tokenizer, n_tune=cfg.n_tune, n_test=cfg.n_test, seed=seed,
             batch_size=cfg.batch_size, max_length=cfg.max_length,
             calibration_batches=cfg.calibration_batches, eval_batch_size=cfg.eval_batch_size,
-            settings={}, dev_per_task=args.dev_per_task,
+            settings={}, dev_per_task=dev_per_task,
         )
-    import vision  # noqa: PLC0415
-    from parts import VisionPart  # noqa: PLC0415
+    from validation import vision  # noqa: PLC0415
+    from validation.parts import VisionPart  # noqa: PLC0415
 
     model = vision.replace_head(vision.pretrained_vit(seed=seed), num_labels=10, seed=seed)
     task = vision.digits_task(seed=seed, n_tune=cfg.n_tune, n_test=cfg.n_test)
-    dev = args.dev_size
+    dev = dev_size
     held = vision.DigitsTask(task.tune_x[:-dev], task.tune_y[:-dev], task.tune_ids[:-dev],
                              task.tune_x[-dev:], task.tune_y[-dev:], task.tune_ids[-dev:])
     return VisionPart(model, held, task_name="digits", seed=seed, batch_size=cfg.batch_size,
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "sweep.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
-    part = build_dev_part(args.part, cfg, preset.seed, args)
+    part = build_dev_part(args.part, cfg, preset.seed, dev_per_task=args.dev_per_task, dev_size=args.dev_size)
     stats = None
     progress = not args.no_progress
 

@@ -44,18 +44,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 
-try:  # imported as ``validation.vision`` (tests) or as ``vision`` (scripts in validation/)
-    from validation.assets import atomic_build, cache_dir
-except ModuleNotFoundError:  # pragma: no cover - script mode
-    from assets import atomic_build, cache_dir
+from validation.assets import atomic_build, cache_dir
 
 RECIPE_VERSION = "v1"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -463,7 +458,7 @@ def pretrained_vit(
     path = pretrained_vit_path(seed)
     if not path.is_dir():
         atomic_build(path, lambda tmp: _pretrain_to(tmp, seed, folder, progress))
-    model = ViTForImageClassification.from_pretrained(path)
+    model = ViTForImageClassification.from_pretrained(path, local_files_only=True)
     model.eval()
     return model
 

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "validation"))
 
 TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge",
          "openbookqa")
@@ -63,7 +62,7 @@ def _saved_dataset(folder: Path, rng) -> None:
 
 
 def _llama(folder: Path) -> None:
-    from assets import tiny_llama
+    from validation.assets import tiny_llama
 
     model, tokenizer = tiny_llama(seed=0)
     model.save_pretrained(folder)

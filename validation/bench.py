@@ -717,7 +717,7 @@ def input_groups(model, example) -> dict[str, str]:
     """``{target layer: name of the first target reading the same input tensor}``."""
     import torch
 
-    from jactus_linalg.torch import find_targets
+    from jactus_linalg.torch.targets import find_targets
 
     first: dict[int, str] = {}
     groups: dict[str, str] = {}
@@ -758,7 +758,8 @@ def synthetic_stats(model, example, seed: int = 0):
     import torch
 
     from jactus_linalg import MomentAccumulator
-    from jactus_linalg.torch import CalibrationStats, LayerInfo, find_targets
+    from jactus_linalg.torch.stats import CalibrationStats, LayerInfo
+    from jactus_linalg.torch.targets import find_targets
 
     targets = find_targets(model)
     groups = input_groups(model, example)
@@ -820,7 +821,9 @@ def compress_worker(quick: bool) -> dict:
     """Build ViT-Base and its statistics, then time ``compress`` and its peak RSS increase."""
     import torch
 
-    from jactus_linalg.torch import compress, core_parameters, find_targets, lora_adapter_params
+    from jactus_linalg.torch import compress, core_parameters
+    from jactus_linalg.torch.baselines import lora_adapter_params
+    from jactus_linalg.torch.targets import find_targets
 
     config = vit_config(quick)
     model = build_vit(config)

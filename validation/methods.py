@@ -162,9 +162,8 @@ def build_method(
             model, stats, retain=method.retain, method="jactus", progress=progress,
             task_fraction=opts.get("task_fraction", _default_tau()),
             grad_whitening=opts.get("grad_whitening", True),
-            allocation=opts.get("allocation", "global"),
-            keep_dense=opts.get("keep_dense", True), dtype=dtype, **damp,
-        )
+            allocation=opts.get("allocation", "global"), dtype=dtype, **damp,
+        )  # an option "keep_dense" is ignored: the package removed it (dense layers get cores)
         half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
         # float32 cores on a half-precision model, like peft's float32 adapters
         mark_trainable(model, extra=head, core_dtype=torch.float32 if half else None)

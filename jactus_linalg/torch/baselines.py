@@ -18,7 +18,6 @@ from torch import nn
 
 from ..allocation import factor_params
 from .compress import CompressionReport, allocate, plan_compression, replace_layers
-from .layer import JactusLinear
 from .stats import CalibrationStats
 from .targets import find_targets
 
@@ -170,8 +169,3 @@ def compress_then_lora(
         adapter_params=adapter,
         total_retain=(report.params_after + adapter) / total,
     )
-
-
-def is_compressed(model: nn.Module) -> bool:
-    """True if ``model`` holds a :class:`JactusLinear`."""
-    return any(isinstance(m, JactusLinear) for m in model.modules())

@@ -1,23 +1,33 @@
 """Whole-model compression: plan every layer with the core, allocate ranks globally, swap layers.
 
-``compress(model, stats, retain=0.8)`` is three steps, each reusable:
+``compress(model, stats, JactusConfig(retain=0.8))`` (or
+``compress(model, stats, retain=0.8)``) is four steps, the first three
+reusable on their own:
 
 1. :func:`plan_compression` factors each input covariance once per input
    group and calls :func:`jactus_linalg.plan_layer` for every target layer
    (one decomposition per layer, whatever the final rank);
 2. :func:`allocate` turns the ``retain`` budget into per-layer ranks with
-   :func:`jactus_linalg.allocate_ranks` (or :func:`~jactus_linalg.allocate_uniform`);
-3. :func:`replace_layers` swaps each ``nn.Linear`` for a :class:`JactusLinear`.
+   the core's budget solver;
+3. :func:`replace_layers` swaps each factored ``nn.Linear`` for a
+   :class:`JactusLinear`;
+4. every target layer kept dense gets a mergeable core
+   (:class:`~jactus_linalg.torch.merge.MergeableLinear`, ``dense_cores``),
+   and :func:`~jactus_linalg.torch.mark_trainable` leaves only the cores
+   trainable (``trainable="cores"``), as PEFT's ``get_peft_model`` does.
 
 The budget counts the whole model: ``retain = parameters after / parameters
-before``. Parameters outside the targets (embeddings, norms, head, biases)
-are kept and count against it. Every target keeps rank >= 1; a layer whose
-allocation reaches its break-even rank stays dense.
+before``, counted as deployed (after :func:`~jactus_linalg.torch.merge`).
+Parameters outside the targets (embeddings, norms, head, biases) are kept
+and count against it. Every factored layer keeps rank >= ``min_rank``; a
+layer whose allocation reaches its break-even rank stays dense (factored
+there, it would hold as many numbers and lose information); ``retain=1``
+keeps every layer dense.
 """
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -38,28 +48,24 @@ from ..covariance import CovarianceRoot, LayerStatistics
 from ..jactus import DEFAULT_TASK_FRACTION, LayerPlan, plan_layer
 from ..lowrank import WhiteningInfo, curvature_error, info_of, orthonormal_factors
 from ..whitening import DEFAULT_DAMPING, WhiteningOperator, whitening_operator
+from .config import METHODS, JactusConfig, check_field_names
 from .layer import JactusLinear
+from .merge import MergeableLinear
 from .stats import CalibrationStats
 from .targets import find_targets
+from .tuning import core_parameters, mark_trainable
 
 __all__ = [
     "METHODS",
     "CompressionPlan",
     "CompressionReport",
     "LayerReport",
+    "add_dense_cores",
     "allocate",
     "compress",
     "plan_compression",
     "replace_layers",
 ]
-
-#: method -> (uses input_cov, uses grad_cov, uses task directions)
-METHODS: dict[str, tuple[bool, bool, bool]] = {
-    "svd": (False, False, False),
-    "svd-llm": (True, False, False),
-    "kfac": (True, True, False),
-    "jactus": (True, True, True),
-}
 
 GAIN_UNITS = {
     "svd": "squared Frobenius norm of the weight (no data)",
@@ -85,11 +91,14 @@ class LayerReport:
     #: gradient covariances (``None`` where that statistic was not used).
     input_whitening: WhiteningInfo | None = None
     grad_whitening: WhiteningInfo | None = None
+    #: Shape ``(a, b)`` of the mergeable core of a layer kept dense (``None``
+    #: for a factored layer, or one kept dense without a core).
+    dense_core: tuple[int, int] | None = None
 
 
 @dataclass
 class CompressionReport:
-    """Per-layer ranks, parameter counts and predicted loss increase."""
+    """Per-layer ranks, parameter counts (as deployed, after merging) and predicted loss increase."""
 
     method: str
     retain_target: float
@@ -102,6 +111,8 @@ class CompressionReport:
     gain_units: str
     layers: list[LayerReport]
     notes: list[str] = field(default_factory=list)
+    #: The configuration that produced this report (set by :func:`compress`).
+    config: JactusConfig | None = None
 
     @property
     def total_predicted_loss_increase(self) -> float | None:
@@ -446,7 +457,7 @@ def replace_layers(
         lp = plan.plans[name]
         # factor, orthonormalise and measure in the working precision (at least
         # float32); round to the model's dtype once, at the end
-        cut = lp._replace(weight_dtype=lp.core.dtype).factorize(rank)
+        cut = _working_factorization(lp, rank)
         factors = (cut.left, cut.core, cut.right)
         if basis == "orthonormal":
             factors = orthonormal_factors(*factors)
@@ -529,23 +540,155 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _working_factorization(lp: LayerPlan, rank: int):
+    """The plan cut at ``rank`` with factors in the working precision (at least float32)."""
+    return lp._replace(weight_dtype=lp.core.dtype).factorize(rank)
+
+
+def _resolve_config(config: object, fields: dict[str, Any]) -> JactusConfig:
+    """``config`` with ``fields`` applied, or a config made of ``fields``."""
+    check_field_names(fields)
+    if config is None:
+        return JactusConfig(**fields)
+    if not isinstance(config, JactusConfig):
+        hint = (
+            f" (to set the budget, pass `retain={config!r}`)"
+            if isinstance(config, int | float) and not isinstance(config, bool)
+            else ""
+        )
+        msg = f"`config` must be a JactusConfig or None; got {type(config).__name__}{hint}"
+        raise TypeError(msg)
+    return config.replace(**fields) if fields else config
+
+
+def _check_model_and_stats(model: object, stats: object) -> None:
+    if not isinstance(model, nn.Module):
+        msg = f"`model` must be a torch nn.Module; got {type(model).__name__}"
+        raise TypeError(msg)
+    if not isinstance(stats, CalibrationStats):
+        msg = (
+            "`stats` must be the CalibrationStats that `calibrate(model, batches, loss_fn)` "
+            f"returns (or `CalibrationStats.load(path)`); got {type(stats).__name__}"
+        )
+        raise TypeError(msg)
+    cored = [n for n, m in model.named_modules() if isinstance(m, MergeableLinear)]
+    if cored:
+        msg = (
+            f"`model` is already compressed (it holds mergeable cores, e.g. `{cored[0]}`); "
+            "compress the original dense model (or `merge(model)` first)"
+        )
+        raise ValueError(msg)
+
+
+def _selected_stats(model: nn.Module, stats: CalibrationStats, config: JactusConfig) -> CalibrationStats:
+    """``stats`` restricted to ``config.target_modules`` minus ``config.exclude_modules``."""
+    if config.target_modules is None and config.exclude_modules is None:
+        return stats
+    _check_not_compressed(model)
+    calibrated = list(_target_modules(model, stats))  # checks stats against the model
+    targets = calibrated if config.target_modules is None else config.target_modules
+    key = "target_modules" if config.exclude_modules is None else "target_modules/exclude_modules"
+    try:
+        chosen = find_targets(model, targets, exclude=config.exclude_modules)
+    except ValueError as err:
+        msg = f"`{key}` select no layer: {err}"
+        raise ValueError(msg) from err
+    lacking = [n for n in chosen if n not in stats.layers]
+    if lacking:
+        msg = (
+            f"`target_modules`={config.target_modules!r} selects {len(lacking)} layer(s) that "
+            f"`stats` has no statistics for, e.g. {lacking[:3]}; calibrate with `targets` "
+            "covering them, or narrow `target_modules`"
+        )
+        raise ValueError(msg)
+    return CalibrationStats(
+        layers={n: info for n, info in stats.layers.items() if n in chosen},
+        inputs=stats.inputs,
+        grads=stats.grads,
+        grad_sums=stats.grad_sums,
+        n_batches=stats.n_batches,
+        meta={**stats.meta, "targets": None, "exclude": None},  # checked above
+    )
+
+
+def _pattern_matches(key: str, name: str) -> bool:
+    """PEFT's rule: ``key`` (a name or regex) matches ``name`` or its last dotted parts."""
+    return re.fullmatch(rf"(?:.*\.)?(?:{key})", name) is not None
+
+
+def _fixed_ranks(plan: CompressionPlan, rank_pattern: Mapping[str, int]) -> dict[str, int]:
+    """``rank_pattern`` resolved to planned layer names (the first matching key wins)."""
+    out: dict[str, int] = {}
+    for key, rank in rank_pattern.items():
+        names = [n for n in (*plan.plans, *plan.fixed_dense) if _pattern_matches(key, n)]
+        if not names:
+            msg = (
+                f"`rank_pattern` key {key!r} matches no compressed layer; layers here "
+                f"include {list(plan.plans)[:4]}"
+            )
+            raise ValueError(msg)
+        for name in names:
+            if name in out:
+                continue
+            limit = plan.plans[name].max_rank if name in plan.plans else 0
+            if rank > limit:
+                msg = (
+                    f"`rank_pattern[{key!r}]`={rank} exceeds layer `{name}`'s break-even "
+                    f"rank {limit} (at that rank its factors hold as many numbers as the "
+                    "dense weight); use a smaller rank, or `exclude_modules` to keep it dense"
+                )
+                raise ValueError(msg)
+            out[name] = rank
+    return out
+
+
+def _plan_options(config: JactusConfig) -> dict[str, Any]:
+    """Keyword arguments of :func:`plan_compression` from ``config``."""
+    options: dict[str, Any] = {
+        "method": config.method,
+        "task_fraction": config.task_fraction,
+        "grad_whitening": config.grad_whitening,
+        "whitening": config.whitening,
+        "dtype": config.dtype,
+    }
+    if config.damping is not None:  # else the method's default
+        options["damping"] = config.damping
+    if config.task_directions != "covariance":  # TEMP until plan_compression takes it
+        options["task_directions"] = config.task_directions
+    return options
+
+
+def add_dense_cores(model: nn.Module, plan: CompressionPlan, report: CompressionReport) -> None:
+    r"""Give every planned layer that ``report`` keeps dense a mergeable core, in place.
+
+    The core sits in the layer's union subspaces at its break-even rank
+    (:meth:`~jactus_linalg.LayerPlan.factorize`, then
+    :func:`~jactus_linalg.orthonormal_factors` for orthonormal bases) and
+    starts at zero. Each such :class:`LayerReport` records the core's shape
+    in ``dense_core``.
+    """
+    for layer in report.layers:
+        if layer.rank is not None or layer.name not in plan.plans:
+            continue  # factored, or too small to factor (no subspace planned)
+        lp = plan.plans[layer.name]
+        cut = _working_factorization(lp, lp.max_rank)
+        left, _, right = orthonormal_factors(cut.left, cut.core, cut.right)
+        mod = model.get_submodule(layer.name)
+        dtype = mod.weight.dtype
+        new = MergeableLinear.from_linear(mod, left.to(dtype), right.to(dtype))
+        _set_module(model, layer.name, new)
+        layer.dense_core = new.rank
+
+
 def compress(
     model: nn.Module,
     stats: CalibrationStats,
+    config: JactusConfig | None = None,
     *,
-    retain: float = 0.8,
-    task_fraction: float = DEFAULT_TASK_FRACTION,
-    method: str = "jactus",
-    damping: float | tuple[float, float] = DEFAULT_DAMPING,
-    allocation: str = "global",
-    grad_whitening: bool = True,
-    whitening: str = "cholesky",
-    basis: str = "orthonormal",
-    dtype: str | None = None,
-    keep_dense: bool = True,
     progress: bool = True,
+    **fields: Any,
 ) -> CompressionReport:
-    r"""Compress ``model`` in place to ``retain`` of its parameters.
+    r"""Compress ``model`` in place to ``config.retain`` of its parameters, ready to tune.
 
     Parameters
     ----------
@@ -553,73 +696,81 @@ def compress(
         The dense model that ``stats`` were collected on.
     stats : CalibrationStats
         From :func:`jactus_linalg.torch.calibrate`.
-    retain : float in (0, 1], optional
-        Parameters after / parameters before, over the whole model.
-    task_fraction : float in [0, 1], optional
-        :math:`\tau`, the share of each layer's rank spent on gradient
-        directions (``method="jactus"`` only).
-    method : {"jactus", "kfac", "svd-llm", "svd"}, optional
-        ``"svd"``: truncated SVD; ``"svd-llm"``: input whitening only;
-        ``"kfac"``: two-sided whitening; ``"jactus"``: two-sided whitening
-        plus the union with gradient directions.
-    damping : float or (float, float), optional
-        Relative damping of (input, gradient) covariances.
-    allocation : {"global", "uniform"}, optional
-        Greedy global allocation by gain per parameter, or the same
-        parameter fraction in every layer (ablation).
-    grad_whitening : bool, optional
-        ``False`` drops :math:`C_g` from the factorization (ablation).
-    whitening : {"cholesky", "eigh"}, optional
-    basis : {"orthonormal", "whitened"}, optional
-        How the frozen factors are stored (see :func:`replace_layers`).
-    dtype : {None, "float32", "float64"}, optional
-        Decomposition dtype. ``None`` keeps the statistics' dtype (float64 on
-        CPU); ``"float32"`` halves the time of the SVDs. Statistics are still
-        accumulated in float64; the weight is promoted to at least this dtype.
-    keep_dense : bool, optional
-        Keep a layer dense (frozen, no core) when its allocation reaches the
-        break-even rank (default, as DESIGN.md says). ``False`` factorizes it
-        at the break-even rank instead, so every target layer has a core.
+    config : JactusConfig, optional
+        Every choice (budget, method, targets, ranks, dtypes, what trains);
+        see :class:`~jactus_linalg.torch.JactusConfig`. Default: its defaults.
     progress : bool, optional
+        Show a progress bar while decomposing.
+    **fields
+        :class:`~jactus_linalg.torch.JactusConfig` fields, e.g.
+        ``retain=0.8``: they build the config, or override those of
+        ``config``.
 
     Returns
     -------
     CompressionReport
-        Per-layer ranks, parameters before and after, the achieved retain
-        fraction and the predicted loss increase
-        :math:`\tfrac12\lVert S_g^\top \Delta W S_x\rVert_F^2` per layer (for
-        every method, in the same K-FAC norm, when gradients were collected).
+        ``layers`` (each with ``name``, ``rank``, ``None`` for a layer kept
+        dense, and ``dense_core``, the shape of its mergeable core),
+        ``params_after`` (as deployed, after :func:`~jactus_linalg.torch.merge`),
+        the achieved retain fraction, the predicted loss increase
+        :math:`\tfrac12\lVert S_g^\top \Delta W S_x\rVert_F^2` per layer and
+        ``total_predicted_loss_increase`` (for every method, in the same
+        K-FAC norm, when gradients were collected), and ``config``.
 
     Raises
     ------
+    TypeError
+        If ``model``, ``stats`` or ``config`` has the wrong type, or a
+        field is unknown or of the wrong type.
     ValueError
-        On an unknown ``method``, ``retain`` outside (0, 1] or too small for
-        the non-target parameters, a model that is already compressed,
+        On a bad field value (named), ``retain`` too small for the
+        non-target parameters, a model that is already compressed,
         statistics from another model or with missing layers, non-finite
         statistics, weights or biases, a singular covariance with
         ``damping=0``, a layer that no loss gradient reached (for ``"kfac"``
         and ``"jactus"``; ``"svd-llm"`` and ``"svd"`` compress it and note
-        that its predicted loss is unavailable), or factors that overflow the
-        model's dtype. Every message names the layer and says what to do.
+        that its predicted loss is unavailable), a ``rank_pattern`` key that
+        matches no layer or asks for more than the break-even rank, or
+        factors that overflow the model's dtype. Every message names the
+        layer or the argument and says what to do.
 
     Notes
     -----
+    With ``trainable="cores"`` (default) the returned model trains only its
+    cores: :math:`C` of each factored layer, :math:`\Delta C` of each
+    mergeable core, plus ``modules_to_save``
+    (:func:`~jactus_linalg.torch.mark_trainable`). After tuning,
+    :func:`~jactus_linalg.torch.merge` folds the mergeable cores into their
+    weights; :func:`~jactus_linalg.torch.save_compressed` then writes the
+    model with its config (``model.jactus_config``).
+
     Each :class:`LayerReport` carries ``input_whitening`` and
     ``grad_whitening`` (:class:`~jactus_linalg.WhiteningInfo`: damping,
     effective rank, numerical rank, notes), also for layers kept dense.
     Factors are computed and orthonormalised in the working precision (at
     least float32) and rounded to the model's dtype once.
     """
-    plan = plan_compression(
-        model, stats, method=method, task_fraction=task_fraction, damping=damping,
-        grad_whitening=grad_whitening, whitening=whitening, dtype=dtype, progress=progress,
+    config = _resolve_config(config, fields)
+    _check_model_and_stats(model, stats)
+    selected = _selected_stats(model, stats, config)
+    plan = plan_compression(model, selected, progress=progress, **_plan_options(config))
+    fixed = _fixed_ranks(plan, config.rank_pattern)
+    extra = {"min_rank": config.min_rank} if config.min_rank != 1 else {}  # TEMP
+    if fixed:
+        extra["fixed_ranks"] = fixed
+    ranks = allocate(plan, config.retain, allocation=config.allocation, **extra)
+    report = replace_layers(
+        model, plan, ranks, retain=config.retain, allocation=config.allocation,
+        basis=config.basis,
     )
-    ranks = allocate(plan, retain, allocation=allocation, keep_dense=keep_dense)
-    return replace_layers(model, plan, ranks, retain=retain, allocation=allocation, basis=basis)
-
-
-def predicted_losses(report: CompressionReport) -> np.ndarray:
-    """Per-layer predicted loss increases as an array (NaN where unavailable)."""
-    return np.array(
-        [math.nan if r.predicted_loss_increase is None else r.predicted_loss_increase for r in report.layers]
-    )
+    report.config = config
+    if config.dense_cores:
+        add_dense_cores(model, plan, report)
+    if config.trainable == "cores":
+        if core_parameters(model):
+            core_dtype = None if config.core_dtype is None else getattr(torch, config.core_dtype)
+            mark_trainable(model, extra=config.modules_to_save, core_dtype=core_dtype)
+        else:
+            report.notes.append("no layer has a core: nothing was marked trainable")
+    model.jactus_config = config
+    return report

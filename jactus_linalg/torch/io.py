@@ -20,7 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._files import replace_folder
+from .config import JactusConfig
 from .layer import JactusLinear
+from .merge import has_unmerged_cores, merged_state_dict
 
 __all__ = ["load_compressed", "save_compressed"]
 
@@ -57,8 +59,39 @@ def _hf_config(model: nn.Module) -> dict | None:
     return config.to_dict() if config is not None and hasattr(config, "to_dict") else None
 
 
+def _jactus_config(model: nn.Module) -> dict | None:
+    """The :class:`JactusConfig` that ``compress`` attached to ``model``, as JSON values."""
+    config = getattr(model, "jactus_config", None)
+    return config.to_dict() if isinstance(config, JactusConfig) else None
+
+
+def _saved_jactus_config(config: dict, folder: Path) -> JactusConfig | None:
+    """The ``jactus_config`` record of ``jactus.json``, validated (``None`` if absent)."""
+    record = config.get("jactus_config")
+    if record is None:
+        return None
+    try:
+        return JactusConfig.from_dict(record)
+    except (TypeError, ValueError) as err:
+        msg = f"`folder` {folder}: {_CONFIG} holds an invalid `jactus_config` ({err}) (tampered file?)"
+        raise ValueError(msg) from err
+
+
+def _refuse_unmerged(model: nn.Module, merge: bool) -> list[str]:
+    """Names of the mergeable cores, refused unless ``merge``."""
+    unmerged = has_unmerged_cores(model)
+    if unmerged and not merge:
+        msg = (
+            f"`model` has {len(unmerged)} unmerged mergeable core(s) (e.g. `{unmerged[0]}`): "
+            "call `merge(model)` first (it folds them into their weights), or pass "
+            "`merge=True` to save the merged weights and leave `model` as it is"
+        )
+        raise ValueError(msg)
+    return unmerged
+
+
 def save_compressed(
-    model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
+    model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False, merge: bool = False
 ) -> Path:
     """Write ``model`` (compressed) to ``folder`` atomically.
 
@@ -81,6 +114,14 @@ def save_compressed(
         did not write: **the whole folder is replaced and those files are
         deleted**. Never allowed for the current working directory or a
         folder that contains it. Default ``False``.
+    merge : bool, optional
+        Save a model that still has mergeable cores (layers kept dense by
+        :func:`~jactus_linalg.torch.compress`) with each core folded into its
+        weight, as :func:`~jactus_linalg.torch.merge` would; ``model`` itself
+        is left as it is. Default ``False``: such a model is refused.
+
+    ``model.jactus_config`` (set by ``compress``) is saved in ``jactus.json``
+    and :func:`load_compressed` attaches it to the loaded model.
 
     Returns
     -------
@@ -90,7 +131,9 @@ def save_compressed(
     Raises
     ------
     ValueError
-        If ``model`` holds no :class:`JactusLinear`, is a peft model, or
+        If ``model`` has unmerged mergeable cores (without ``merge=True``),
+        holds no :class:`JactusLinear` (and was not made by ``compress``),
+        is a peft model, or
         ``folder`` is an existing file, a symbolic link, or a folder holding
         other files (without ``overwrite=True``), or the working directory
         or one of its parents.
@@ -101,15 +144,17 @@ def save_compressed(
             "model.merge_and_unload()`), then save the compressed model"
         )
         raise ValueError(msg)
+    unmerged = _refuse_unmerged(model, merge)
     layers = _layer_table(model)
-    if not layers:
+    if not layers and _jactus_config(model) is None:
         msg = "`model` holds no JactusLinear layer; save a compressed model"
         raise ValueError(msg)
     folder = Path(folder)
     _check_replaceable(folder, overwrite=overwrite)
 
     def fill(tmp: Path) -> None:
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        raw = merged_state_dict(model) if unmerged else model.state_dict()
+        state = {k: v.detach().contiguous() for k, v in raw.items()}
         state = _untie(state)
         save_file(state, str(tmp / _WEIGHTS), metadata={"format": _FORMAT})
         config = {
@@ -119,6 +164,7 @@ def save_compressed(
             "shapes": {k: list(v.shape) for k, v in state.items()},
             "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in state.items()},
             "config": _hf_config(model),
+            "jactus_config": _jactus_config(model),
             "files": sorted(_OWN_FILES),
         }
         (tmp / _CONFIG).write_text(json.dumps(config, indent=1))
@@ -297,6 +343,7 @@ def load_compressed(
     """
     folder = Path(folder)
     config = _read_config(folder)
+    saved_config = _saved_jactus_config(config, folder)
     if model is None:
         model = _build_model(config)
     if type(model).__name__ != config["architecture"]:
@@ -325,6 +372,8 @@ def load_compressed(
         raise ValueError(msg) from err
     _install_layers(model, config["layers"], state)
     model.load_state_dict(state, strict=True)
+    if saved_config is not None:
+        model.jactus_config = saved_config
     return model
 
 

@@ -1,4 +1,8 @@
-"""Tuning helpers: train only the cores (plus any new head), and count parameters."""
+"""Tuning helpers: train only the cores (plus any new head), and count parameters.
+
+The cores are those of the factored layers (:class:`JactusLinear`) and the
+mergeable cores of the layers kept dense (:class:`MergeableLinear`).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,26 @@ import torch
 from torch import nn
 
 from .layer import JactusLinear
+from .merge import MergeableLinear
+
+_WITH_CORE = (JactusLinear, MergeableLinear)
 
 __all__ = ["core_parameters", "count_parameters", "mark_trainable"]
 
 
 def core_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable cores :math:`C` of every :class:`JactusLinear` in ``model``."""
-    return [m.core.weight for m in model.modules() if isinstance(m, JactusLinear)]
+    r"""The cores of ``model``: :math:`C` of each :class:`JactusLinear`, :math:`\Delta C` of each mergeable core."""
+    return [m.core.weight for m in model.modules() if isinstance(m, _WITH_CORE)]
 
 
 def mark_trainable(
     model: nn.Module, extra: Sequence[str] | str = (), *, core_dtype: torch.dtype | None = None
 ) -> list[str]:
     """Freeze everything except the cores and the modules named in ``extra``.
+
+    :func:`~jactus_linalg.torch.compress` calls it (``trainable="cores"``,
+    ``modules_to_save`` as ``extra``); call it again to change ``extra`` or
+    ``core_dtype``.
 
     Parameters
     ----------
@@ -42,19 +53,19 @@ def mark_trainable(
     Raises
     ------
     ValueError
-        If ``model`` holds no :class:`JactusLinear`, or a name in ``extra``
-        matches no module.
+        If ``model`` holds no core (neither :class:`JactusLinear` nor
+        :class:`MergeableLinear`), or a name in ``extra`` matches no module.
     """
     cores = core_parameters(model)
     if not cores:
-        msg = "`model` holds no JactusLinear layer: compress it first"
+        msg = "`model` holds no core (no JactusLinear or MergeableLinear layer): compress it first"
         raise ValueError(msg)
     extra = [extra] if isinstance(extra, str) else list(extra)
     for p in model.parameters():
         p.requires_grad_(False)
     if core_dtype is not None:
         for mod in model.modules():
-            if isinstance(mod, JactusLinear):
+            if isinstance(mod, _WITH_CORE):
                 mod.core.to(core_dtype)
         cores = core_parameters(model)
     for p in cores:

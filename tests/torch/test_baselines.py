@@ -13,9 +13,9 @@ from jactus_linalg.torch import (
     compress,
     compress_then_lora,
     count_parameters,
-    lora_adapter_params,
     lora_model,
 )
+from jactus_linalg.torch.baselines import lora_adapter_params
 
 from .models import hf_loss, llama_batches, tiny_llama, tiny_vit
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from jactus_linalg.torch import JactusLinear, allocate, calibrate, compress, plan_compression
+from jactus_linalg.torch import JactusLinear, calibrate, compress, merge
+from jactus_linalg.torch.compress import allocate, plan_compression, replace_layers
 
 from ..numerics import tolerance
 from .models import (
@@ -50,6 +51,7 @@ def test_retain_is_met_within_one_unit(calibrated, kind, method, retain):
     model = copy.deepcopy(model)
     total = sum(p.numel() for p in model.parameters())
     report = compress(model, stats, retain=retain, method=method, progress=False)
+    merge(model)  # the budget counts the deployed model: mergeable cores folded in
     after = sum(p.numel() for p in model.parameters())
     assert report.params_before == total
     assert report.params_after == after
@@ -87,8 +89,6 @@ def test_exactly_low_rank_weights_are_reproduced():
     dense = model(x)
     compressed = copy.deepcopy(model)
     plan = plan_compression(compressed, stats, method="kfac", progress=False)
-    from jactus_linalg.torch import replace_layers
-
     replace_layers(compressed, plan, dict.fromkeys(plan.plans, 2), retain=1.0)
     cond = 1e3  # damping 1e-3 bounds the whitening's condition number
     tol = tolerance(torch.float64, 64, cond=cond)
@@ -206,15 +206,10 @@ def test_bf16_model_compresses_and_stays_bf16():
     assert torch.isfinite(model(**batches[0]).logits).all()
 
 
-@pytest.mark.parametrize("retain", [0.8, 1.0])
-def test_keep_dense_false_gives_every_layer_a_core(calibrated, retain):
+def test_keep_dense_is_gone_with_a_clear_error(calibrated):
     model, stats, _, _ = calibrated["vit"]
-    model = copy.deepcopy(model)
-    total = sum(p.numel() for p in model.parameters())
-    report = compress(model, stats, retain=retain, keep_dense=False, progress=False)
-    assert all(r.rank is not None for r in report.layers)
-    assert sum(isinstance(m, JactusLinear) for m in model.modules()) == len(report.layers)
-    assert sum(p.numel() for p in model.parameters()) <= retain * total
+    with pytest.raises(TypeError, match="keep_dense.*mergeable core"):
+        compress(copy.deepcopy(model), stats, retain=0.8, keep_dense=False, progress=False)
 
 
 def test_each_covariance_is_factored_once(calibrated, monkeypatch):

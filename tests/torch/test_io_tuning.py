@@ -18,6 +18,7 @@ from jactus_linalg.torch import (
     count_parameters,
     load_compressed,
     mark_trainable,
+    merge,
     save_compressed,
 )
 from jactus_linalg.torch import io as jio
@@ -31,14 +32,21 @@ def compressed_llama():
     batches = llama_batches()
     stats = calibrate(model, batches, hf_loss, progress=False)
     compress(model, stats, retain=0.8, progress=False)
-    return model, batches
+    return merge(model), batches
 
 
-def test_only_cores_and_head_train():
+@pytest.mark.parametrize("by", ["compress", "mark_trainable"])
+def test_only_cores_and_head_train(by):
     model = tiny_vit()
     batches = vit_batches()
-    compress(model, calibrate(model, batches, hf_loss, progress=False), retain=0.8, progress=False)
-    names = mark_trainable(model, extra=["classifier"])
+    stats = calibrate(model, batches, hf_loss, progress=False)
+    if by == "compress":  # compress marks the cores (and modules_to_save) trainable itself
+        compress(model, stats, retain=0.8, modules_to_save=["classifier"], progress=False)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+    else:
+        compress(model, stats, retain=0.8, trainable="none", progress=False)
+        assert all(p.requires_grad for p in model.classifier.parameters())  # left as they were
+        names = mark_trainable(model, extra=["classifier"])
     assert names, "something must train"
     for name in names:
         assert name.endswith("core.weight") or name.startswith("classifier.")
@@ -57,7 +65,9 @@ def test_mark_trainable_needs_a_compressed_model():
     with pytest.raises(ValueError, match="compress it first"):
         mark_trainable(tiny_llama())
     model = mlp()
-    compress(model, calibrate(model, mlp_batches(), mlp_loss, progress=False), retain=0.8, progress=False)
+    stats = calibrate(model, mlp_batches(), mlp_loss, progress=False)
+    compress(copy.deepcopy(model), stats, retain=1.0, dense_cores=False, progress=False)  # no core
+    compress(model, stats, retain=0.8, progress=False)
     with pytest.raises(ValueError, match="extra"):
         mark_trainable(model, extra=["no_such_head"])
 
@@ -96,7 +106,7 @@ def test_save_load_gives_identical_outputs(tmp_path, compressed_llama):
 def test_save_load_plain_module(tmp_path):
     model, batches = mlp(), mlp_batches()
     compress(model, calibrate(model, batches, mlp_loss, progress=False), retain=0.7, progress=False)
-    save_compressed(model, tmp_path / "m")
+    save_compressed(merge(model), tmp_path / "m")
     with pytest.raises(ValueError, match="pass `model`"):
         load_compressed(tmp_path / "m")
     again = load_compressed(tmp_path / "m", model=mlp(seed=9))
@@ -162,6 +172,7 @@ def test_saving_a_peft_model_says_to_merge_first(tmp_path):
 
     model, batches = mlp(), mlp_batches()
     compress(model, calibrate(model, batches, mlp_loss, progress=False), retain=0.8, progress=False)
+    merge(model)
     names = [n + ".left_proj" for n, m in model.named_modules() if isinstance(m, JactusLinear)]
     wrapped = lora_model(model, rank=2, targets=names)
     with pytest.raises(ValueError, match="merge_and_unload"):

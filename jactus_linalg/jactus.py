@@ -1,23 +1,33 @@
 r"""The JACTUS layer factorization (arXiv 2605.02829).
 
 *Joint Adaptation and Compression with a Task-aware Union of Subspaces.*
-In whitened coordinates, with :math:`M = S_g^\top W S_x = P \Sigma Q^\top`
-and the whitened gradient :math:`\Gamma = S_g^{-1} G S_x^{-\top} = P' \Sigma' Q'^\top`,
+In whitened coordinates, with :math:`M = S_g^\top W S_x = P \Sigma Q^\top`,
 a layer of rank :math:`r` keeps
 
 .. math::
 
-    U_r = \operatorname{orth}[P_k, P'_j], \quad
-    V_r = \operatorname{orth}[Q_k, Q'_j], \quad
+    U_r = \operatorname{orth}[P_k, S_g^\top E_g], \quad
+    V_r = \operatorname{orth}[Q_k, S_x^\top E_x], \quad
     C_r = U_r^\top M V_r, \qquad j = \lfloor \tau r + \tfrac12 \rfloor,\;
     k = r - j,
 
-with :math:`\tau` the task fraction. Because :math:`j` and :math:`k` grow by
-at most one per unit of rank, the unions are nested; one ordered
-Gram-Schmidt pass (:func:`~jactus_linalg.subspaces.nested_orthonormal_basis`)
-yields bases :math:`U, V` whose leading columns span every :math:`U_r, V_r`,
-and the preserved energy of every rank follows from one core
-:math:`K = U^\top M V`:
+with :math:`\tau` the task fraction and :math:`E_g`, :math:`E_x` the top-:math:`j`
+eigenvectors of :math:`C_g` and :math:`C_x` (``task_directions="covariance"``,
+the default). So :math:`\operatorname{span}(A) = \operatorname{span}(S_g^{-\top} P_k)
++ \operatorname{span}(E_g)` and :math:`\operatorname{span}(B) =
+\operatorname{span}(S_x^{-\top} Q_k) + \operatorname{span}(E_x)`: the deployed
+factors contain the covariances' principal directions. The ablation
+``task_directions="gradient"`` takes instead the top singular vectors
+:math:`P'_j, Q'_j` of the whitened mean gradient
+:math:`\Gamma = S_g^{-1} G S_x^{-\top}`.
+
+Because :math:`j` and :math:`k` grow by at most one per unit of rank, the
+unions are nested; one ordered pass
+(:func:`~jactus_linalg.union_of_subspaces` with ``nested=True``) yields bases
+:math:`U, V` whose leading columns span every :math:`U_r, V_r`, and the
+preserved energy of every rank follows from one core :math:`K = U^\top M V`
+(:func:`~jactus_linalg.lowrank.project_to_core`, the kernel
+:func:`~jactus_linalg.projected_lowrank` uses too):
 
 .. math::
 
@@ -47,24 +57,31 @@ from ._checks import (
 )
 from .allocation import break_even_rank, rank_unit_costs
 from .lowrank import (
-    LowRankResult,
+    ProjectedCore,
     WhiteningInfo,
-    _base_dtype,
+    deployable_factors,
     info_of,
+    numerical_rank,
+    project_to_core,
+    pythagoras_error,
     whitening_operators,
+    working_dtype,
 )
 from .randomized import randomized_svd
-from .subspaces import nested_orthonormal_basis
+from .spectral import top_eigenvectors
+from .subspaces import union_of_subspaces
 from .whitening import (
     DEFAULT_DAMPING,
     WhiteningOperator,
-    inverse_transpose_times,
+    factor_transpose_times,
     whitened_gradient,
     whitened_weight,
 )
 
 __all__ = [
+    "DEFAULT_TASK_DIRECTIONS",
     "DEFAULT_TASK_FRACTION",
+    "TASK_DIRECTIONS",
     "JactusLayer",
     "LayerPlan",
     "jactus_layer",
@@ -73,16 +90,23 @@ __all__ = [
 ]
 
 #: Default task fraction :math:`\tau` (share of each layer's rank given to
-#: gradient directions).
+#: task directions).
 DEFAULT_TASK_FRACTION = 0.25
+
+#: Where the task directions come from: the covariances' top eigenvectors
+#: (DESIGN, the default) or the whitened mean gradient's singular vectors
+#: (the earlier choice, kept for ablation).
+TASK_DIRECTIONS = ("covariance", "gradient")
+DEFAULT_TASK_DIRECTIONS = "covariance"
 
 
 def task_split(rank: int, task_fraction: float, task_rank: int | None = None) -> tuple[int, int]:
     r"""``(k, j)``: weight and task directions at rank ``r``.
 
     :math:`j = \min(\lfloor \tau r + 1/2 \rfloor, \text{task\_rank})`,
-    :math:`k = r - j`. Capping at the numerical rank of :math:`\Gamma` hands
-    the units it cannot fill back to weight directions.
+    :math:`k = r - j`. Capping at the number of task directions the data
+    resolve (the numerical rank of the covariances, or of :math:`\Gamma`)
+    hands the units they cannot fill back to weight directions.
     """
     j = math.floor(task_fraction * rank + 0.5)
     if task_rank is not None:
@@ -167,11 +191,20 @@ class LayerPlan(NamedTuple):
         (absolute accuracy :math:`\epsilon \lVert M \rVert_F^2`) after a
         randomized SVD.
     task_rank : int
-        Numerical rank of :math:`\Gamma` (0 without a gradient).
+        Task directions the data resolve among the :math:`j_R` the plan needs
+        (:math:`j_R` = the task directions at ``max_rank``): the smaller
+        numerical rank of :math:`C_g` and :math:`C_x` (``"covariance"``) or
+        that of :math:`\Gamma` (``"gradient"``), capped at :math:`j_R`; 0 when
+        :math:`\tau = 0`.
     task_fraction : float
     shape : (int, int)
     input_op, grad_op : WhiteningOperator or None
     weight_dtype : dtype
+    task_source : str
+        ``"covariance"`` or ``"gradient"``.
+    task_notes : tuple of str
+        How the task directions were found (exact or randomized, with the
+        accuracy bound of the randomized eigensolver).
     """
 
     left_basis: Array
@@ -189,6 +222,8 @@ class LayerPlan(NamedTuple):
     input_op: WhiteningOperator | None
     grad_op: WhiteningOperator | None
     weight_dtype: Any
+    task_source: str = DEFAULT_TASK_DIRECTIONS
+    task_notes: tuple[str, ...] = ()
 
     @property
     def max_rank(self) -> int:
@@ -207,21 +242,21 @@ class LayerPlan(NamedTuple):
     def factorize(self, rank: int) -> JactusLayer:
         """Cut the plan at ``rank`` (``1 <= rank <= max_rank``)."""
         rank = check_rank(rank, self.max_rank, what="the plan's max_rank")
-        xp = namespace(self.core)
         a, b = int(self.left_counts[rank]), int(self.right_counts[rank])
         k, j = task_split(rank, self.task_fraction, self.task_rank)
-        u, v = self.left_basis[:, :a], self.right_basis[:, :b]
-        core = self.core[:a, :b]
+        # the leading a x b block of K = U^T M V is the core of the rank-r
+        # union (project_to_core at max_rank, cut here)
+        cut = ProjectedCore(self.left_basis[:, :a], self.core[:a, :b], self.right_basis[:, :b])
+        factors = deployable_factors(cut, self.grad_op, self.input_op, self.weight_dtype)
         m, n = self.shape
-        out = self.weight_dtype
         return JactusLayer(
-            left=astype(xp, inverse_transpose_times(self.grad_op, u), out),
-            core=astype(xp, core, out),
-            right=astype(xp, inverse_transpose_times(self.input_op, v), out),
+            left=factors.left,
+            core=factors.core,
+            right=factors.right,
             rank=rank,
             weight_directions=k,
             task_directions=j,
-            error=math.sqrt(max(self.total_energy - float(self.energy[rank]), 0.0)),
+            error=pythagoras_error(self.total_energy, float(self.energy[rank])),
             eckart_young=math.sqrt(self.tail_energy[rank]),
             weight_bound=math.sqrt(self.tail_energy[k]),
             n_params=a * m + b * n + a * b,
@@ -230,18 +265,6 @@ class LayerPlan(NamedTuple):
             total_energy=self.total_energy,
             input_whitening=info_of(self.input_op),
             grad_whitening=info_of(self.grad_op),
-        )
-
-    def as_lowrank(self, rank: int) -> LowRankResult:
-        """The factorization at ``rank`` as a :class:`~jactus_linalg.lowrank.LowRankResult`."""
-        layer = self.factorize(rank)
-        preserved = float(self.energy[rank])
-        a, b = int(layer.core.shape[0]), int(layer.core.shape[1])
-        return LowRankResult(
-            layer.left, layer.core, layer.right, layer.error,
-            math.sqrt(self.tail_energy[min(a, b)]), self.total_energy,
-            preserved, layer.n_params, self.singular_values, layer.input_whitening,
-            layer.grad_whitening,
         )
 
 
@@ -270,12 +293,6 @@ def _prefix_energy(core: Array, left_counts: np.ndarray, right_counts: np.ndarra
     prefix = np.zeros((squares.shape[0] + 1, squares.shape[1] + 1))
     prefix[1:, 1:] = squares.cumsum(axis=0).cumsum(axis=1)
     return prefix[left_counts, right_counts]
-
-
-def _numerical_rank(s: np.ndarray, rcond: float) -> int:
-    if s.size == 0 or s[0] == 0.0:
-        return 0
-    return int(np.sum(s > rcond * s[0]))
 
 
 #: ``svd="auto"`` goes randomized when (needed + oversampling) <= this x min(m, n).
@@ -318,6 +335,7 @@ def plan_layer(
     grad_cov: Any = None,
     grad_mean: Array | None = None,
     task_fraction: float = DEFAULT_TASK_FRACTION,
+    task_directions: str = DEFAULT_TASK_DIRECTIONS,
     damping: float | tuple[float, float] = DEFAULT_DAMPING,
     max_rank: int | None = None,
     whitening: str = "cholesky",
@@ -330,15 +348,23 @@ def plan_layer(
     ----------
     weight : (m, n) array_like
         Layer weight :math:`W`.
-    input_cov : (n, n) array_like or CovarianceRoot, optional
-        :math:`C_x`; ``None`` means no input whitening.
-    grad_cov : (m, m) array_like or CovarianceRoot, optional
+    input_cov : (n, n) array_like, CovarianceRoot or WhiteningOperator, optional
+        :math:`C_x`; ``None`` means no input whitening. A
+        :class:`~jactus_linalg.whitening.WhiteningOperator` is used as
+        factored (shared by the layers that read the same input).
+    grad_cov : (m, m) array_like, CovarianceRoot or WhiteningOperator, optional
         :math:`C_g`; ``None`` means no gradient whitening.
     grad_mean : (m, n) array_like, optional
-        :math:`G = E[g x^\top]`. Required when ``task_fraction > 0``.
+        :math:`G = E[g x^\top]`. Required when ``task_directions="gradient"``
+        and ``task_fraction > 0``; not used otherwise.
     task_fraction : float in [0, 1], optional
         :math:`\tau`. ``0`` gives the optimal rank-r approximation in the
         curvature norm (two-sided whitened SVD). Default 0.25.
+    task_directions : {"covariance", "gradient"}, optional
+        ``"covariance"`` (default, DESIGN): :math:`E_g, E_x`, the top-:math:`j`
+        eigenvectors of :math:`C_g` and :math:`C_x` (both covariances are
+        then required when :math:`\tau > 0`). ``"gradient"``: the top
+        singular vectors of :math:`\Gamma` (ablation).
     damping : float or (float, float), optional
         Relative damping of ``(input_cov, grad_cov)``.
     max_rank : int, optional
@@ -347,11 +373,13 @@ def plan_layer(
     whitening : {"cholesky", "eigh"}, optional
         Factorization of the covariances (same result, different cost).
     svd : {"auto", "exact", "randomized"}, optional
-        How the top singular subspaces of :math:`M` (``max_rank`` of them)
-        and :math:`\Gamma` (:math:`j` of them) are found. ``"auto"`` uses
-        :func:`~jactus_linalg.randomized.randomized_svd` for a matrix when
-        the directions needed plus oversampling are at most 10% of
-        :math:`\min(m, n)`, and the exact SVD otherwise.
+        How the top singular subspaces of :math:`M` (``max_rank`` of them),
+        of :math:`\Gamma`, and the top eigenvectors of a Cholesky-whitened
+        covariance (:math:`j` of them) are found. ``"auto"`` uses a
+        randomized range finder (:func:`~jactus_linalg.randomized.randomized_svd`)
+        when the directions needed plus oversampling are at most 10% of the
+        dimension, and the exact decomposition otherwise. An ``eigh``
+        whitening reuses its own eigenvectors.
     xp : namespace, optional
 
     Returns
@@ -361,50 +389,63 @@ def plan_layer(
     Raises
     ------
     TypeError, ValueError
-        On invalid arrays or arguments (see :func:`projected_lowrank`), or
-        ``task_fraction > 0`` without ``grad_mean``.
+        On invalid arrays or arguments (see :func:`projected_lowrank`); an
+        unknown ``task_directions``; ``task_fraction > 0`` without
+        ``grad_mean`` (``"gradient"``) or without both covariances
+        (``"covariance"``).
 
     Notes
     -----
-    Cost: the SVDs of :math:`M` and :math:`\Gamma`, two Householder QRs of
-    ``m x R`` and ``n x R`` column sets, and :math:`K = U^\top M V`. Task
-    directions with :math:`\sigma'_i \le \epsilon \max(m,n) \sigma'_1` carry no
-    gradient and are never used (``task_rank``).
+    Cost: the SVD of :math:`M` (top ``max_rank``), the task directions (top
+    :math:`j` eigenvectors of each covariance, or the top :math:`j` singular
+    vectors of :math:`\Gamma`), two Householder QRs of ``m x R`` and
+    ``n x R`` column sets, and :math:`K = U^\top M V`. Task directions that
+    the data do not resolve (eigenvalues or singular values at most
+    :math:`\epsilon \max(m,n)` times the largest) are never used
+    (``task_rank``).
     """
     check_array(weight, "weight")
     xp = namespace(weight, xp=xp)
     check_matrix(xp, weight, "weight")
     m, n = (int(d) for d in weight.shape)
     tau = check_fraction(task_fraction, "task_fraction", include_zero=True)
-    if tau > 0 and grad_mean is None:
-        msg = "`grad_mean` is required when `task_fraction` > 0 (or pass task_fraction=0)"
-        raise ValueError(msg)
     if grad_mean is not None:
         check_matrix(xp, grad_mean, "grad_mean", rows=m, cols=n)
     limit = max(break_even_rank(m, n), 1)
     r_max = limit if max_rank is None else check_rank(max_rank, min(m, n), "max_rank")
-    work = _base_dtype(xp, weight, input_cov, grad_cov, grad_mean)
+    uses_gradient = task_directions == "gradient" and tau > 0
+    work = working_dtype(xp, weight, input_cov, grad_cov, grad_mean if uses_gradient else None)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
+    source = _check_task_inputs(tau, task_directions, input_cov, grad_cov, grad_mean)
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
     check_no_overflow(xp, whitened, "whitened weight S_g^T W S_x")
     total = float(xp.sum(whitened * whitened))
     p, s, qh = top_singular(whitened, r_max, svd)
     sigma = as_numpy(s).astype(np.float64)
-    rcond = eps(xp, work) * max(m, n)
-    task_rank = 0
+    task_rank, left_task, right_task, notes = 0, p[:, :0], qh[:0, :].T, ()
     if tau > 0:
-        gamma = whitened_gradient(astype(xp, grad_mean, work), grad_op, input_op)
-        check_no_overflow(xp, gamma, "whitened gradient S_g^-1 G S_x^-T")
-        pt, st, qth = top_singular(gamma, max(task_split(r_max, tau)[1], 1), svd)
-        task_rank = _numerical_rank(as_numpy(st).astype(np.float64), rcond)
+        j_max = max(task_split(r_max, tau)[1], 1)
+        if source == "gradient":
+            gamma = whitened_gradient(astype(xp, grad_mean, work), grad_op, input_op)
+            check_no_overflow(xp, gamma, "whitened gradient S_g^-1 G S_x^-T")
+            pt, st, qth = top_singular(gamma, j_max, svd)
+            rcond = eps(xp, work) * max(m, n)
+            task_rank = min(numerical_rank(as_numpy(st).astype(np.float64), rcond), j_max)
+            left_task, right_task = pt, qth.T
+        else:
+            assert grad_op is not None and input_op is not None  # checked above
+            task_rank, left_task, right_task, notes = _covariance_directions(
+                grad_op, input_op, j_max, svd
+            )
     is_task = _step_sources(r_max, tau, task_rank)
     if bool(is_task.any()):
-        u, left_ok = nested_orthonormal_basis(_interleave(p, pt, is_task))
-        v, right_ok = nested_orthonormal_basis(_interleave(qh.T, qth.T, is_task))
+        left = union_of_subspaces(_interleave(p, left_task, is_task), nested=True)
+        right = union_of_subspaces(_interleave(qh.T, right_task, is_task), nested=True)
+        u, v, left_ok, right_ok = left.basis, right.basis, left.accepted, right.accepted
     else:  # singular vectors are already nested and orthonormal
         u, v = p[:, :r_max], qh[:r_max, :].T
         left_ok = right_ok = np.ones(r_max, dtype=bool)
-    core = u.T @ whitened @ v
+    core = project_to_core(whitened, u, v).core
     left_counts = np.concatenate([[0], np.cumsum(left_ok)])
     right_counts = np.concatenate([[0], np.cumsum(right_ok)])
     return LayerPlan(
@@ -423,7 +464,57 @@ def plan_layer(
         input_op=input_op,
         grad_op=grad_op,
         weight_dtype=weight.dtype,
+        task_source=source,
+        task_notes=notes,
     )
+
+
+def _check_task_inputs(
+    tau: float, source: object, input_cov: Any, grad_cov: Any, grad_mean: Any
+) -> str:
+    """Validate ``task_directions`` against the statistics it needs; return it."""
+    if source not in TASK_DIRECTIONS:
+        msg = f"`task_directions` must be one of {TASK_DIRECTIONS}; got {source!r}"
+        raise ValueError(msg)
+    if tau == 0:
+        return str(source)
+    if source == "gradient" and grad_mean is None:
+        msg = (
+            "`grad_mean` is required when `task_fraction` > 0 and "
+            "task_directions='gradient' (or pass task_fraction=0)"
+        )
+        raise ValueError(msg)
+    if source == "covariance" and (input_cov is None or grad_cov is None):
+        missing = [n for n, c in (("input_cov", input_cov), ("grad_cov", grad_cov)) if c is None]
+        msg = (
+            f"task_directions='covariance' with `task_fraction` > 0 needs both covariances "
+            f"(their top eigenvectors are the task directions); got no {' and no '.join(missing)}"
+            " (or pass task_fraction=0)"
+        )
+        raise ValueError(msg)
+    return str(source)
+
+
+def _covariance_directions(
+    grad_op: WhiteningOperator, input_op: WhiteningOperator, j: int, svd: str
+) -> tuple[int, Array, Array, tuple[str, ...]]:
+    r"""``(task_rank, S_g^T E_g, S_x^T E_x, notes)`` for the top-``j`` eigenvectors."""
+    out = []
+    rank = j
+    notes = []
+    for op, side in ((grad_op, "grad_cov"), (input_op, "input_cov")):
+        top = top_eigenvectors(op, min(j, op.dim), method=svd)
+        rank = min(rank, top.rank)
+        out.append(factor_transpose_times(op, top.vectors))
+        note = f"{side}: top-{int(top.vectors.shape[1])} eigenvectors ({top.method})"
+        if top.method == "randomized":
+            lam_j = float(top.values[-1]) + op.damping
+            note += (
+                f", missed eigenvalue <= {top.missed_eigenvalue_bound:.3g} against "
+                f"lambda_j + delta = {lam_j:.3g}"
+            )
+        notes.append(note)
+    return rank, out[0], out[1], tuple(notes)
 
 
 @finite_result
@@ -435,6 +526,7 @@ def jactus_layer(
     grad_cov: Any = None,
     grad_mean: Array | None = None,
     task_fraction: float = DEFAULT_TASK_FRACTION,
+    task_directions: str = DEFAULT_TASK_DIRECTIONS,
     damping: float | tuple[float, float] = DEFAULT_DAMPING,
     max_rank: int | None = None,
     whitening: str = "cholesky",
@@ -445,16 +537,18 @@ def jactus_layer(
 
     :math:`W \approx A C B^\top` with :math:`A = S_g^{-\top} U_r`,
     :math:`B = S_x^{-\top} V_r`, :math:`C = U_r^\top M V_r`, where
-    :math:`U_r = \operatorname{orth}[P_k, P'_j]` and
-    :math:`V_r = \operatorname{orth}[Q_k, Q'_j]` unite the top singular
-    subspaces of the whitened weight and of the whitened gradient.
+    :math:`U_r = \operatorname{orth}[P_k, S_g^\top E_g]` and
+    :math:`V_r = \operatorname{orth}[Q_k, S_x^\top E_x]` unite the top
+    singular subspaces of the whitened weight with the top eigenvectors of
+    the covariances (``task_directions="covariance"``), or with the top
+    singular subspaces of the whitened gradient (``"gradient"``).
 
     Parameters
     ----------
     weight : (m, n) array_like
     rank : int
         :math:`r`, with ``1 <= rank <= max_rank``.
-    input_cov, grad_cov, grad_mean, task_fraction, damping, max_rank, whitening, svd, xp
+    input_cov, grad_cov, grad_mean, task_fraction, task_directions, damping, max_rank, whitening, svd, xp
         As in :func:`plan_layer`; ``max_rank`` defaults to
         ``max(rank, break-even rank)``.
 
@@ -497,7 +591,8 @@ def jactus_layer(
         raise ValueError(msg)
     plan = plan_layer(
         weight, input_cov=input_cov, grad_cov=grad_cov, grad_mean=grad_mean,
-        task_fraction=task_fraction, damping=damping, max_rank=max_rank,
+        task_fraction=task_fraction, task_directions=task_directions, damping=damping,
+        max_rank=max_rank,
         whitening=whitening, svd=svd, xp=xp,
     )
     return plan.factorize(rank)

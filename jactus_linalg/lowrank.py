@@ -37,7 +37,13 @@ from ._backend import (
     qr_reduced,
     svd_reduced,
 )
-from ._checks import check_array, check_matrix, check_no_overflow, check_rank, finite_result
+from ._checks import (
+    check_array,
+    check_matrix,
+    check_no_overflow,
+    check_rank,
+    finite_result,
+)
 from .covariance import CovarianceRoot
 from .subspaces import default_rtol, orthonormal_basis
 from .whitening import (
@@ -52,11 +58,18 @@ from .whitening import (
 __all__ = [
     "Factors",
     "LowRankResult",
+    "ProjectedCore",
     "WhiteningInfo",
     "curvature_error",
+    "deployable_factors",
     "eckart_young_tail",
+    "numerical_rank",
     "orthonormal_factors",
+    "project_to_core",
     "projected_lowrank",
+    "pythagoras_error",
+    "whitening_operators",
+    "working_dtype",
 ]
 
 
@@ -202,7 +215,8 @@ def split_damping(damping: float | tuple[float, float]) -> tuple[float, float]:
     return damping, damping
 
 
-def _base_dtype(xp: ModuleType, *arrays: Any) -> Any:
+def working_dtype(xp: ModuleType, *arrays: Any) -> Any:
+    """Decomposition dtype (at least float32) of arrays, roots or whitening operators."""
     dtypes = []
     for a in arrays:
         if a is None:
@@ -229,13 +243,120 @@ def _whiten_basis(
     return onb
 
 
-def _truncate(xp: ModuleType, u: Array, k: Array, v: Array, rank: int | None):
-    """Best rank-``rank`` core inside ``span(u) x span(v)`` (SVD of the projected core)."""
-    a, b = int(k.shape[0]), int(k.shape[1])
-    if rank is None or rank >= min(a, b):
-        return u, k, v
-    y, s, zh = svd_reduced(xp, k)
-    return u @ y[:, :rank], _diag(xp, s[:rank]), v @ zh[:rank, :].T
+class ProjectedCore(NamedTuple):
+    r"""Orthonormal bases and the core between them (see :func:`project_to_core`).
+
+    ``left @ core @ right.T`` is the approximation of the whitened weight;
+    ``singular_values`` holds :math:`\sigma(M)` (float64 numpy) when the
+    kernel decomposed :math:`M` itself (no bases given), else ``None``.
+    """
+
+    left: Array
+    core: Array
+    right: Array
+    singular_values: np.ndarray | None = None
+
+
+def project_to_core(
+    whitened: Array, left: Array | None, right: Array | None, rank: int | None = None
+) -> ProjectedCore:
+    r"""The best core of ``whitened`` between two orthonormal bases, truncated inside them.
+
+    This is the one kernel that forms a core from bases: :func:`projected_lowrank`
+    and the JACTUS layer plan (:func:`jactus_linalg.plan_layer`) both call it.
+
+    Parameters
+    ----------
+    whitened : (m, n) array
+        :math:`M = S_g^\top W S_x`.
+    left : (m, a) array or None
+        Orthonormal :math:`U` (whitened coordinates). ``None``: the optimal
+        left side for ``right``.
+    right : (n, b) array or None
+        Orthonormal :math:`V`. ``None``: the optimal right side for ``left``.
+    rank : int, optional
+        Keep at most this rank. Without it, the full projected core (with no
+        basis at all: the numerical rank of :math:`M`, at least 1, at
+        ``rcond = eps · max(m, n)``).
+
+    Returns
+    -------
+    ProjectedCore
+        With both bases: :math:`C = U^\top M V`, and, when ``rank`` is below
+        :math:`\min(a, b)`, its best rank-``rank`` truncation inside
+        :math:`\operatorname{span}(U) \times \operatorname{span}(V)`
+        (:math:`C = Y \Sigma Z^\top`, kept as :math:`U Y_r`,
+        :math:`\Sigma_r`, :math:`V Z_r`). With one basis, the SVD of
+        :math:`U^\top M` (or :math:`M V`) gives the best other side. With
+        none, the top singular subspaces of :math:`M`.
+
+    Notes
+    -----
+    For orthonormal :math:`U, V`, :math:`\lVert M - U C V^\top
+Vert_F^2 =
+    \lVert M
+Vert_F^2 - \lVert C
+Vert_F^2` (Pythagoras), and the truncated
+    SVD of :math:`C` minimises it over cores of rank ``rank`` in the
+    subspaces (Eckart-Young inside the union).
+    """
+    xp = namespace(whitened)
+    if left is not None and right is not None:
+        core = left.T @ whitened @ right
+        a, b = int(core.shape[0]), int(core.shape[1])
+        if rank is None or rank >= min(a, b):
+            return ProjectedCore(left, core, right)
+        y, s, zh = svd_reduced(xp, core)
+        return ProjectedCore(left @ y[:, :rank], _diag(xp, s[:rank]), right @ zh[:rank, :].T)
+    if left is not None:
+        y, s, zh = svd_reduced(xp, left.T @ whitened)  # best right side given U
+        keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
+        return ProjectedCore(left @ y[:, :keep], _diag(xp, s[:keep]), zh[:keep, :].T)
+    if right is not None:
+        y, s, zh = svd_reduced(xp, whitened @ right)  # best left side given V
+        keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
+        return ProjectedCore(y[:, :keep], _diag(xp, s[:keep]), right @ zh[:keep, :].T)
+    y, s, zh = svd_reduced(xp, whitened)
+    sigma = as_numpy(s).astype(np.float64)
+    if rank is None:  # at least 1, so that a zero weight still has factors
+        m, n = (int(d) for d in whitened.shape)
+        rank = max(numerical_rank(sigma, eps(xp, whitened.dtype) * max(m, n)), 1)
+    keep = min(rank, int(s.shape[0]))
+    return ProjectedCore(y[:, :keep], _diag(xp, s[:keep]), zh[:keep, :].T, sigma)
+
+
+def deployable_factors(
+    projected: ProjectedCore,
+    grad_op: WhiteningOperator | None,
+    input_op: WhiteningOperator | None,
+    dtype: Any,
+) -> Factors:
+    r"""Un-whiten: :math:`A = S_g^{-\top} U`, :math:`B = S_x^{-\top} V`, all in ``dtype``.
+
+    Triangular or eigen solves, never an explicit inverse.
+    """
+    xp = namespace(projected.core)
+    return Factors(
+        astype(xp, inverse_transpose_times(grad_op, projected.left), dtype),
+        astype(xp, projected.core, dtype),
+        astype(xp, inverse_transpose_times(input_op, projected.right), dtype),
+    )
+
+
+def pythagoras_error(total_energy: float, preserved_energy: float) -> float:
+    r""":math:`\sqrt{\max(\lVert M\rVert^2 - \lVert C\rVert^2, 0)}`, the curvature-norm error."""
+    return float(np.sqrt(max(total_energy - preserved_energy, 0.0)))
+
+
+def numerical_rank(sigma: np.ndarray, rcond: float) -> int:
+    r"""Number of singular values above :math:`\text{rcond} \cdot \sigma_1` (0 if all vanish).
+
+    The one rank rule of the package (DESIGN: ``rcond = eps(dtype) · max(m, n)``).
+    """
+    s = np.asarray(sigma, dtype=np.float64)
+    if s.size == 0 or s[0] == 0.0:
+        return 0
+    return int(np.sum(s > rcond * s[0]))
 
 
 def _diag(xp: ModuleType, s: Array) -> Array:
@@ -341,29 +462,32 @@ def projected_lowrank(
         check_matrix(xp, left, "left", rows=m)
     if right is not None:
         check_matrix(xp, right, "right", rows=n)
-    work = _base_dtype(xp, weight, input_cov, grad_cov, left, right)
+    work = working_dtype(xp, weight, input_cov, grad_cov, left, right)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
     check_no_overflow(xp, whitened, "whitened weight S_g^T W S_x")
     total = float(xp.sum(whitened * whitened))
     sigma = None
-    if left is None and right is None:
-        u_full, s, vh = svd_reduced(xp, whitened)
-        sigma = as_numpy(s).astype(np.float64)
-        r = rank if rank is not None else _numerical_rank(sigma, eps(xp, work) * max(m, n))
-        u, core, v = u_full[:, :r], _diag(xp, s[:r]), vh[:r, :].T
-    else:
-        u, core, v = _project_onto_bases(xp, whitened, rank, grad_op, input_op, left, right, work)
+    left_basis = right_basis = None
+    if left is not None or right is not None:
+        if left is not None:
+            left_basis = _whiten_basis(xp, astype(xp, left, work), grad_op, "left", m)
+        if right is not None:
+            right_basis = _whiten_basis(xp, astype(xp, right, work), input_op, "right", n)
         if bounds:
             sigma = as_numpy(svd_reduced(xp, whitened)[1]).astype(np.float64)
+    projected = project_to_core(whitened, left_basis, right_basis, rank)
+    if projected.singular_values is not None:
+        sigma = projected.singular_values
+    core = projected.core
     preserved = float(xp.sum(core * core))
     a, b = int(core.shape[0]), int(core.shape[1])
-    out = weight.dtype
+    factors = deployable_factors(projected, grad_op, input_op, weight.dtype)
     return LowRankResult(
-        left=astype(xp, inverse_transpose_times(grad_op, u), out),
-        core=astype(xp, core, out),
-        right=astype(xp, inverse_transpose_times(input_op, v), out),
-        error=float(np.sqrt(max(total - preserved, 0.0))),
+        left=factors.left,
+        core=factors.core,
+        right=factors.right,
+        error=pythagoras_error(total, preserved),
         eckart_young=None if sigma is None else eckart_young_tail(sigma, min(a, b)),
         total_energy=total,
         preserved_energy=preserved,
@@ -372,40 +496,6 @@ def projected_lowrank(
         input_whitening=info_of(input_op),
         grad_whitening=info_of(grad_op),
     )
-
-
-def _numerical_rank(sigma: np.ndarray, rcond: float) -> int:
-    """Singular values above ``rcond · σ₁`` (at least 1)."""
-    if sigma.size == 0 or sigma[0] == 0.0:
-        return 1
-    return max(1, int(np.sum(sigma > rcond * sigma[0])))
-
-
-def _project_onto_bases(
-    xp: ModuleType,
-    whitened: Array,
-    rank: int | None,
-    grad_op: WhiteningOperator | None,
-    input_op: WhiteningOperator | None,
-    left: Array | None,
-    right: Array | None,
-    work: Any,
-) -> tuple[Array, Array, Array]:
-    """Orthonormal ``U, V`` from the bases (optimal where one is missing) and the core."""
-    m, n = (int(d) for d in whitened.shape)
-    if left is not None and right is not None:
-        u = _whiten_basis(xp, astype(xp, left, work), grad_op, "left", m)
-        v = _whiten_basis(xp, astype(xp, right, work), input_op, "right", n)
-        return _truncate(xp, u, u.T @ whitened @ v, v, rank)
-    if left is not None:
-        u = _whiten_basis(xp, astype(xp, left, work), grad_op, "left", m)
-        y, s, zh = svd_reduced(xp, u.T @ whitened)  # best right side given U
-        keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
-        return u @ y[:, :keep], _diag(xp, s[:keep]), zh[:keep, :].T
-    v = _whiten_basis(xp, astype(xp, right, work), input_op, "right", n)
-    y, s, zh = svd_reduced(xp, whitened @ v)  # best left side given V
-    keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
-    return y[:, :keep], _diag(xp, s[:keep]), v @ zh[:keep, :].T
 
 
 @finite_result
@@ -440,7 +530,7 @@ def curvature_error(
     check_matrix(xp, left, "left", rows=m)
     check_matrix(xp, right, "right", rows=n)
     check_matrix(xp, core, "core", rows=int(left.shape[1]), cols=int(right.shape[1]))
-    work = _base_dtype(xp, weight, left, core, right, input_cov, grad_cov)
+    work = working_dtype(xp, weight, left, core, right, input_cov, grad_cov)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
     a = factor_transpose_times(grad_op, astype(xp, left, work))
@@ -503,7 +593,7 @@ def orthonormal_factors(left: Array, core: Array, right: Array) -> Factors:
     check_matrix(xp, right, "right")
     check_matrix(xp, core, "core", rows=int(left.shape[1]), cols=int(right.shape[1]))
     out = left.dtype
-    work = _base_dtype(xp, left, core, right)
+    work = working_dtype(xp, left, core, right)
     q_a, r_a = qr_reduced(xp, astype(xp, left, work))
     q_b, r_b = qr_reduced(xp, astype(xp, right, work))
     new_core = r_a @ astype(xp, core, work) @ r_b.T

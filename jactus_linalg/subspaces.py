@@ -16,10 +16,11 @@ direction when its principal angle to the running span is resolvable at
 ``rtol``. Projections are done twice (CGS2, "twice is enough"), so :math:`Q`
 is orthonormal to working precision.
 
-:func:`nested_orthonormal_basis` is the ordered variant JACTUS needs: given
-columns :math:`d_1, d_2, \dots` it returns :math:`Q` whose leading columns
-span every prefix :math:`\{d_1, \dots, d_t\}`, dropping each :math:`d_t` that
-is already in the span of its predecessors.
+:func:`union_of_subspaces` with ``nested=True`` is the ordered variant
+JACTUS needs: given columns :math:`d_1, d_2, \dots` (all inputs, in order) it
+returns :math:`Q` whose leading columns span every prefix
+:math:`\{d_1, \dots, d_t\}`, dropping each :math:`d_t` that is already in
+the span of its predecessors, and reports which columns were accepted.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from ._checks import check_array, check_matrix, check_nonnegative, finite_result
 
 __all__ = [
     "SubspaceUnion",
-    "nested_orthonormal_basis",
+    "default_rtol",
     "orthonormal_basis",
     "principal_angles",
     "union_of_subspaces",
@@ -68,6 +69,12 @@ class SubspaceUnion(NamedTuple):
     rtol : float
         The rank threshold used (on singular values of orthonormal residuals,
         i.e. on sines of angles).
+    accepted : (t,) numpy bool array or None
+        ``nested=True`` only: for each input column, in order, whether it
+        added a direction (``None`` otherwise).
+
+    In nested mode ``input_ranks`` and ``principal_angles`` are empty (not
+    computed: the nested basis needs one QR, not an SVD per input).
     """
 
     basis: Array
@@ -75,6 +82,7 @@ class SubspaceUnion(NamedTuple):
     input_ranks: tuple[int, ...]
     principal_angles: tuple[Array, ...]
     rtol: float
+    accepted: np.ndarray | None = None
 
 
 def default_rtol(xp: ModuleType, dtype: object, *dims: int) -> float:
@@ -125,7 +133,9 @@ def principal_angles(a: Array, b: Array) -> Array:
 
 
 @finite_result
-def union_of_subspaces(*bases: Array, rtol: float | None = None) -> SubspaceUnion:
+def union_of_subspaces(
+    *bases: Array, rtol: float | None = None, nested: bool = False
+) -> SubspaceUnion:
     r"""Orthonormal basis of the sum of the column spans of ``bases``.
 
     Parameters
@@ -138,13 +148,23 @@ def union_of_subspaces(*bases: Array, rtol: float | None = None) -> SubspaceUnio
         :math:`\sigma_k > \text{rtol}\,\sigma_1`; the union after input
         :math:`i` has the numerical rank (singular values above ``rtol``
         times the largest) of the inputs so far, each scaled to unit norm.
-        Default :math:`\epsilon \max(m, \sum_i p_i)`.
+        Default :math:`\epsilon \max(m, \sum_i p_i)`. With ``nested=True``
+        a column is dropped when its distance to the span of the accepted
+        ones is at most ``rtol`` times its norm.
+    nested : bool, optional
+        Take the columns of all inputs one at a time, in order, so that the
+        leading columns of ``basis`` span every prefix of them
+        (:math:`\operatorname{span}(Q_{:, :a_s}) = \operatorname{span}(d_1,
+        \dots, d_s)`, :math:`a_s` the accepted columns among the first
+        :math:`s`), and report which were accepted in ``accepted``. This is
+        the union JACTUS needs for every rank at once. Default ``False``.
 
     Returns
     -------
     SubspaceUnion
         ``basis`` (orthonormal, earlier inputs first), ``contributions``,
-        ``input_ranks``, ``principal_angles`` and ``rtol``.
+        ``input_ranks``, ``principal_angles``, ``rtol`` and, when ``nested``,
+        ``accepted``.
 
     Raises
     ------
@@ -165,6 +185,12 @@ def union_of_subspaces(*bases: Array, rtol: float | None = None) -> SubspaceUnio
     \operatorname{span} B_i)` counted with threshold ``rtol``, as the
     numerical rank of the concatenated, unit-norm inputs.
 
+    Nested mode, fast path: one Householder QR of the concatenated columns,
+    whose :math:`|R_{ss}|` is exactly the distance of :math:`d_s` to the span
+    of its predecessors. Only if some :math:`|R_{ss}| \le
+    \text{rtol}\,\lVert d_s\rVert` (or there are more columns than rows)
+    does it switch to a blocked CGS2 that drops dependent columns one by one.
+
     References
     ----------
     .. [1] L. Giraud, J. Langou, M. Rozložník, "The loss of orthogonality in
@@ -177,7 +203,7 @@ def union_of_subspaces(*bases: Array, rtol: float | None = None) -> SubspaceUnio
         raise ValueError(msg)
     for i, b in enumerate(bases):
         check_array(b, f"bases[{i}]")
-    xp = namespace(*bases)
+    xp = namespace(bases[0])  # check_matrix names any later basis of another library
     check_matrix(xp, bases[0], "bases[0]")
     m = int(bases[0].shape[0])
     for i, b in enumerate(bases[1:], start=1):
@@ -189,6 +215,8 @@ def union_of_subspaces(*bases: Array, rtol: float | None = None) -> SubspaceUnio
         if rtol is None
         else check_nonnegative(rtol, "rtol")
     )
+    if nested:
+        return _nested_union(xp, [astype(xp, b, work) for b in bases], tol)
     q: Array | None = None
     scaled: list[Array] = []  # the inputs so far, each scaled to unit norm
     contributions: list[int] = []
@@ -240,46 +268,25 @@ def _new_directions(q: Array | None, scaled: list[Array], tol: float, own: Array
     return qr_reduced(xp, _project_out(q, new))[0]
 
 
-def nested_orthonormal_basis(
-    columns: Array, rtol: float | None = None
-) -> tuple[Array, np.ndarray]:
-    r"""Orthonormal :math:`Q` whose leading columns span each prefix of ``columns``.
-
-    Parameters
-    ----------
-    columns : (m, t) array
-        Columns :math:`d_1, \dots, d_t`, taken in order.
-    rtol : float, optional
-        A column is dropped when its distance to the span of the accepted
-        ones is at most ``rtol`` times its norm. Default
-        :math:`\epsilon \max(m, t)`.
-
-    Returns
-    -------
-    basis : (m, d) array
-        Orthonormal; :math:`\operatorname{span}(Q_{:, :a_s}) =
-        \operatorname{span}(d_1, \dots, d_s)` where :math:`a_s` counts the
-        accepted columns among the first :math:`s`.
-    accepted : (t,) numpy bool array
-        Which columns added a direction.
-
-    Notes
-    -----
-    Fast path: one Householder QR, whose :math:`|R_{ss}|` is exactly the
-    distance of :math:`d_s` to the span of its predecessors. Only if some
-    :math:`|R_{ss}| \le \text{rtol}\,\lVert d_s\rVert` (or :math:`t > m`)
-    does it switch to a blocked CGS2 that drops dependent columns one by one.
-    """
-    xp = namespace(columns)
+def _nested_union(xp: ModuleType, bases: list[Array], tol: float) -> SubspaceUnion:
+    """Nested mode of :func:`union_of_subspaces` (see its Notes)."""
+    columns = bases[0] if len(bases) == 1 else xp.concat(bases, axis=1)
     m, t = (int(d) for d in columns.shape)
-    tol = default_rtol(xp, columns.dtype, m, t) if rtol is None else float(rtol)
     norms = as_numpy(xp.linalg.vector_norm(columns, axis=0))
+    q = None
+    accepted = np.ones(t, dtype=bool)
     if t <= m:
         q, r = qr_reduced(xp, columns)
         diag = np.abs(as_numpy(xp.linalg.diagonal(r)))
-        if bool(np.all(diag > tol * norms)):
-            return q, np.ones(t, dtype=bool)
-    return _blocked_rank_revealing_cgs2(columns, norms, tol)
+        if not bool(np.all(diag > tol * norms)):
+            q = None
+    if q is None:
+        q, accepted = _blocked_rank_revealing_cgs2(columns, norms, tol)
+    bounds = np.cumsum([0] + [int(b.shape[1]) for b in bases])
+    contributions = tuple(
+        int(accepted[lo:hi].sum()) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    )
+    return SubspaceUnion(q, contributions, (), (), tol, accepted)
 
 
 def _blocked_rank_revealing_cgs2(

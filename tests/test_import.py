@@ -28,7 +28,7 @@ def test_core_uses_torch_only_through_arrays():
         "w = np.random.default_rng(0).standard_normal((6, 4)); "
         "c = np.cov(np.random.default_rng(1).standard_normal((4, 20))); "
         "jl.projected_lowrank(w, 2, input_cov=c); "
-        "jl.jactus_layer(w, 2, input_cov=c, grad_mean=w); "
+        "jl.jactus_layer(w, 2, input_cov=c, grad_mean=w, task_directions='gradient'); "
         "jl.whiten(c, method='eigh'); jl.union_of_subspaces(w); "
         "assert 'torch' not in sys.modules"
     )

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import jactus_linalg as jl
 
 from .numerics import (
+    covariance_with_spectrum,
     orth,
     relative_gap,
     spectrum,
@@ -25,6 +26,7 @@ from .test_lowrank import Reference
 
 taus = st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
 methods = st.sampled_from(["cholesky", "eigh"])
+sources = st.sampled_from(["covariance", "gradient"])
 EPS = float(np.finfo(np.float64).eps)
 
 
@@ -34,11 +36,12 @@ def _split(r: int, tau: float, task_rank: int) -> tuple[int, int]:
     return r - j, j
 
 
-@given(prob=layer_problems(), tau=taus, method=methods)
-def test_weight_directions_upper_bound(prob, tau, method):
+@given(prob=layer_problems(), tau=taus, method=methods, source=sources)
+def test_weight_directions_upper_bound(prob, tau, method, source):
     w, cx, cg, g, r = prob["W"], prob["Cx"], prob["Cg"], prob["G"], prob["rank"]
     layer = jl.jactus_layer(
-        w, r, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method
+        w, r, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method,
+        task_directions=source,
     )
     ref = Reference(w, cx, cg)
     k = layer.weight_directions
@@ -78,12 +81,13 @@ def test_task_fraction_zero_is_optimal_rank_r(prob, method, with_grad):
         assert np.linalg.norm(diff) <= tolerance(np.float64, ref.dims, cond=ref.kappa / gap) * ref.sigma[0]
 
 
-@given(prob=layer_problems(max_side=14), tau=taus, method=methods)
-def test_gains_sum_to_preserved_energy(prob, tau, method):
+@given(prob=layer_problems(max_side=14), tau=taus, method=methods, source=sources)
+def test_gains_sum_to_preserved_energy(prob, tau, method, source):
     w, cx, cg, g = prob["W"], prob["Cx"], prob["Cg"], prob["G"]
     m, n = w.shape
     plan = jl.plan_layer(
-        w, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method
+        w, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method,
+        task_directions=source,
     )
     ref = Reference(w, cx, cg)
     gains = plan.gains
@@ -103,38 +107,72 @@ def test_gains_sum_to_preserved_energy(prob, tau, method):
         assert np.max(np.abs(gains - ref.sigma[: plan.max_rank] ** 2)) <= tol
 
 
+def _descending_eigh(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lam, vec = np.linalg.eigh((c + c.T) / 2)
+    return lam[::-1], vec[:, ::-1]
+
+
+def _reference_task_directions(ref, cx, cg, g, source):
+    """Whitened task directions (left, right), the values that order them, and their rank.
+
+    ``covariance``: S_gᵀ E_g and S_xᵀ E_x from float64 eigendecompositions;
+    ``gradient``: the singular vectors of Γ = S_g⁻¹ G S_x⁻ᵀ. ``rank`` is
+    ``None`` when an eigenvalue sits near the rank cut (then the code's
+    count is not checked).
+    """
+    m, n = ref.w.shape
+    if source == "gradient":
+        gamma = np.linalg.solve(ref.sg, np.linalg.solve(ref.sx, g.T).T)
+        pt, st_, qtt = np.linalg.svd(gamma)
+        return pt, qtt.T, (st_, st_), int(np.sum(st_ > EPS * max(m, n) * st_[0]))
+    lam_g, e_g = _descending_eigh(cg)
+    lam_x, e_x = _descending_eigh(cx)
+    ranks = []
+    for lam, dim in ((lam_g, m), (lam_x, n)):
+        cut = dim * EPS * lam[0]
+        if np.any((lam > cut / 1e3) & (lam < cut * 1e3)):
+            ranks.append(None)
+        else:
+            ranks.append(int(np.sum(lam > cut)))
+    rank = None if None in ranks else min(ranks)
+    return ref.sg.T @ e_g, ref.sx.T @ e_x, (lam_g, lam_x), rank
+
+
 @given(
     prob=layer_problems(max_side=12, max_cond=1e8),
     tau=st.sampled_from([0.25, 0.5, 1.0]),
     method=methods,
+    source=sources,
     data=st.data(),
 )
-def test_plan_matches_direct_projection(prob, tau, method, data):
+def test_plan_matches_direct_projection(prob, tau, method, source, data):
     w, cx, cg, g = prob["W"], prob["Cx"], prob["Cg"], prob["G"]
     m, n = w.shape
     plan = jl.plan_layer(
         w, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method,
-        max_rank=min(m, n),
+        max_rank=min(m, n), task_directions=source,
     )
     ref = Reference(w, cx, cg)
-    # naive float64: Γ = S_g⁻¹ G S_x⁻ᵀ and both SVDs
-    gamma = np.linalg.solve(ref.sg, np.linalg.solve(ref.sx, g.T).T)
     p, s, qt = np.linalg.svd(ref.m_white)
-    pt, st_, qtt = np.linalg.svd(gamma)
-    task_rank = int(np.sum(st_ > EPS * max(m, n) * st_[0]))
-    assert plan.task_rank == task_rank
+    left_t, right_t, (vals_l, vals_r), task_rank = _reference_task_directions(ref, cx, cg, g, source)
+    j_max = max(math.floor(tau * plan.max_rank + 0.5), 1)
+    if task_rank is not None:
+        assert plan.task_rank == min(task_rank, j_max)
+    task_rank = plan.task_rank
     ranks = sorted(set(data.draw(st.lists(st.integers(1, min(m, n)), min_size=1, max_size=4))))
     for r in ranks:
         k, j = _split(r, tau, task_rank)
         layer = plan.factorize(r)
         assert (layer.weight_directions, layer.task_directions) == (k, j)
-        u = orth(np.concatenate([p[:, :k], pt[:, :j]], axis=1))
-        v = orth(np.concatenate([qt[:k].T, qtt[:j].T], axis=1))
-        # the subspaces are well defined when σ(M) has a gap at k, σ(Γ) one at
-        # j, and the task directions are not nearly inside the weight ones
-        sens = [relative_gap(s, k), relative_gap(st_, j)]
-        for basis, parts in ((u, (p[:, :k], pt[:, :j])), (v, (qt[:k].T, qtt[:j].T))):
+        u = orth(np.concatenate([p[:, :k], left_t[:, :j]], axis=1))
+        v = orth(np.concatenate([qt[:k].T, right_t[:, :j]], axis=1))
+        # the subspaces are well defined when σ(M) has a gap at k, the task
+        # values one at j, and the task directions are not nearly inside the
+        # weight ones
+        sens = [relative_gap(s, k), relative_gap(vals_l, j), relative_gap(vals_r, j)]
+        for basis, parts in ((u, (p[:, :k], left_t[:, :j])), (v, (qt[:k].T, right_t[:, :j]))):
             stacked = np.concatenate(parts, axis=1)
+            stacked = stacked / np.maximum(np.linalg.norm(stacked, axis=0), 1e-300)
             sv = np.linalg.svd(stacked, compute_uv=False)
             sens.append(sv[basis.shape[1] - 1] if basis.shape[1] else 1.0)
         if min(sens) <= 0:
@@ -165,6 +203,70 @@ def test_plan_matches_direct_projection(prob, tau, method, data):
 
 @given(
     seed=seeds,
+    shape=st.sampled_from([(14, 11), (9, 16), (20, 20)]),
+    tau=st.sampled_from([0.25, 0.5, 1.0]),
+    method=methods,
+    r=st.integers(2, 8),
+)
+def test_deployed_factors_contain_covariance_eigenvectors(seed, shape, tau, method, r):
+    """DESIGN identity: span(A) ⊇ span(E_g), span(B) ⊇ span(E_x), principal angles zero.
+
+    Covariances with a known, gapped spectrum, so E_g and E_x are well
+    defined; the angles are zero to c (m + n) eps times the conditioning of
+    the factors (κ(S)² for the un-whitening).
+    """
+    rng = np.random.default_rng(seed)
+    m, n = shape
+    w = with_spectrum(rng, m, n, spectrum("decaying", min(m, n), cond=1e3))
+    lam_g = np.concatenate([[50.0, 20.0, 10.0, 7.0, 5.0], np.geomspace(1.0, 1e-3, m - 5)])
+    lam_x = np.concatenate([[80.0, 30.0, 12.0, 6.0, 4.0], np.geomspace(1.0, 1e-3, n - 5)])
+    cg = covariance_with_spectrum(rng, lam_g)
+    cx = covariance_with_spectrum(rng, lam_x)
+    layer = jl.jactus_layer(
+        w, r, input_cov=cx, grad_cov=cg, task_fraction=tau, whitening=method,
+    )
+    j = layer.task_directions
+    assert j == min(math.floor(tau * r + 0.5), 5) or j == math.floor(tau * r + 0.5)
+    e_g = _descending_eigh(cg)[1][:, :j]
+    e_x = _descending_eigh(cx)[1][:, :j]
+    ref = Reference(w, cx, cg)
+    tol = tolerance(np.float64, m + n, cond=ref.kappa**2)
+    for deployed, eig in ((layer.left, e_g), (layer.right, e_x)):
+        basis = orth(deployed)
+        angles = np.asarray(jl.principal_angles(basis, eig))
+        assert angles.shape == (j,)
+        assert np.max(angles, initial=0.0) <= tol
+    # and a random direction is not inside (the test can fail)
+    probe = orth(rng.standard_normal((m, 1)))
+    assert float(np.asarray(jl.principal_angles(orth(layer.left), probe))[0]) > 1e-3
+
+
+@given(seed=seeds, method=methods, r=st.integers(4, 10))
+def test_randomized_eigenvectors_match_exact(seed, method, r):
+    """Cholesky + svd='randomized' finds the same task directions as the exact path."""
+    rng = np.random.default_rng(seed)
+    m, n = 60, 50
+    w = with_spectrum(rng, m, n, spectrum("decaying", n, cond=1e3))
+    cg = covariance_with_spectrum(rng, np.geomspace(100.0, 1e-4, m))
+    cx = covariance_with_spectrum(rng, np.geomspace(100.0, 1e-4, n))
+    kw = dict(input_cov=cx, grad_cov=cg, task_fraction=0.5, whitening=method, max_rank=r)
+    fast = jl.plan_layer(w, svd="randomized", **kw)
+    exact = jl.plan_layer(w, svd="exact", **kw)
+    assert fast.task_rank == exact.task_rank
+    # geometric spectra: ratio ~1.2 per step, so the subspace iteration
+    # converges only to a tolerance; compare energies at the level the
+    # randomized range finder reports
+    if method == "cholesky":
+        assert any("randomized" in note for note in fast.task_notes)
+    ref = Reference(w, cx, cg)
+    for rank in range(1, r + 1):
+        a, b = fast.factorize(rank), exact.factorize(rank)
+        assert abs(a.error**2 - b.error**2) <= 0.05 * ref.energy
+        assert ref.error(a.left, a.core, a.right) ** 2 == pytest.approx(a.error**2, abs=ref.energy_tol())
+
+
+@given(
+    seed=seeds,
     g_rank=st.integers(0, 2),
     tau=st.sampled_from([0.5, 1.0]),
     method=methods,
@@ -177,7 +279,8 @@ def test_task_directions_capped_by_gradient_rank(seed, g_rank, tau, method):
     cg = np.cov(rng.standard_normal((m, 30)))
     g = np.zeros((m, n)) if g_rank == 0 else with_spectrum(rng, m, n, [1.0, 0.3][:g_rank])
     layer = jl.jactus_layer(
-        w, r, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method
+        w, r, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method,
+        task_directions="gradient",
     )
     j_wanted = math.floor(tau * r + 0.5)
     assert j_wanted > g_rank
@@ -185,7 +288,10 @@ def test_task_directions_capped_by_gradient_rank(seed, g_rank, tau, method):
     assert layer.task_directions == g_rank
     assert layer.weight_directions == r - g_rank
     assert layer.core.shape == (r, r)
-    plan = jl.plan_layer(w, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method)
+    plan = jl.plan_layer(
+        w, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method,
+        task_directions="gradient",
+    )
     assert plan.task_rank == g_rank
     ref = Reference(w, cx, cg)
     assert abs(layer.weight_bound**2 - tail_energy(ref.sigma, r - g_rank)) <= ref.energy_tol()
@@ -199,7 +305,7 @@ def test_task_direction_in_weight_span_adds_nothing(seed, r, c):
     """Γ ∝ M (gradient along the weight): task directions repeat weight ones."""
     rng = np.random.default_rng(seed)
     w = with_spectrum(rng, 13, 10, np.geomspace(1.0, 1e-3, 10))
-    layer = jl.jactus_layer(w, r, grad_mean=c * w, task_fraction=0.5)
+    layer = jl.jactus_layer(w, r, grad_mean=c * w, task_fraction=0.5, task_directions="gradient")
     k, j = layer.weight_directions, layer.task_directions
     assert j == math.floor(0.5 * r + 0.5) and k == r - j
     # P'_j = P_j: the union of P_k and P_j is P_max(k, j), nothing more
@@ -207,7 +313,7 @@ def test_task_direction_in_weight_span_adds_nothing(seed, r, c):
     assert layer.core.shape == (d, d)
     sigma = np.geomspace(1.0, 1e-3, 10)
     assert abs(layer.error**2 - tail_energy(sigma, d)) <= tolerance(np.float64, 23) * np.sum(sigma**2)
-    plan = jl.plan_layer(w, grad_mean=c * w, task_fraction=0.5, max_rank=r)
+    plan = jl.plan_layer(w, grad_mean=c * w, task_fraction=0.5, max_rank=r, task_directions="gradient")
     assert plan.left_counts[r] == plan.right_counts[r] == d
     # units that add a repeated direction gain nothing
     assert int(np.sum(plan.gains > tolerance(np.float64, 23))) == d
@@ -222,26 +328,77 @@ def test_task_split_rounds_half_up():
     assert jl.task_split(7, 0.0) == (7, 0)
 
 
-def test_plan_is_nested_across_ranks(rng):
+@pytest.mark.parametrize("source", ["covariance", "gradient"])
+def test_plan_is_nested_across_ranks(rng, source):
     """Every rank's union contains the previous one, so gains are well defined."""
     m, n = 12, 10
     w = with_spectrum(rng, m, n, np.geomspace(1.0, 1e-2, n))
     g = rng.standard_normal((m, n))
-    plan = jl.plan_layer(w, grad_mean=g, task_fraction=0.5, max_rank=8)
+    cx = covariance_with_spectrum(rng, np.geomspace(10.0, 0.1, n))
+    cg = covariance_with_spectrum(rng, np.geomspace(10.0, 0.1, m))
+    plan = jl.plan_layer(
+        w, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=0.5, max_rank=8,
+        task_directions=source,
+    )
+    ref = Reference(w, cx, cg)
     prev = None
     for r in range(1, 9):
         layer = plan.factorize(r)
-        # no covariances: A and B are the orthonormal bases themselves
+        # span(A_r) ⊇ span(A_{r-1}): compare the whitened (orthonormal) bases
         if prev is not None:
-            for new, old in ((layer.left, prev.left), (layer.right, prev.right)):
+            for new, old, s_ in ((layer.left, prev.left, ref.sg), (layer.right, prev.right, ref.sx)):
                 assert new.shape[1] >= old.shape[1]
-                assert np.linalg.norm(old - new @ (new.T @ old)) <= tolerance(np.float64, m + n)
+                q_new, q_old = orth(s_.T @ new), orth(s_.T @ old)
+                assert np.linalg.norm(q_old - q_new @ (q_new.T @ q_old)) <= tolerance(
+                    np.float64, m + n, cond=ref.kappa
+                )
         prev = layer
+
+
+@given(seed=seeds, cov_rank=st.integers(1, 3), tau=st.sampled_from([0.5, 1.0]), method=methods)
+def test_task_directions_capped_by_covariance_rank(seed, cov_rank, tau, method):
+    """A covariance of rank c resolves only c task directions; the rest go to the weight."""
+    rng = np.random.default_rng(seed)
+    m, n, r = 14, 11, 5
+    w = with_spectrum(rng, m, n, spectrum("decaying", n, cond=1e3))
+    cx = covariance_with_spectrum(rng, np.concatenate([np.geomspace(5.0, 1.0, cov_rank), np.zeros(n - cov_rank)]))
+    cg = np.cov(rng.standard_normal((m, 40)))
+    plan = jl.plan_layer(w, input_cov=cx, grad_cov=cg, task_fraction=tau, whitening=method)
+    assert plan.task_rank == cov_rank
+    layer = plan.factorize(r)
+    assert layer.task_directions == min(cov_rank, math.floor(tau * r + 0.5))
+    assert layer.weight_directions == r - layer.task_directions
 
 
 def test_jactus_layer_without_grad_mean_needs_zero_task_fraction(rng):
     w = rng.standard_normal((5, 4))
     with pytest.raises(ValueError, match="grad_mean"):
+        jl.jactus_layer(w, 2, task_fraction=0.25, task_directions="gradient")
+    with pytest.raises(ValueError, match="needs both covariances.*no input_cov and no grad_cov"):
         jl.jactus_layer(w, 2, task_fraction=0.25)
+    with pytest.raises(ValueError, match="task_directions"):
+        jl.jactus_layer(w, 2, task_fraction=0.25, task_directions="hessian")
     layer = jl.jactus_layer(w, 2, task_fraction=0.0)
     assert layer.task_directions == 0
+
+
+def test_covariance_mode_accepts_shared_whitening_operators(rng):
+    """Covariances given already factored (as compress shares them) give the same layer."""
+    from jactus_linalg.whitening import whitening_operator
+
+    m, n = 12, 9
+    w = rng.standard_normal((m, n))
+    cx = np.cov(rng.standard_normal((n, 40)))
+    cg = np.cov(rng.standard_normal((m, 40)))
+    for method in ("cholesky", "eigh"):
+        ops = (
+            whitening_operator(cx, method=method, name="input_cov"),
+            whitening_operator(cg, method=method, name="grad_cov"),
+        )
+        shared = jl.jactus_layer(w, 4, input_cov=ops[0], grad_cov=ops[1], task_fraction=0.5)
+        direct = jl.jactus_layer(w, 4, input_cov=cx, grad_cov=cg, task_fraction=0.5, whitening=method)
+        ref = Reference(w, cx, cg)
+        assert abs(shared.error**2 - direct.error**2) <= ref.energy_tol()
+        root = jl.CovarianceRoot(np.linalg.cholesky(cx).T, 40)
+        via_root = jl.jactus_layer(w, 4, input_cov=root, grad_cov=cg, task_fraction=0.5, whitening=method)
+        assert abs(via_root.error**2 - direct.error**2) <= ref.energy_tol()

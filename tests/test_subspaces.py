@@ -8,7 +8,6 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import jactus_linalg as jl
-from jactus_linalg.subspaces import nested_orthonormal_basis
 
 from .numerics import orth, orthonormal, subspace_distance, tolerance
 from .strategies import seeds
@@ -192,7 +191,9 @@ def column_sequences(draw):
 def test_nested_basis_spans_every_prefix(data):
     columns, independent = data
     m, t = columns.shape
-    q, accepted = nested_orthonormal_basis(columns)
+    res = jl.union_of_subspaces(columns, nested=True)
+    q, accepted = res.basis, res.accepted
+    assert res.contributions == (int(independent.sum()),)
     assert accepted.dtype == bool and accepted.shape == (t,)
     assert np.array_equal(accepted, independent)
     d = q.shape[1]
@@ -215,8 +216,10 @@ def test_nested_basis_spans_every_prefix(data):
 
 def test_nested_basis_switches_to_cgs2_when_t_exceeds_m(rng):
     cols = rng.standard_normal((4, 9))
-    q, accepted = nested_orthonormal_basis(cols)
+    res = jl.union_of_subspaces(cols[:, :3], cols[:, 3:], nested=True)
+    q, accepted = res.basis, res.accepted
     assert accepted.tolist() == [True] * 4 + [False] * 5
+    assert res.contributions == (3, 1)
     assert np.linalg.norm(q.T @ q - np.eye(4)) <= tolerance(np.float64, 9)
     assert subspace_distance(q, np.eye(4)) <= tolerance(np.float64, 9)
 
@@ -238,3 +241,16 @@ def test_union_rtol_controls_what_counts_as_new(rng):
     assert jl.union_of_subspaces(a, near, rtol=1e-6).contributions == (1, 0)
     with pytest.raises(ValueError, match="rtol"):
         jl.union_of_subspaces(a, near, rtol=-1.0)
+
+
+def test_nested_union_keeps_namespace_and_order(backend, rng):
+    """Nested mode on every backend: prefixes spanned in order, a repeated column dropped."""
+    a = rng.standard_normal((7, 2))
+    b = np.concatenate([a[:, :1] * 3.0, rng.standard_normal((7, 2))], axis=1)
+    res = jl.union_of_subspaces(backend.asarray(a), backend.asarray(b), nested=True)
+    assert type(res.basis) is type(backend.asarray(a))
+    assert res.accepted.tolist() == [True, True, False, True, True]
+    assert res.contributions == (2, 2)
+    q = backend.to_numpy(res.basis)
+    assert np.linalg.norm(q.T @ q - np.eye(4)) <= tolerance(np.float64, 7)
+    assert subspace_distance(q[:, :2], orth(a)) <= tolerance(np.float64, 7, cond=np.linalg.cond(a))

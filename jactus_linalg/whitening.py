@@ -299,7 +299,9 @@ def _krylov_lambda_min(
 
     Cost: :math:`2 \cdot \text{steps} \cdot \text{block} \cdot n^2` flops in
     triangular solves (``trsm``, 64 n^2 by default), against
-    :math:`n^3/3` for a Cholesky: 7% of it at :math:`n = 3072`.
+    :math:`n^3/3` for a Cholesky: 7% of it at :math:`n = 3072`. Where
+    ``block * steps >= n`` the Krylov space would be the whole space, and
+    :math:`\theta = \sigma_\min(L)^2` exactly (an SVD of ``L``).
 
     :math:`\theta` is a Rayleigh quotient of :math:`A`, so
     :math:`\theta \ge \lambda_\min(A)` always (up to rounding, of order
@@ -315,10 +317,12 @@ def _krylov_lambda_min(
     :math:`4 \cdot 10^{-10}` at :math:`n = 4096`.
     """
     n = int(lower.shape[0])
-    width = min(block, n)
-    q = qr_reduced(xp, random_normal(xp, (n, width), lower.dtype, lower, seed=n))[0]
+    if n <= block * steps:  # the Krylov space would be all of R^n: be exact
+        sigma_min = float(svd_reduced(xp, lower)[1][-1])
+        return sigma_min * sigma_min
+    q = qr_reduced(xp, random_normal(xp, (n, block), lower.dtype, lower, seed=n))[0]
     bases, solved = [], []
-    for _ in range(max(1, min(steps, n // width))):
+    for _ in range(steps):
         x = solve_triangular(xp, lower, q, lower=True)  # L^{-1} Q_j
         bases.append(q)
         solved.append(x)
@@ -507,13 +511,16 @@ def whitening_operator(
     method = _check_method(method)
     relative = _check_damping(damping)
     notes: list[str] = []
-    if relative == SVD_LLM and (method != "cholesky" or isinstance(cov, CovarianceRoot)):
-        msg = (
-            f"`damping`={SVD_LLM!r} is SVD-LLM's Cholesky of the Gram matrix: it needs "
-            f"method='cholesky' and a covariance array; got method={method!r} and "
-            f"{type(cov).__name__}"
-        )
-        raise ValueError(msg)
+    if relative == SVD_LLM:
+        if method != "cholesky":
+            msg = (
+                f"`damping`={SVD_LLM!r} is SVD-LLM's Cholesky of the Gram matrix: it needs "
+                f"method='cholesky'; got method={method!r}"
+            )
+            raise ValueError(msg)
+        if isinstance(cov, CovarianceRoot):  # SVD-LLM factors the Gram matrix itself
+            check_array(cov.root, f"{name}.root")
+            cov = cov.root.T @ cov.root
     if isinstance(cov, CovarianceRoot):
         assert not isinstance(relative, str)  # refused above
         root = cov.root

@@ -273,3 +273,52 @@ def test_whiten_keeps_namespace(backend, rng):
         s = backend.to_numpy(w.factor)
         target, _ = damped(c, jl.DEFAULT_DAMPING)
         assert np.linalg.norm(s @ s.T - target) <= tolerance(np.float64, 5)
+
+
+def _with_smallest(rng, n: int, kind: str, damping: float, depth: float):
+    """``C`` with a PSD part of spectrum ``kind`` and smallest eigenvalue ``-depth·δ``.
+
+    ``δ = damping · mean(diag C)`` includes the negative eigenvalue itself, so
+    it is solved for: ``δ = damping (Σλ⁺ - depth δ) / n``.
+    """
+    if kind == "rank-deficient":
+        lam = np.concatenate([np.geomspace(1.0, 1e-3, n // 2), np.zeros(n - n // 2)])
+    else:  # full rank, down to rounding-free but tiny eigenvalues
+        lam = np.geomspace(1.0, 1e-9, n)
+    delta = damping * lam.sum() / n / (1.0 + damping * depth / n)
+    lam[-1] = -depth * delta
+    return covariance_with_spectrum(rng, lam), delta
+
+
+@pytest.mark.parametrize("kind", ["rank-deficient", "full rank"])
+@pytest.mark.parametrize("n", [64, 200])
+def test_psd_certificate_without_a_second_cholesky(kind, n, monkeypatch):
+    """Damping makes C + δI factorable whenever λ_min(C) > -δ; the certificate on
+    the damped factor still refuses λ_min = -δ/2 (the Cholesky succeeds), refuses
+    -2δ (it fails), accepts λ_min = 0, and costs no second Cholesky."""
+    import jactus_linalg.whitening as whitening
+
+    calls = []
+    real = whitening.cholesky_lower
+
+    def counted(xp, a):
+        calls.append(1)
+        return real(xp, a)
+
+    monkeypatch.setattr(whitening, "cholesky_lower", counted)
+    rng = np.random.default_rng(n)
+    damping = 1e-3
+    for depth in (0.5, 2.0):
+        c, delta = _with_smallest(rng, n, kind, damping, depth)
+        assert np.linalg.eigvalsh(c)[0] == pytest.approx(
+            -depth * delta, rel=tolerance(np.float64, n, cond=1.0 / delta)
+        )
+        damped_factorable = np.all(np.linalg.eigvalsh(c + delta * np.eye(n)) > 0)
+        assert damped_factorable == (depth < 1.0)
+        with pytest.raises(ValueError, match=r"`cov` is indefinite"):
+            jl.whiten(c, damping=damping, method="cholesky")
+    calls.clear()
+    c, _ = _with_smallest(rng, n, kind, damping, 0.0)
+    w = jl.whiten(c, damping=damping, method="cholesky")
+    assert w.method == "cholesky" and w.notes == ()
+    assert len(calls) == 1, "one Cholesky per covariance: the certificate reuses its factor"

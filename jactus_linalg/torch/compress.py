@@ -286,6 +286,8 @@ def plan_compression(
     use_g = use_g and grad_whitening
     tau = task_fraction if use_task else 0.0
     needs_grad = use_g or (use_task and tau > 0)
+    if method == "svd-llm" and damping is DEFAULT_DAMPING:  # not overridden: SVD-LLM's numerics
+        damping = ("svd-llm", DEFAULT_DAMPING)  # type: ignore[assignment]  # C_g: report only
     damp_x, damp_g = damping if isinstance(damping, tuple | list) else (damping, damping)
     input_ops: dict[str, WhiteningOperator] = {}
     plans: dict[str, LayerPlan] = {}

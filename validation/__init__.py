@@ -8,8 +8,11 @@ Modules, by topic:
 * :mod:`validation.methods`: JACTUS and the baselines as one ``build_method``;
 * :mod:`validation.parts`, :mod:`validation.paper_data`: the language and vision parts
   (offline defaults, paper-scale inputs from local paths);
-* :mod:`validation.commonsense`, :mod:`validation.vision`, :mod:`validation.assets`:
-  data sets, scoring and offline model assets;
+* :mod:`validation.commonsense`, :mod:`validation.vision`: the data sets (tasks, prompt
+  format, seeded splits);
+* :mod:`validation.scoring`, :mod:`validation.tuning_data`: continuation log-likelihood
+  scoring, and the fine-tuning batches built from the same items;
+* :mod:`validation.assets`: offline model assets (SmolLM2, a tiny Llama);
 * :mod:`validation.train`, :mod:`validation.report`: the tuning loop and the results files;
 * :mod:`validation.bench`: the benchmarks.
 

@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from validation.commonsense import MCItem, collate_tuning
+from validation.commonsense import MCItem
 from validation.parts import LanguagePart, Part, VisionPart
+from validation.tuning_data import collate_tuning
 
 if TYPE_CHECKING:
     from validation.run_paper import PaperInputs
@@ -214,7 +215,7 @@ def _test_items(root: Path) -> list[MCItem]:
 
 
 def _tuning_batches(records: list[dict], tokenizer, cfg, seed: int) -> list[dict]:
-    from validation.commonsense import tuning_example  # noqa: PLC0415
+    from validation.tuning_data import tuning_example  # noqa: PLC0415
 
     order = np.random.default_rng(seed).permutation(len(records))
     examples = []

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from validation.commonsense import TASKS, load_commonsense, score_items, tuning_batches
+from validation.commonsense import TASKS, load_commonsense
+from validation.scoring import score_items
 from validation.train import tune
+from validation.tuning_data import tuning_batches
 
 __all__ = ["LanguagePart", "Part", "VisionPart"]
 

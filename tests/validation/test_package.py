@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("run_paper", "sweep", "methods", "parts", "paper_data", "commonsense", "vision", "assets",
-           "train", "report")
+MODULES = ("run_paper", "sweep", "methods", "parts", "paper_data", "commonsense", "scoring", "tuning_data",
+           "vision", "assets", "train", "report")
 
 
 @pytest.mark.parametrize("command", [

@@ -15,7 +15,7 @@ import peft
 import pytest
 import torch
 
-from validation import assets, vision
+from validation import assets, scoring, tuning_data, vision
 from validation import commonsense as cs
 
 
@@ -153,13 +153,13 @@ def test_split_errors_name_arguments(arc_items):
 def test_encode_pair_truncates_context_from_left(tiny):
     _, tok = tiny
     ctx_full = tok("word " * 80 + "end here:", add_special_tokens=False)["input_ids"]
-    ctx, cont = cs.encode_pair(tok, "word " * 80 + "end here:", " the answer", max_length=24)
+    ctx, cont = scoring.encode_pair(tok, "word " * 80 + "end here:", " the answer", max_length=24)
     assert len(ctx) + len(cont) == 24
     assert ctx == ctx_full[-len(ctx):]
     assert tok.decode(cont) == " the answer"
-    ctx, cont = cs.encode_pair(tok, "", " alone", max_length=24)
+    ctx, cont = scoring.encode_pair(tok, "", " alone", max_length=24)
     assert ctx == [tok.eos_token_id]
-    ctx, cont = cs.encode_pair(tok, "a b c", " x" * 50, max_length=10)
+    ctx, cont = scoring.encode_pair(tok, "a b c", " x" * 50, max_length=10)
     assert len(ctx) == 1 and len(cont) == 9
 
 
@@ -173,7 +173,7 @@ def _naive_logprobs(model, tok, items, max_length):
         for it in items:
             row = []
             for choice in it.choices:
-                ctx, cont = cs.encode_pair(tok, it.context, choice, max_length)
+                ctx, cont = scoring.encode_pair(tok, it.context, choice, max_length)
                 ids = torch.tensor([ctx + cont])
                 logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
                 pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
@@ -190,12 +190,12 @@ def _mixed_items(arc_items):
 def test_gathered_scoring_equals_naive_full_logits(tiny, arc_items):
     model, tok = tiny
     items = _mixed_items(arc_items)
-    res = cs.score_items(model, tok, items, batch_size=3, max_length=40, progress=False)
+    res = scoring.score_items(model, tok, items, batch_size=3, max_length=40, progress=False)
     ref = _naive_logprobs(model, tok, items, max_length=40)
     for got, want in zip(res.logprobs, ref, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert not model.training
-    one = cs.score_items(model, tok, items, batch_size=1, max_length=40, progress=False)
+    one = scoring.score_items(model, tok, items, batch_size=1, max_length=40, progress=False)
     for got, want in zip(one.logprobs, res.logprobs, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
@@ -207,19 +207,19 @@ def test_scoring_through_peft_lora_wrapper(tiny, arc_items):
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = peft.get_peft_model(base, config)
     items = arc_items[:4]
-    res = cs.score_items(model, tok, items, batch_size=5, max_length=32, progress=False)
+    res = scoring.score_items(model, tok, items, batch_size=5, max_length=32, progress=False)
     ref = _naive_logprobs(model, tok, items, max_length=32)
     for got, want in zip(res.logprobs, ref, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     with model.disable_adapter():
-        plain = cs.score_items(model, tok, items, batch_size=5, max_length=32, progress=False)
+        plain = scoring.score_items(model, tok, items, batch_size=5, max_length=32, progress=False)
     assert not np.allclose(np.concatenate(plain.logprobs), np.concatenate(res.logprobs))
 
 
 def test_score_result_predictions_and_accuracy():
     items = [cs.MCItem("a", "a:0", "q", (" x", " yyyy"), 1),
              cs.MCItem("b", "b:0", "q", (" x", " y", " z"), 0)]
-    res = cs.ScoreResult(
+    res = scoring.ScoreResult(
         items,
         logprobs=[np.array([-2.0, -4.0]), np.array([-3.0, -1.0, -6.0])],
         n_tokens=[np.array([1.0, 4.0]), np.array([1.0, 1.0, 1.0])],
@@ -242,12 +242,12 @@ def test_score_result_predictions_and_accuracy():
 def test_tuning_batches_mask_everything_but_the_answer(tiny, arc_items):
     model, tok = tiny
     items = arc_items[:10]
-    batches = cs.tuning_batches(items, tok, batch_size=4, max_length=32, seed=0)
+    batches = tuning_data.tuning_batches(items, tok, batch_size=4, max_length=32, seed=0)
     assert [len(b["input_ids"]) for b in batches] == [4, 4, 2]
-    again = cs.tuning_batches(items, tok, batch_size=4, max_length=32, seed=0)
+    again = tuning_data.tuning_batches(items, tok, batch_size=4, max_length=32, seed=0)
     pairs = zip(batches, again, strict=True)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in pairs)
-    answers = {tuple(cs.encode_pair(tok, it.context, it.choices[it.label], 32)[1]) for it in items}
+    answers = {tuple(scoring.encode_pair(tok, it.context, it.choices[it.label], 32)[1]) for it in items}
     for batch in batches:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         assert ids.shape == mask.shape == labels.shape and ids.shape[1] <= 32

@@ -15,11 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from ..numerics import tolerance
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "validation" / "bench.py"
-NAMES = ("factorization", "compress", "calibration", "deployed", "allocation")
+NAMES = ("factorization", "compress", "calibration", "deployed", "allocation", "peers")
 #: a table row: benchmark name first, then ``<measured> <= or >= <target> PASS|MISS``
 RATIO_LINE = re.compile(r"^(\w+)\s+.*\s(\S+)\s+(<=|>=) (\S+(?: s)?)\s+(PASS|MISS)$")
 
@@ -79,3 +82,20 @@ def test_unknown_benchmark_is_refused():
     )
     assert done.returncode == 2
     assert "unknown benchmark" in done.stderr
+
+
+def test_peers_rows_compare_with_svd_llm_and_cold_svd(quick_run):
+    """The peers benchmark: timing ratios against SVD-LLM's code, equal output error, the BLAS-mixing ratio."""
+    _, out = quick_run
+    peers = json.loads(out.read_text())["benchmarks"]["peers"]
+    metrics = {r["metric"] for r in peers["rows"]}
+    assert "svd-llm special case (f64 stats) / SVD-LLM code" in metrics
+    assert "MKL SVD after package whitening / cold" in metrics
+    for shape in ("192x192", "384x192"):
+        errors = peers["details"][shape]["output_error"]
+        ref = errors["svd-llm code"]
+        # same numerics: the float64 special case is SVD-LLM's up to its float32 SVD
+        n = max(int(d) for d in shape.split("x"))
+        assert abs(errors["package f64 stats"] / ref - 1) <= tolerance(np.float32, n)
+    blas = peers["details"]["blas_mixing"]["median_s"]
+    assert set(blas) == {"cold", "after whitening", "after scipy trtri"}

@@ -1152,6 +1152,13 @@ def peer_shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
 def bench_peer_shape(m: int, n: int, repeat: int) -> tuple[list[Row], dict]:
     """``damping="svd-llm"`` special case against the transcription of SVD-LLM's per-layer code."""
     from jactus_linalg import projected_lowrank
+    from jactus_linalg._backend import namespace, svd_reduced
+    from jactus_linalg.whitening import (
+        inverse_transpose_times,
+        svd_dtype,
+        whitened_weight,
+        whitening_operator,
+    )
     from validation.svdllm_reference import svdllm_layer, svdllm_whitening_factor
 
     case = f"{m}x{n}"
@@ -1168,8 +1175,19 @@ def bench_peer_shape(m: int, n: int, repeat: int) -> tuple[list[Row], dict]:
     def reference():
         kept["svd-llm code"] = svdllm_layer(prob.weight, prob.gram, prob.rank).weight
 
+    def f32_svd():  # projected_lowrank's no-bases path with the SVD in the weight's dtype
+        import torch
+
+        op = whitening_operator(prob.gram, damping="svd-llm", method="cholesky", name="input_cov")
+        xp = namespace(prob.gram)
+        whitened = whitened_weight(prob.weight.double(), None, op)
+        u, sv, vh = svd_reduced(xp, whitened, dtype=svd_dtype(xp, prob.weight.dtype, whitened.dtype))
+        r = prob.rank
+        right = inverse_transpose_times(op, vh[:r].T)
+        kept["f64 stats, f32 SVD"] = (u[:, :r] * sv[:r]) @ right.T.to(torch.float64)
+
     fns = {"svd-llm code": reference, "package f64 stats": package(prob.gram, "package f64 stats"),
-           "package f32 stats": package(gram32, "package f32 stats")}
+           "package f32 stats": package(gram32, "package f32 stats"), "f64 stats, f32 SVD": f32_svd}
     times = rounds(fns, repeat)
     lower = svdllm_whitening_factor(prob.gram)[0]
     errors = {k: whitened_output_error(prob.weight, v, lower) for k, v in kept.items()}
@@ -1181,6 +1199,10 @@ def bench_peer_shape(m: int, n: int, repeat: int) -> tuple[list[Row], dict]:
             paired_ratio(times, "package f32 stats", "svd-llm code"), 1.0, "<="),
         Row("peers", case, "output error, f64 stats vs SVD-LLM code",
             100 * abs(errors["package f64 stats"] / ref - 1), 0.01, "<=", "%"),
+        Row("peers", case, "f64 stats + f32 SVD (svd_dtype) / SVD-LLM code",
+            paired_ratio(times, "f64 stats, f32 SVD", "svd-llm code"), 1.0, "<="),
+        Row("peers", case, "output error, f64 stats + f32 SVD vs SVD-LLM code",
+            100 * abs(errors["f64 stats, f32 SVD"] / ref - 1), 0.01, "<=", "%"),
     ]
     details = {"shape": [m, n], "rank": prob.rank, "median_s": medians(times),
                "times_s": times, "output_error": errors}
@@ -1257,7 +1279,10 @@ def bench_peers(args: argparse.Namespace) -> BenchResult:
         "SVDLLM.py: float64 Cholesky of X^T X with its eigenvalue-shift fallback, float64 inv, "
         "float32 W S and SVD); special case = projected_lowrank(W, r, input_cov=X^T X, "
         "damping='svd-llm') on the same float32 torch W and float64 Gram (f64 stats) or its "
-        "float32 copy (f32 stats); r = largest rank keeping <= 80% of the layer's parameters; "
+        "float32 copy (f32 stats); 'f64 stats + f32 SVD' = the same path built from the "
+        "whitening-level pieces with svd_reduced(M, dtype=svd_dtype(...)), what "
+        "projected_lowrank does once the core passes that dtype (whitening factor float64, "
+        "SVD float32); r = largest rank keeping <= 80% of the layer's parameters; "
         "output error = ||(W - W') L||_F, L L^T = X^T X"
     )
     after_scipy = details["after_scipy_over_cold"]

@@ -5,12 +5,13 @@ patches) stands in for a pretrained checkpoint. The downstream task has 4
 classes (which quadrant of a noisy image is bright), so the 10-way head is
 replaced by a new 4-way ``classifier`` *before* calibration: the gradient
 statistics then come from the task's loss. The new head trains alongside the
-cores (``mark_trainable(model, extra=["classifier"])``).
+cores (``JactusConfig(modules_to_save=["classifier"])``).
 
 Asserts: the budget is met, only cores and head train, held-out loss goes
-down and accuracy goes up while tuning, the reloaded model gives
-bit-identical logits, and the curvature-aware methods have a lower predicted
-loss increase than ``svd-llm`` and ``svd``.
+down and accuracy goes up while tuning, the model saved with its mergeable
+cores folded in reloads with logits equal up to float32 rounding, and the
+curvature-aware methods have a lower predicted loss increase than
+``svd-llm`` and ``svd``.
 
 Shown on ``docs/tutorials/vit.md``.
 
@@ -27,13 +28,13 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from jactus_linalg.torch import (
+    JactusConfig,
     calibrate,
     compress,
     compress_then_lora,
     count_parameters,
     load_compressed,
     lora_model,
-    mark_trainable,
     save_compressed,
 )
 
@@ -84,7 +85,8 @@ def evaluate(model) -> tuple[float, float]:
 # --8<-- [start:compress]
 stats = calibrate(dense, calibration, loss_fn, progress=False)  # the head is not a target
 model = copy.deepcopy(dense)
-report = compress(model, stats, retain=0.8, method="jactus", progress=False)
+config = JactusConfig(retain=0.8, modules_to_save=["classifier"])  # the new head trains in full
+report = compress(model, stats, config, progress=False)  # leaves the cores + head trainable
 print(report.table())
 # --8<-- [end:compress]
 assert abs(report.retain_achieved - 0.8) < 0.01 and report.retain_achieved <= 0.8
@@ -105,10 +107,11 @@ def tune(model, epochs: int = 5, lr: float = 1e-2) -> list[tuple[float, float]]:
     return history
 
 
-trainable = mark_trainable(model, extra=["classifier"])  # cores + the new head
-shown = [t for t in trainable if "layers.0" in t or "classifier" in t]
+trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+shown = [t for t in trainable if "layers.0.attention" in t or "classifier" in t]
 print("\ntrainable tensors:", ", ".join(shown))
-print("trainable / total parameters: {} / {}".format(*count_parameters(model)))
+tuning_counts = count_parameters(model)
+print("trainable / total parameters while tuning: {} / {}".format(*tuning_counts))
 history = tune(model)
 for epoch, (loss, acc) in enumerate(history):
     print(f"epoch {epoch}: held-out loss {loss:.4f}, accuracy {acc:.3f}")
@@ -118,13 +121,14 @@ assert history[-1][0] < history[0][0] and history[-1][1] > history[0][1] + 0.25
 
 # --8<-- [start:save]
 with tempfile.TemporaryDirectory() as tmp:
-    folder = save_compressed(model, f"{tmp}/vit-jactus")
+    folder = save_compressed(model, f"{tmp}/vit-jactus", merge=True)  # dense layers' cores folded
     reloaded = load_compressed(folder).eval()  # rebuilt from the saved config (4 labels)
     with torch.no_grad():
-        same = torch.equal(model(**held_out).logits, reloaded(**held_out).logits)
-print("\nreloaded logits identical:", same)
+        tuned = model(**held_out).logits
+        change = ((reloaded(**held_out).logits - tuned).abs().max() / tuned.abs().max()).item()
+print(f"\nreloaded (merged) logits: largest relative change {change:.1e} (float32 rounding)")
 # --8<-- [end:save]
-assert same
+assert change <= 100 * 64 * torch.finfo(torch.float32).eps  # c n eps, n = hidden size
 
 # --8<-- [start:baselines]
 print("\npredicted loss increase at retain 0.8 (K-FAC, same norm for every method):")
@@ -143,11 +147,11 @@ ctl = compress_then_lora(  # the new head trains in full here too
     progress=False,
 )
 lora = lora_model(copy.deepcopy(dense), rank=4, modules_to_save=["classifier"])
-print("\nsame 5 epochs of AdamW, held-out loss / accuracy (trainable / total parameters):")
+print("\nsame 5 epochs of AdamW, held-out loss / accuracy (trainable / total while tuning):")
 candidates = {"JACTUS cores": model, "SVD-LLM + LoRA": ctl.model, "LoRA (dense)": lora}
 for name, candidate in candidates.items():
     loss, acc = history[-1] if candidate is model else tune(candidate)[-1]
-    train_p, total_p = count_parameters(candidate)
+    train_p, total_p = tuning_counts if candidate is model else count_parameters(candidate)
     print(f"  {name:<15} {loss:.4f} / {acc:.3f}   ({train_p} / {total_p})")
 print(
     f"compress-then-LoRA: factors at retain {ctl.compress_retain:.4f} + {ctl.adapter_params} "

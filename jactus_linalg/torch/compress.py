@@ -132,12 +132,15 @@ class CompressionReport:
 
     def table(self) -> str:
         """Plain-text per-layer table."""
-        lines = [f"{'layer':<48}{'shape':>12}{'rank':>7}{'params':>11}{'pred. dL':>12}"]
+        lines = [f"{'layer':<48}{'shape':>12}{'rank':>7}{'core':>9}{'params':>11}{'pred. dL':>12}"]
         for r in self.layers:
             rank = "dense" if r.rank is None else str(r.rank)
+            shape = r.core_shape if r.rank is not None else r.dense_core
+            core = "-" if shape is None else f"{shape[0]}x{shape[1]}"
             loss = "n/a" if r.predicted_loss_increase is None else f"{r.predicted_loss_increase:.3e}"
             lines.append(
-                f"{r.name:<48}{f'{r.shape[0]}x{r.shape[1]}':>12}{rank:>7}{r.params_after:>11}{loss:>12}"
+                f"{r.name:<48}{f'{r.shape[0]}x{r.shape[1]}':>12}{rank:>7}{core:>9}"
+                f"{r.params_after:>11}{loss:>12}"
             )
         total = self.total_predicted_loss_increase
         lines.append(

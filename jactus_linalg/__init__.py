@@ -8,8 +8,10 @@ on demand; ``import jactus_linalg`` never imports torch).
 """
 
 from .allocation import (
+    allocate_budget,
     allocate_ranks,
     allocate_uniform,
+    bisect_budget,
     break_even_rank,
     factor_params,
     layer_units,
@@ -22,6 +24,7 @@ from .covariance import (
     MomentAccumulator,
 )
 from .jactus import (
+    DEFAULT_TASK_DIRECTIONS,
     DEFAULT_TASK_FRACTION,
     JactusLayer,
     LayerPlan,
@@ -44,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_DAMPING",
+    "DEFAULT_TASK_DIRECTIONS",
     "DEFAULT_TASK_FRACTION",
     "CovarianceRoot",
     "CrossMomentAccumulator",
@@ -56,8 +60,10 @@ __all__ = [
     "SubspaceUnion",
     "Whitening",
     "WhiteningInfo",
+    "allocate_budget",
     "allocate_ranks",
     "allocate_uniform",
+    "bisect_budget",
     "break_even_rank",
     "curvature_error",
     "factor_params",

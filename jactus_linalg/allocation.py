@@ -32,7 +32,7 @@ from __future__ import annotations
 import heapq
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -41,8 +41,11 @@ from ._backend import as_numpy
 from ._checks import check_fraction, finite_result
 
 __all__ = [
+    "ALLOCATIONS",
+    "allocate_budget",
     "allocate_ranks",
     "allocate_uniform",
+    "bisect_budget",
     "break_even_rank",
     "factor_params",
     "layer_units",
@@ -51,6 +54,9 @@ __all__ = [
 
 #: Hull passes before switching the stragglers to a per-layer monotone chain.
 _MAX_VECTOR_PASSES = 32
+
+#: Rules of :func:`allocate_budget`.
+ALLOCATIONS = ("global", "uniform")
 
 
 def factor_params(m: int, n: int, rank: int) -> int:
@@ -260,6 +266,11 @@ def allocate_ranks(
     Cost: :math:`O(N \log N)` for :math:`N` units in total (a sort, a few
     vectorized hull passes and a heap over the layers).
 
+    Gains and costs are each scaled by a power of two (exact, and the result
+    does not change) so that the largest is below 1 and sums of up to
+    :math:`2^{1000}` units cannot overflow, even for gains near the float64
+    maximum.
+
     References
     ----------
     .. [1] G. B. Dantzig, "Discrete-variable extremum problems", Oper. Res.,
@@ -270,6 +281,11 @@ def allocate_ranks(
         raise TypeError(msg)
     fraction = check_fraction(budget, "budget")
     g_list, c_list = _as_unit_arrays(gains, costs)
+    # the allocation is invariant to scaling all gains (or all costs) by one
+    # positive number: scale by a power of two (exact) so that running sums
+    # of gains near the float64 maximum cannot overflow
+    g_list = _power_of_two_scaled(g_list)
+    c_list = _power_of_two_scaled(c_list)
     total_cost = float(sum(c.sum() for c in c_list))
     limit = fraction * total_cost
 
@@ -289,6 +305,15 @@ def allocate_ranks(
     groups = _Groups(layer, first, units, ratio, cost, c_list, g_list)
     _continue_with_heap(order[n_fit:], groups, taken, left)
     return [int(t) for t in taken]
+
+
+def _power_of_two_scaled(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """``arrays`` times the power of two that brings their largest entry into [0.5, 1)."""
+    top = max((float(a.max()) for a in arrays if a.size), default=0.0)
+    if top == 0.0:
+        return arrays
+    exponent = math.frexp(top)[1]
+    return [np.ldexp(a, -exponent) for a in arrays]
 
 
 class _Groups(NamedTuple):
@@ -347,7 +372,9 @@ def _continue_with_heap(rest: np.ndarray, groups: _Groups, taken: np.ndarray, le
         if lay in split:
             return split[lay].pop() if split[lay] else None
         g = pointer[lay] + 1
-        if g >= layer_end[lay]:
+        # hull ratios do not increase along a layer: once a group gains
+        # nothing, neither do the later ones, and none is worth buying
+        if g >= layer_end[lay] or groups.ratio[g] <= 0:
             return None
         pointer[lay] = g
         return entry(g)
@@ -447,11 +474,211 @@ def allocate_uniform(shapes: Sequence[tuple[int, int]], budget: float) -> list[i
     def spent(ranks: list[int]) -> float:
         return float(sum(factor_params(m, n, r) for (m, n), r in zip(shapes, ranks, strict=True)))
 
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
+    def fits(rho: float) -> bool:
+        return spent(ranks_at(rho)) <= limit
+
+    if not fits(0.0):  # rank 1 everywhere is the floor, even over the budget
+        return ranks_at(0.0)
+    return ranks_at(bisect_budget(fits, 0.0, 1.0))
+
+
+def bisect_budget(
+    fits: Callable[[float], bool], lo: float, hi: float, *, steps: int = 60
+) -> float:
+    r"""Largest :math:`x \in [\text{lo}, \text{hi}]` with ``fits(x)``, for a monotone ``fits``.
+
+    The one budget bisection of the package (the uniform allocation and
+    compress-then-LoRA's split of the budget between factors and adapters
+    use it). ``fits`` must be true at ``lo`` and turn false at most once
+    as :math:`x` grows; after ``steps`` halvings the answer is within
+    :math:`(\text{hi} - \text{lo}) 2^{-\text{steps}}` of the boundary, on
+    its feasible side.
+
+    Raises
+    ------
+    ValueError
+        If ``lo > hi`` or ``fits(lo)`` is false.
+    """
+    if not lo <= hi:
+        msg = f"`lo` must be <= `hi`; got {lo!r} and {hi!r}"
+        raise ValueError(msg)
+    if not fits(lo):
+        msg = f"`fits` must hold at `lo`={lo!r}: nothing in [lo, hi] fits"
+        raise ValueError(msg)
+    if fits(hi):
+        return hi
+    for _ in range(steps):
         mid = (lo + hi) / 2
-        if spent(ranks_at(mid)) <= limit:
+        if fits(mid):
             lo = mid
         else:
             hi = mid
-    return ranks_at(lo)
+    return lo
+
+
+def _check_retain(retain: object) -> float:
+    """``retain`` as a float in (0, 1]; numpy scalars and 0-d arrays are accepted."""
+    if isinstance(retain, np.ndarray) and retain.ndim == 0:
+        retain = retain.item()
+    if isinstance(retain, bool | np.bool_) or not isinstance(retain, numbers.Real):
+        msg = f"`retain` must be a real number in (0, 1]; got {retain!r} ({type(retain).__name__})"
+        raise TypeError(msg)
+    value = float(retain)
+    if not (math.isfinite(value) and 0 < value <= 1):
+        msg = (
+            f"`retain` must lie in (0, 1] (parameters after / parameters before); got {value!r}"
+        )
+        raise ValueError(msg)
+    return value
+
+
+def allocate_budget(
+    shapes: Sequence[tuple[int, int]],
+    gains: Sequence[object],
+    total_energies: Sequence[float],
+    retain: float,
+    total_params: int,
+    *,
+    min_rank: int = 1,
+    fixed_ranks: Mapping[int, int] | None = None,
+    allocation: str = "global",
+) -> list[int | None]:
+    r"""Per-layer ranks (``None`` = kept dense) that keep ``retain`` of the whole model.
+
+    The budget rule of DESIGN, in one place: the parameters outside the
+    layers (embeddings, norms, biases, a head, layers too small to factor)
+    are kept and count against the budget; layers in ``fixed_ranks`` take
+    their rank; every other layer takes ``min_rank`` up front; the rest of
+    the budget goes to rank units by :func:`allocate_ranks` (greedy gain per
+    parameter, concave-hull groups, prefixes only). Each layer's units stop
+    at its break-even rank, followed by one keep-dense unit (gain: the
+    energy beyond break-even, cost: the parameters beyond it; see
+    :func:`layer_units`); a layer that buys it stays dense. No layer is ever
+    factored at its break-even rank for lack of that unit.
+
+    Parameters
+    ----------
+    shapes : sequence of (m, n)
+        Layer shapes (out x in), each with break-even rank >= 1.
+    gains : sequence of (R_l,) array_like
+        Per-unit gains of each layer, ranks 1..R_l with
+        :math:`R_l \ge` ``break_even_rank(m, n)`` (curvature units).
+    total_energies : sequence of float
+        :math:`\lVert M \rVert_F^2` of each layer: the energy kept dense.
+    retain : float in (0, 1]
+        Parameters after / parameters before, for the whole model. ``>= 1``
+        keeps every layer dense (only ``fixed_ranks`` are factored).
+    total_params : int
+        Parameters of the whole model before compression.
+    min_rank : int, optional
+        Rank floor of the allocated layers (capped at each break-even rank).
+    fixed_ranks : mapping of layer index -> rank, optional
+        Ranks set by the user (e.g. a ``rank_pattern``); they are paid for
+        first and not allocated.
+    allocation : {"global", "uniform"}, optional
+        The greedy global rule, or the same parameter fraction in every
+        layer (:func:`allocate_uniform`, the ablation).
+
+    Returns
+    -------
+    list of int or None
+        One entry per layer.
+
+    Raises
+    ------
+    TypeError
+        If ``retain`` is not a real number.
+    ValueError
+        ``retain`` outside (0, 1], or too small for the parameters outside
+        the layers plus the fixed ranks plus ``min_rank`` everywhere (the
+        message gives the smallest feasible ``retain``); mismatched lengths;
+        an unknown ``allocation``; a fixed rank or ``min_rank`` out of range.
+
+    Notes
+    -----
+    With :math:`P` the whole model's parameters, :math:`F` those outside
+    the layers and :math:`D_\ell = m_\ell n_\ell`, the layers may hold
+    :math:`\text{retain}\cdot P - F` parameters; the floor
+    :math:`\sum_\ell r_0 (m_\ell + n_\ell) + r_0^2` is paid first, and the
+    greedy spends the rest as the fraction
+    :math:`(\text{retain}\cdot P - F - \text{floor}) / \sum \text{unit costs}`
+    of the remaining units.
+    """
+    retain = _check_retain(retain)
+    if allocation not in ALLOCATIONS:
+        msg = f"`allocation` must be one of {list(ALLOCATIONS)}; got {allocation!r}"
+        raise ValueError(msg)
+    n_layers = len(shapes)
+    if len(gains) != n_layers or len(total_energies) != n_layers:
+        msg = (
+            f"`shapes`, `gains` and `total_energies` must have one entry per layer; got "
+            f"{n_layers}, {len(gains)} and {len(total_energies)}"
+        )
+        raise ValueError(msg)
+    if isinstance(min_rank, bool) or not isinstance(min_rank, numbers.Integral) or min_rank < 1:
+        msg = f"`min_rank` must be an integer >= 1; got {min_rank!r}"
+        raise ValueError(msg)
+    fixed = _check_fixed_ranks(fixed_ranks, shapes)
+    dense = [m * n for m, n in shapes]
+    outside = int(total_params) - sum(dense)
+    if outside < 0:
+        msg = (
+            f"`total_params`={total_params} is smaller than the layers' own "
+            f"{sum(dense)} parameters"
+        )
+        raise ValueError(msg)
+    free = [i for i in range(n_layers) if i not in fixed]
+    ranks: list[int | None] = [fixed.get(i) for i in range(n_layers)]
+    fixed_cost = sum(factor_params(*shapes[i], r) for i, r in fixed.items())
+    floors = {i: min(int(min_rank), break_even_rank(*shapes[i])) for i in free}
+    floor_cost = sum(factor_params(*shapes[i], floors[i]) for i in free)
+    available = retain * total_params - outside - fixed_cost
+    if available < floor_cost * (1 - 1e-12):
+        need = (outside + fixed_cost + floor_cost) / total_params
+        msg = (
+            f"`retain`={retain} is too small: the parameters outside the compressed layers "
+            f"are {outside / total_params:.4f} of the model, the fixed ranks "
+            f"{fixed_cost / total_params:.4f}, and rank {min_rank} in every other layer "
+            f"{floor_cost / total_params:.4f}; `retain` must be at least {need:.4f} (or "
+            "target more layers, or lower `min_rank`)"
+        )
+        raise ValueError(msg)
+    free_dense = sum(dense[i] for i in free)
+    if not free or available >= free_dense:
+        return ranks  # everything not fixed stays dense
+    if allocation == "uniform":
+        share = available / free_dense
+        uniform = allocate_uniform([shapes[i] for i in free], share)
+        for i, r in zip(free, uniform, strict=True):
+            ranks[i] = max(r, floors[i])
+        return ranks
+    unit_gains, unit_costs = [], []
+    for i in free:
+        g, c = layer_units(gains[i], *shapes[i], float(total_energies[i]))
+        unit_gains.append(g[floors[i]:])  # the floor is bought up front
+        unit_costs.append(c[floors[i]:])
+    total_cost = float(sum(c.sum() for c in unit_costs))
+    budget = (available - floor_cost) / total_cost
+    taken = [0] * len(free) if budget <= 0 else allocate_ranks(unit_gains, unit_costs, min(budget, 1.0))
+    for i, t, g in zip(free, taken, unit_gains, strict=True):
+        ranks[i] = None if t == len(g) else floors[i] + t
+    return ranks
+
+
+def _check_fixed_ranks(
+    fixed_ranks: Mapping[int, int] | None, shapes: Sequence[tuple[int, int]]
+) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for i, r in (fixed_ranks or {}).items():
+        if not 0 <= int(i) < len(shapes):
+            msg = f"`fixed_ranks` key {i!r} is not a layer index in [0, {len(shapes)})"
+            raise ValueError(msg)
+        limit = break_even_rank(*shapes[int(i)])
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= limit:
+            msg = (
+                f"`fixed_ranks[{i}]` must be an integer in [1, {limit}] (the break-even rank "
+                f"of a {shapes[int(i)][0]}x{shapes[int(i)][1]} layer); got {r!r}"
+            )
+            raise ValueError(msg)
+        out[int(i)] = int(r)
+    return out

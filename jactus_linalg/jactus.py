@@ -341,6 +341,7 @@ def plan_layer(
     whitening: str = "cholesky",
     svd: str = "auto",
     xp: ModuleType | None = None,
+    task_grad_cov: WhiteningOperator | None = None,
 ) -> LayerPlan:
     r"""Decompose one layer once, for every rank up to ``max_rank``.
 
@@ -381,6 +382,10 @@ def plan_layer(
         dimension, and the exact decomposition otherwise. An ``eigh``
         whitening reuses its own eigenvectors.
     xp : namespace, optional
+    task_grad_cov : WhiteningOperator, optional
+        Ablation without gradient whitening (``grad_cov=None``): the factored
+        :math:`C_g` whose eigenvectors still give :math:`E_g` (then
+        :math:`S_g = I` in the union).
 
     Returns
     -------
@@ -416,7 +421,10 @@ def plan_layer(
     uses_gradient = task_directions == "gradient" and tau > 0
     work = working_dtype(xp, weight, input_cov, grad_cov, grad_mean if uses_gradient else None)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
-    source = _check_task_inputs(tau, task_directions, input_cov, grad_cov, grad_mean)
+    source = _check_task_inputs(
+        tau, task_directions, input_cov, grad_cov if task_grad_cov is None else task_grad_cov,
+        grad_mean,
+    )
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
     check_no_overflow(xp, whitened, "whitened weight S_g^T W S_x")
     total = float(xp.sum(whitened * whitened))
@@ -433,9 +441,9 @@ def plan_layer(
             task_rank = min(numerical_rank(as_numpy(st).astype(np.float64), rcond), j_max)
             left_task, right_task = pt, qth.T
         else:
-            assert grad_op is not None and input_op is not None  # checked above
+            assert input_op is not None  # checked above
             task_rank, left_task, right_task, notes = _covariance_directions(
-                grad_op, input_op, j_max, svd
+                grad_op, input_op, j_max, svd, task_grad_cov
             )
     is_task = _step_sources(r_max, tau, task_rank)
     if bool(is_task.any()):
@@ -496,19 +504,28 @@ def _check_task_inputs(
 
 
 def _covariance_directions(
-    grad_op: WhiteningOperator, input_op: WhiteningOperator, j: int, svd: str
+    grad_op: WhiteningOperator | None,
+    input_op: WhiteningOperator,
+    j: int,
+    svd: str,
+    task_grad_op: WhiteningOperator | None = None,
 ) -> tuple[int, Array, Array, tuple[str, ...]]:
-    r"""``(task_rank, S_g^T E_g, S_x^T E_x, notes)`` for the top-``j`` eigenvectors."""
+    r"""``(task_rank, S_g^T E_g, S_x^T E_x, notes)`` for the top-``j`` eigenvectors.
+
+    ``task_grad_op`` supplies :math:`C_g` when the layer is not whitened by it.
+    """
     out = []
     rank = j
     notes = []
-    for op, side in ((grad_op, "grad_cov"), (input_op, "input_cov")):
-        top = top_eigenvectors(op, min(j, op.dim), method=svd)
+    source_g = grad_op if task_grad_op is None else task_grad_op
+    assert source_g is not None  # checked by _check_task_inputs
+    for source, op, side in ((source_g, grad_op, "grad_cov"), (input_op, input_op, "input_cov")):
+        top = top_eigenvectors(source, min(j, source.dim), method=svd)
         rank = min(rank, top.rank)
         out.append(factor_transpose_times(op, top.vectors))
         note = f"{side}: top-{int(top.vectors.shape[1])} eigenvectors ({top.method})"
         if top.method == "randomized":
-            lam_j = float(top.values[-1]) + op.damping
+            lam_j = float(top.values[-1]) + source.damping
             note += (
                 f", missed eigenvalue <= {top.missed_eigenvalue_bound:.3g} against "
                 f"lambda_j + delta = {lam_j:.3g}"

@@ -292,11 +292,8 @@ def project_to_core(
 
     Notes
     -----
-    For orthonormal :math:`U, V`, :math:`\lVert M - U C V^\top
-Vert_F^2 =
-    \lVert M
-Vert_F^2 - \lVert C
-Vert_F^2` (Pythagoras), and the truncated
+    For orthonormal :math:`U, V`, :math:`\lVert M - U C V^\top \rVert_F^2 =
+    \lVert M \rVert_F^2 - \lVert C \rVert_F^2` (Pythagoras), and the truncated
     SVD of :math:`C` minimises it over cores of rank ``rank`` in the
     subspaces (Eckart-Young inside the union).
     """

@@ -25,6 +25,7 @@ the span of its predecessors, and reports which columns were accepted.
 
 from __future__ import annotations
 
+import itertools
 import math
 from types import ModuleType
 from typing import NamedTuple
@@ -284,7 +285,7 @@ def _nested_union(xp: ModuleType, bases: list[Array], tol: float) -> SubspaceUni
         q, accepted = _blocked_rank_revealing_cgs2(columns, norms, tol)
     bounds = np.cumsum([0] + [int(b.shape[1]) for b in bases])
     contributions = tuple(
-        int(accepted[lo:hi].sum()) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        int(accepted[lo:hi].sum()) for lo, hi in itertools.pairwise(bounds)
     )
     return SubspaceUnion(q, contributions, (), (), tol, accepted)
 

@@ -300,3 +300,152 @@ def test_allocation_accepts_array_backends(backend):
     gains = [backend.asarray(np.array([3.0, 1.0])), backend.asarray(np.array([2.0]))]
     costs = [backend.asarray(np.array([1.0, 1.0])), backend.asarray(np.array([1.0]))]
     assert jl.allocate_ranks(gains, costs, 2 / 3) == [1, 1]
+
+
+# --- allocate_budget: the whole-model budget rule (DESIGN), without torch ----------
+
+
+def _budget_problem(rng, shapes):
+    """Per-layer decaying gains up to break-even and a total energy above their sum."""
+    gains, energies = [], []
+    for m, n in shapes:
+        r_be = jl.break_even_rank(m, n)
+        g = np.sort(rng.uniform(0.1, 10.0, r_be))[::-1]
+        gains.append(g)
+        energies.append(float(g.sum()) + rng.uniform(0.0, 5.0))
+    return gains, energies
+
+
+def _params(shapes, ranks, outside):
+    return outside + sum(
+        m * n if r is None else jl.factor_params(m, n, r)
+        for (m, n), r in zip(shapes, ranks, strict=True)
+    )
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    retain=st.floats(0.3, 0.999),
+    allocation=st.sampled_from(["global", "uniform"]),
+    min_rank=st.integers(1, 3),
+)
+def test_allocate_budget_meets_the_whole_model_budget(seed, retain, allocation, min_rank):
+    rng = np.random.default_rng(seed)
+    shapes = [(12, 10), (20, 16), (8, 24), (16, 16)]
+    gains, energies = _budget_problem(rng, shapes)
+    outside = 150
+    total = outside + sum(m * n for m, n in shapes)
+    floor = outside + sum(jl.factor_params(m, n, min(min_rank, jl.break_even_rank(m, n))) for m, n in shapes)
+    if retain * total < floor:
+        with pytest.raises(ValueError, match=r"`retain`=.* is too small.*must be at least"):
+            jl.allocate_budget(shapes, gains, energies, retain, total, min_rank=min_rank, allocation=allocation)
+        return
+    ranks = jl.allocate_budget(shapes, gains, energies, retain, total, min_rank=min_rank, allocation=allocation)
+    assert len(ranks) == len(shapes)
+    for (m, n), r in zip(shapes, ranks, strict=True):
+        # never past break-even in factored form; the floor holds
+        assert r is None or min(min_rank, jl.break_even_rank(m, n)) <= r <= jl.break_even_rank(m, n)
+    if allocation == "global":
+        assert _params(shapes, ranks, outside) <= retain * total * (1 + 1e-12)
+
+
+def test_allocate_budget_dense_when_retain_is_one(rng):
+    shapes = [(12, 10), (20, 16)]
+    gains, energies = _budget_problem(rng, shapes)
+    total = sum(m * n for m, n in shapes) + 7
+    assert jl.allocate_budget(shapes, gains, energies, 1.0, total) == [None, None]
+    assert jl.allocate_budget(shapes, gains, energies, np.float32(1.0), total) == [None, None]
+    # a user's fixed rank is still honoured at retain = 1
+    assert jl.allocate_budget(shapes, gains, energies, 1.0, total, fixed_ranks={1: 2}) == [None, 2]
+
+
+def test_allocate_budget_keeps_a_layer_dense_instead_of_capping_at_break_even():
+    """A layer whose energy lies beyond break-even buys the keep-dense unit, never r_be."""
+    shapes = [(10, 10), (10, 10)]
+    r_be = jl.break_even_rank(10, 10)
+    gains = [np.full(r_be, 1.0), np.geomspace(1.0, 1e-6, r_be)]
+    # layer 0 keeps huge energy beyond break-even: worth densifying
+    energies = [float(r_be) + 1e6, float(np.sum(gains[1]))]
+    total = 200
+    # room for layer 0 dense and layer 1 at rank 1
+    retain = (100 + jl.factor_params(10, 10, 1)) / total
+    ranks = jl.allocate_budget(shapes, gains, energies, retain, total)
+    assert ranks == [None, 1]
+    # slightly less: layer 0 cannot be dense, and is factored below break-even only
+    ranks = jl.allocate_budget(shapes, gains, energies, retain - 2 / total, total)
+    assert ranks[0] is not None and ranks[0] <= r_be
+
+
+def test_allocate_budget_matches_allocate_ranks_on_the_units(rng):
+    """The core rule is allocate_ranks on layer_units after the floor (one solver)."""
+    shapes = [(12, 10), (20, 16), (8, 24)]
+    gains, energies = _budget_problem(rng, shapes)
+    outside = 40
+    total = outside + sum(m * n for m, n in shapes)
+    retain = 0.6
+    ranks = jl.allocate_budget(shapes, gains, energies, retain, total)
+    units = [jl.layer_units(g, m, n, e) for g, (m, n), e in zip(gains, shapes, energies, strict=True)]
+    ug = [g[1:] for g, _ in units]
+    uc = [c[1:] for _, c in units]
+    floor = sum(jl.factor_params(m, n, 1) for m, n in shapes)
+    budget = (retain * total - outside - floor) / sum(c.sum() for c in uc)
+    taken = jl.allocate_ranks(ug, uc, budget)
+    want = [None if t == len(g) else 1 + t for t, g in zip(taken, ug, strict=True)]
+    assert ranks == want
+
+
+def test_allocate_budget_fixed_ranks_are_paid_first(rng):
+    shapes = [(12, 10), (20, 16)]
+    gains, energies = _budget_problem(rng, shapes)
+    total = sum(m * n for m, n in shapes)
+    ranks = jl.allocate_budget(shapes, gains, energies, 0.5, total, fixed_ranks={0: 4})
+    assert ranks[0] == 4
+    assert _params(shapes, ranks, 0) <= 0.5 * total
+    with pytest.raises(ValueError, match=r"`fixed_ranks\[0\]` must be an integer in \[1, 4\]"):
+        jl.allocate_budget(shapes, gains, energies, 0.5, total, fixed_ranks={0: 9})
+
+
+@pytest.mark.parametrize(
+    ("retain", "error", "match"),
+    [
+        (0.0, ValueError, r"`retain` must lie in \(0, 1\].*got 0.0"),
+        (1.5, ValueError, r"`retain` must lie in \(0, 1\].*got 1.5"),
+        (float("nan"), ValueError, r"`retain` must lie in \(0, 1\]"),
+        ("0.8", TypeError, r"`retain` must be a real number"),
+        (True, TypeError, r"`retain` must be a real number"),
+        (0.01, ValueError, r"`retain`=0.01 is too small: the parameters outside .* at least 0\.\d+"),
+    ],
+)
+def test_allocate_budget_names_a_bad_retain(rng, retain, error, match):
+    shapes = [(12, 10), (20, 16)]
+    gains, energies = _budget_problem(rng, shapes)
+    total = sum(m * n for m, n in shapes) + 30
+    with pytest.raises(error, match=match):
+        jl.allocate_budget(shapes, gains, energies, retain, total)
+
+
+def test_allocate_budget_accepts_numpy_scalars(rng):
+    shapes = [(12, 10), (20, 16)]
+    gains, energies = _budget_problem(rng, shapes)
+    total = sum(m * n for m, n in shapes)
+    a = jl.allocate_budget(shapes, gains, energies, 0.6, total)
+    assert jl.allocate_budget(shapes, gains, energies, np.float32(0.6), total) == a
+    assert jl.allocate_budget(shapes, gains, energies, np.array(0.6), total) == a
+    with pytest.raises(ValueError, match="allocation"):
+        jl.allocate_budget(shapes, gains, energies, 0.6, total, allocation="greedy")
+
+
+def test_gains_near_float64_max_do_not_overflow():
+    """Issue 14 item 16: sums of gains near the float64 maximum are rescaled, not inf."""
+    assert jl.allocate_ranks([np.full(3, 1e308)], [np.ones(3)], 1.0) == [3]
+    assert jl.allocate_ranks([np.full(3, 1e308), np.full(2, 1e307)], [np.ones(3), np.ones(2)], 0.6) == [3, 0]
+    huge_costs = [np.full(4, 1e308)]
+    assert jl.allocate_ranks([np.ones(4)], huge_costs, 0.5) == [2]
+
+
+def test_bisect_budget_finds_the_boundary():
+    x = jl.bisect_budget(lambda t: t <= 0.3, 0.0, 1.0)
+    assert 0.3 - 2.0**-50 <= x <= 0.3
+    assert jl.bisect_budget(lambda t: True, 0.0, 1.0) == 1.0
+    with pytest.raises(ValueError, match="`fits` must hold at `lo`"):
+        jl.bisect_budget(lambda t: False, 0.0, 1.0)

@@ -374,7 +374,7 @@ def test_jactus_layer_without_grad_mean_needs_zero_task_fraction(rng):
     w = rng.standard_normal((5, 4))
     with pytest.raises(ValueError, match="grad_mean"):
         jl.jactus_layer(w, 2, task_fraction=0.25, task_directions="gradient")
-    with pytest.raises(ValueError, match="needs both covariances.*no input_cov and no grad_cov"):
+    with pytest.raises(ValueError, match=r"needs both covariances.*no input_cov and no grad_cov"):
         jl.jactus_layer(w, 2, task_fraction=0.25)
     with pytest.raises(ValueError, match="task_directions"):
         jl.jactus_layer(w, 2, task_fraction=0.25, task_directions="hessian")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..allocation import factor_params
+from ..allocation import bisect_budget, factor_params
 from .compress import CompressionReport, allocate, plan_compression, replace_layers
 from .stats import CalibrationStats
 from .targets import find_targets
@@ -146,13 +146,7 @@ def compress_then_lora(
             "compressed model; raise `retain` or lower `lora_rank`"
         )
         raise ValueError(msg)
-    hi = retain
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if footprint(mid)[0] <= retain * total:
-            lo = mid
-        else:
-            hi = mid
+    lo = bisect_budget(lambda rho: footprint(rho)[0] <= retain * total, lo, retain, steps=40)
     _, ranks = footprint(lo)
     report = replace_layers(model, plan, ranks, retain=lo)
     targets: list[str] = []

@@ -32,20 +32,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..allocation import (
-    allocate_ranks,
-    allocate_uniform,
-    break_even_rank,
-    factor_params,
-    layer_units,
-    rank_unit_costs,
-)
+from ..allocation import allocate_budget, break_even_rank
 from ..covariance import CovarianceRoot, LayerStatistics
-from ..jactus import DEFAULT_TASK_FRACTION, LayerPlan, plan_layer
+from ..jactus import DEFAULT_TASK_DIRECTIONS, DEFAULT_TASK_FRACTION, LayerPlan, plan_layer
 from ..lowrank import WhiteningInfo, curvature_error, info_of, orthonormal_factors
 from ..whitening import DEFAULT_DAMPING, WhiteningOperator, whitening_operator
 from .config import METHODS, JactusConfig, check_field_names
@@ -132,15 +124,12 @@ class CompressionReport:
 
     def table(self) -> str:
         """Plain-text per-layer table."""
-        lines = [f"{'layer':<48}{'shape':>12}{'rank':>7}{'core':>9}{'params':>11}{'pred. dL':>12}"]
+        lines = [f"{'layer':<48}{'shape':>12}{'rank':>7}{'params':>11}{'pred. dL':>12}"]
         for r in self.layers:
             rank = "dense" if r.rank is None else str(r.rank)
-            shape = r.core_shape if r.rank is not None else r.dense_core
-            core = "-" if shape is None else f"{shape[0]}x{shape[1]}"
             loss = "n/a" if r.predicted_loss_increase is None else f"{r.predicted_loss_increase:.3e}"
             lines.append(
-                f"{r.name:<48}{f'{r.shape[0]}x{r.shape[1]}':>12}{rank:>7}{core:>9}"
-                f"{r.params_after:>11}{loss:>12}"
+                f"{r.name:<48}{f'{r.shape[0]}x{r.shape[1]}':>12}{rank:>7}{r.params_after:>11}{loss:>12}"
             )
         total = self.total_predicted_loss_increase
         lines.append(
@@ -269,13 +258,20 @@ def plan_compression(
     *,
     method: str = "jactus",
     task_fraction: float = DEFAULT_TASK_FRACTION,
+    task_directions: str = DEFAULT_TASK_DIRECTIONS,
     damping: float | tuple[float, float] = DEFAULT_DAMPING,
     grad_whitening: bool = True,
     whitening: str = "cholesky",
     dtype: str | None = None,
     progress: bool = True,
 ) -> CompressionPlan:
-    """Decompose every target layer once (see :func:`compress` for the parameters)."""
+    """Decompose every target layer once (see :func:`compress` for the parameters).
+
+    ``task_directions="covariance"`` (default) takes the task directions from
+    the top eigenvectors of each layer's :math:`C_g` and its shared
+    :math:`C_x` (read off their factors, which are computed once);
+    ``"gradient"`` from the whitened mean gradient (ablation).
+    """
     if dtype not in (None, "float32", "float64"):
         msg = f"`dtype` must be None, 'float32' or 'float64'; got {dtype!r}"
         raise ValueError(msg)
@@ -289,6 +285,7 @@ def plan_compression(
     use_g = use_g and grad_whitening
     tau = task_fraction if use_task else 0.0
     needs_grad = use_g or (use_task and tau > 0)
+    by_gradient = task_directions == "gradient"
     if method == "svd-llm" and damping is DEFAULT_DAMPING:  # not overridden: SVD-LLM's numerics
         damping = ("svd-llm", DEFAULT_DAMPING)  # type: ignore[assignment]  # C_g: report only
     damp_x, damp_g = damping if isinstance(damping, tuple | list) else (damping, damping)
@@ -335,10 +332,14 @@ def plan_compression(
                 weight,
                 input_cov=input_ops[group] if use_x else None,
                 grad_cov=grad_op if use_g else None,
-                grad_mean=_to(layer.grad_mean, weight.device, work) if tau > 0 else None,
+                grad_mean=(
+                    _to(layer.grad_mean, weight.device, work) if tau > 0 and by_gradient else None
+                ),
                 task_fraction=tau,
+                task_directions=task_directions,
                 max_rank=break_even_rank(m, n),
                 whitening=whitening,
+                task_grad_cov=grad_op if tau > 0 and not use_g else None,
             )
         except ValueError as err:
             raise _layer_error(name, err) from err
@@ -359,70 +360,40 @@ def plan_compression(
 
 
 def allocate(
-    plan: CompressionPlan, retain: float, *, allocation: str = "global", keep_dense: bool = True
+    plan: CompressionPlan,
+    retain: float,
+    *,
+    allocation: str = "global",
+    min_rank: int = 1,
+    fixed_ranks: Mapping[str, int] | None = None,
 ) -> dict[str, int | None]:
     """Ranks per layer (``None`` = keep dense) meeting ``retain`` for the whole model.
 
-    With ``keep_dense=False`` no layer is kept dense: a layer that would be is
-    factorized at its break-even rank instead, so every target layer has a
-    trainable core (at the price of the energy beyond that rank).
+    A thin call to :func:`jactus_linalg.allocate_budget`, the budget rule of
+    the core (whole-model budget, rank floor ``min_rank``, keep-dense unit,
+    ``fixed_ranks`` by layer name paid first).
 
     Raises
     ------
     ValueError
         If ``retain`` is outside ``(0, 1]``, too small to hold the parameters
-        outside the targets plus rank 1 per layer, or ``allocation`` unknown.
+        outside the targets plus the fixed ranks plus ``min_rank`` per layer,
+        or ``allocation`` unknown.
     """
-    if isinstance(retain, bool) or not isinstance(retain, int | float) or not 0 < retain <= 1:
-        msg = f"`retain` must lie in (0, 1]; got {retain!r}"
-        raise ValueError(msg)
-    if allocation not in ("global", "uniform"):
-        msg = f"`allocation` must be 'global' or 'uniform'; got {allocation!r}"
-        raise ValueError(msg)
     names = list(plan.plans)
-    shapes = [plan.plans[n].shape for n in names]
-    fixed = plan.total_params - plan.target_dense_params
-    available = retain * plan.total_params - fixed
-    floor = sum(factor_params(m, n, 1) for m, n in shapes)
-    if available < floor:
-        msg = (
-            f"`retain`={retain} is too small: the parameters outside the compressed "
-            f"layers alone are {fixed / plan.total_params:.4f} of the model, and rank 1 "
-            f"everywhere needs {(fixed + floor) / plan.total_params:.4f}; raise `retain` "
-            "or target more layers"
-        )
-        raise ValueError(msg)
-    if available >= plan.target_dense_params:
-        if keep_dense:
-            return dict.fromkeys(names)
-        return {n: max(1, break_even_rank(*plan.plans[n].shape)) for n in names}
-    if allocation == "uniform":
-        ranks = allocate_uniform(shapes, available / plan.target_dense_params)
-        return {
-            n: (None if keep_dense and factor_params(m, k, r) >= m * k else r)
-            for n, (m, k), r in zip(names, shapes, ranks, strict=True)
-        }
-    gains, costs = [], []
-    for n in names:
-        p = plan.plans[n]
-        if keep_dense:
-            g, c = layer_units(p.gains, *p.shape, p.total_energy)
-        else:  # rank units only, up to break-even
-            r_be = max(1, break_even_rank(*p.shape))
-            g, c = np.asarray(p.gains[:r_be]), rank_unit_costs(*p.shape, r_be)
-        gains.append(g[1:])  # rank 1 is bought up front for every layer
-        costs.append(c[1:])
-    if not keep_dense and sum(c.sum() for c in costs) == 0:
-        return {n: 1 for n in names}
-    budget = (available - floor) / float(sum(c.sum() for c in costs))
-    if budget <= 0:
-        taken = [0] * len(names)
-    else:
-        taken = allocate_ranks(gains, costs, min(budget, 1.0))
-    out: dict[str, int | None] = {}
-    for n, t, g in zip(names, taken, gains, strict=True):
-        out[n] = None if keep_dense and t == len(g) else 1 + t
-    return out
+    index = {name: i for i, name in enumerate(names)}
+    fixed = {index[n]: r for n, r in (fixed_ranks or {}).items() if n in index}
+    ranks = allocate_budget(
+        [plan.plans[n].shape for n in names],
+        [plan.plans[n].gains for n in names],
+        [plan.plans[n].total_energy for n in names],
+        retain,
+        plan.total_params,
+        min_rank=min_rank,
+        fixed_ranks=fixed,
+        allocation=allocation,
+    )
+    return dict(zip(names, ranks, strict=True))
 
 
 def replace_layers(

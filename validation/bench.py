@@ -37,6 +37,10 @@ Benchmarks (targets from the project's issue):
     error. An MKL SVD (torch) timed right after the package's whitening of a
     torch covariance, against the same SVD cold: <= 1.1x (no scipy/OpenBLAS
     call on the torch path).
+``mergeable``
+    The mergeable core of a layer kept dense against peft LoRA on the same
+    layer at the same rank (``validation/bench_mergeable.py``): training
+    step <= 1.0x, training memory <= 1.0x.
 
 Times are medians over ``--repeat`` rounds; within a round the timed
 functions run back to back in rotating order, so a ratio is the median of
@@ -71,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("factorization", "compress", "calibration", "deployed", "allocation", "peers")
+BENCHMARKS = ("factorization", "compress", "calibration", "deployed", "allocation", "peers", "mergeable")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -1368,6 +1372,8 @@ def settle_threads(args: argparse.Namespace) -> dict:
 
 def run_benchmarks(args: argparse.Namespace) -> list[BenchResult]:
     """Run the selected benchmarks in order, printing each table as it completes."""
+    from validation.bench_mergeable import bench_mergeable  # noqa: PLC0415
+
     results = []
     setup = vit_setup(args) if {"calibration", "deployed"} & set(args.selected) else None
     runners = {
@@ -1377,6 +1383,7 @@ def run_benchmarks(args: argparse.Namespace) -> list[BenchResult]:
         "deployed": lambda: bench_deployed(args, setup),
         "allocation": lambda: bench_allocation(args),
         "peers": lambda: bench_peers(args),
+        "mergeable": lambda: bench_mergeable(args),
     }
     for name in args.selected:
         say(f"\n== {name} ==")

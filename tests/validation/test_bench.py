@@ -22,7 +22,7 @@ from ..numerics import tolerance
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "validation" / "bench.py"
-NAMES = ("factorization", "compress", "calibration", "deployed", "allocation", "peers")
+NAMES = ("factorization", "compress", "calibration", "deployed", "allocation", "peers", "mergeable")
 #: a table row: benchmark name first, then ``<measured> <= or >= <target> PASS|MISS``
 RATIO_LINE = re.compile(r"^(\w+)\s+.*\s(\S+)\s+(<=|>=) (\S+(?: s)?)\s+(PASS|MISS)$")
 

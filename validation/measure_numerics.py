@@ -18,6 +18,10 @@
    back in float64. Reports the relative increase of the whitened error
    ``‖M - U_r Σ_r V_rᵀ‖`` and the relative change of ``W'``, and the time of
    both SVDs.
+3. **PSD certificate.** Covariances with a smallest eigenvalue of 0,
+   -δ/100, -δ/10, -δ/2 and -2δ (δ the absolute damping): the Krylov
+   estimate on the damped Cholesky factor, whether ``whiten`` refuses, and
+   its time against the second Cholesky it replaces.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import math
 import time
 
 import numpy as np
+import scipy.linalg
 
 from jactus_linalg import projected_lowrank
 from jactus_linalg._backend import svd_reduced
 from jactus_linalg.whitening import (
     DEFAULT_DAMPING,
+    _krylov_lambda_min,
     inverse_transpose_times,
     whitened_weight,
     whitening_operator,
@@ -132,13 +138,58 @@ def svd_dtype_cost(shapes) -> None:
     print(f"(float32 eps = {np.finfo(np.float32).eps:.2e}; sqrt = {math.sqrt(np.finfo(np.float32).eps):.2e})")
 
 
+def certificate(sizes) -> None:
+    print("\n3. PSD certificate on the damped factor (damping 1e-3): Krylov estimate vs a second Cholesky")
+    print(f"{'n':>5} {'spectrum':>15} {'lambda_min/delta':>16} {'estimate/delta':>15} "
+          f"{'whiten':>9} {'krylov s':>9} {'cholesky s':>10}")
+    for n in sizes:
+        rng = np.random.default_rng(n)
+        q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+        for kind in ("rank-deficient", "full rank"):
+            for depth in (0.0, 0.01, 0.1, 0.5, 2.0):
+                if kind == "rank-deficient":
+                    lam = np.concatenate([np.geomspace(1.0, 1e-3, n // 2), np.zeros(n - n // 2)])
+                else:
+                    lam = np.geomspace(1.0, 1e-9, n)
+                delta = DEFAULT_DAMPING * lam.sum() / n / (1.0 + DEFAULT_DAMPING * depth / n)
+                lam[-1] = -depth * delta
+                cov = (q * lam) @ q.T
+                cov = (cov + cov.T) / 2
+                damped = cov + delta * np.eye(n)
+                try:
+                    lower = scipy.linalg.cholesky(damped, lower=True)
+                except np.linalg.LinAlgError:
+                    estimate, t_k = math.nan, math.nan
+                else:
+                    start = time.perf_counter()
+                    estimate = (_krylov_lambda_min(np, lower) - delta) / delta
+                    t_k = time.perf_counter() - start
+                shifted = cov + 10 * n * np.finfo(np.float64).eps * np.max(np.diag(cov)) * np.eye(n)
+                start = time.perf_counter()  # the second Cholesky the certificate replaces
+                try:
+                    scipy.linalg.cholesky(shifted, lower=True, check_finite=False)
+                except np.linalg.LinAlgError:
+                    pass
+                t_c = time.perf_counter() - start
+                try:
+                    whitening_operator(cov, damping=DEFAULT_DAMPING, method="cholesky")
+                    verdict = "accepted"
+                except ValueError:
+                    verdict = "refused"
+                print(f"{n:>5} {kind:>15} {-depth:>16.2f} {estimate:>15.4f} {verdict:>9} "
+                      f"{t_k:>9.4f} {t_c:>10.4f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes (seconds)")
+    p.add_argument("--only-certificate", action="store_true", help="part 3 only")
     args = p.parse_args()
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    damping_effect(shapes)
-    svd_dtype_cost(shapes)
+    if not args.only_certificate:
+        damping_effect(shapes)
+        svd_dtype_cost(shapes)
+    certificate([64, 200] if args.quick else [768, 3072])
 
 
 if __name__ == "__main__":

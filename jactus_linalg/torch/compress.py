@@ -124,12 +124,15 @@ class CompressionReport:
 
     def table(self) -> str:
         """Plain-text per-layer table."""
-        lines = [f"{'layer':<48}{'shape':>12}{'rank':>7}{'params':>11}{'pred. dL':>12}"]
+        lines = [f"{'layer':<48}{'shape':>12}{'rank':>7}{'core':>9}{'params':>11}{'pred. dL':>12}"]
         for r in self.layers:
             rank = "dense" if r.rank is None else str(r.rank)
+            shape = r.core_shape if r.rank is not None else r.dense_core
+            core = "-" if shape is None else f"{shape[0]}x{shape[1]}"
             loss = "n/a" if r.predicted_loss_increase is None else f"{r.predicted_loss_increase:.3e}"
             lines.append(
-                f"{r.name:<48}{f'{r.shape[0]}x{r.shape[1]}':>12}{rank:>7}{r.params_after:>11}{loss:>12}"
+                f"{r.name:<48}{f'{r.shape[0]}x{r.shape[1]}':>12}{rank:>7}{core:>9}"
+                f"{r.params_after:>11}{loss:>12}"
             )
         total = self.total_predicted_loss_increase
         lines.append(
@@ -623,14 +626,13 @@ def _plan_options(config: JactusConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "method": config.method,
         "task_fraction": config.task_fraction,
+        "task_directions": config.task_directions,
         "grad_whitening": config.grad_whitening,
         "whitening": config.whitening,
         "dtype": config.dtype,
     }
     if config.damping is not None:  # else the method's default
         options["damping"] = config.damping
-    if config.task_directions != "covariance":  # TEMP until plan_compression takes it
-        options["task_directions"] = config.task_directions
     return options
 
 
@@ -730,11 +732,10 @@ def compress(
     _check_model_and_stats(model, stats)
     selected = _selected_stats(model, stats, config)
     plan = plan_compression(model, selected, progress=progress, **_plan_options(config))
-    fixed = _fixed_ranks(plan, config.rank_pattern)
-    extra = {"min_rank": config.min_rank} if config.min_rank != 1 else {}  # TEMP
-    if fixed:
-        extra["fixed_ranks"] = fixed
-    ranks = allocate(plan, config.retain, allocation=config.allocation, **extra)
+    ranks = allocate(
+        plan, config.retain, allocation=config.allocation, min_rank=config.min_rank,
+        fixed_ranks=_fixed_ranks(plan, config.rank_pattern),
+    )
     report = replace_layers(
         model, plan, ranks, retain=config.retain, allocation=config.allocation,
         basis=config.basis,

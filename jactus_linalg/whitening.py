@@ -52,6 +52,7 @@ from ._backend import (
     random_normal,
     solve_triangular,
     svd_reduced,
+    triangular_times,
 )
 from ._checks import check_array, check_matrix, check_nonnegative, check_symmetric, finite_result
 from .covariance import CovarianceRoot
@@ -551,7 +552,7 @@ def factor_transpose_times(op: WhiteningOperator | None, x: Array) -> Array:
         return x
     if op.method == "cholesky":
         assert op.lower is not None  # a Cholesky operator always holds its factor
-        return op.lower.T @ x
+        return triangular_times(namespace(x), op.lower, x, lower=True, transpose=True)
     return _symmetric_apply(op, x, inverse=False)
 
 

@@ -213,3 +213,35 @@ def test_inverse_frobenius_squared_every_route(n):
     }
     for route, value in got.items():
         assert abs(value - want) <= tol, route
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("tri_order", ["C", "F"])
+@pytest.mark.parametrize("x_order", ["C", "F"])
+def test_triangular_times_is_the_triangular_product(dtype, transpose, tri_order, x_order):
+    """BLAS ``trmm`` on every memory layout equals ``op(L) @ X`` (and torch's ``@`` route)."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat.torch as xp_torch
+
+    from jactus_linalg import _backend
+
+    rng = np.random.default_rng(7)
+    n, k = 37, 11
+    lower = np.tril(rng.standard_normal((n, n))).astype(dtype)
+    x = rng.standard_normal((n, k)).astype(dtype)
+    lower = np.asfortranarray(lower) if tri_order == "F" else np.ascontiguousarray(lower)
+    x = np.asfortranarray(x) if x_order == "F" else np.ascontiguousarray(x)
+    want = (lower.T if transpose else lower).astype(np.float64) @ x.astype(np.float64)
+    got = _backend.triangular_times(np, lower, x, lower=True, transpose=transpose)
+    scale = np.abs(lower).astype(np.float64) @ np.abs(x).astype(np.float64)
+    bound = tolerance(dtype, n) * np.max(scale)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert np.max(np.abs(got - want)) <= bound
+    upper = np.ascontiguousarray(lower.T)
+    got_upper = _backend.triangular_times(np, upper, x, lower=False, transpose=not transpose)
+    assert np.max(np.abs(got_upper - want)) <= bound
+    via_torch = _backend.triangular_times(
+        xp_torch, torch.from_numpy(lower), torch.from_numpy(x), lower=True, transpose=transpose
+    )
+    assert np.max(np.abs(via_torch.numpy() - want)) <= bound

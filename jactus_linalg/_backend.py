@@ -42,10 +42,12 @@ __all__ = [
     "is_floating",
     "is_numpy",
     "is_torch",
+    "library_name",
     "namespace",
     "qr_r",
     "qr_reduced",
     "random_normal",
+    "same_library",
     "solve_triangular",
     "sum_of_squares",
     "svd_reduced",
@@ -55,11 +57,43 @@ __all__ = [
 
 
 def namespace(*arrays: Array, xp: ModuleType | None = None) -> ModuleType:
-    """Return the array-API namespace shared by ``arrays`` (or ``xp`` itself)."""
+    """Return the array-API namespace shared by ``arrays`` (or ``xp`` itself).
+
+    Raises
+    ------
+    TypeError
+        If ``arrays`` come from different libraries (numpy and torch, say).
+    """
     if xp is not None:
         return xp
     present = [a for a in arrays if a is not None]
-    return array_api_compat.array_namespace(*present)
+    try:
+        return array_api_compat.array_namespace(*present)
+    except TypeError as err:
+        kinds = sorted({f"{type(a).__module__}.{type(a).__name__}" for a in present})
+        msg = (
+            f"arrays from different libraries in one call ({', '.join(kinds)}): pass every "
+            "array as a numpy array, or every array as a torch tensor"
+        )
+        raise TypeError(msg) from err
+
+
+def library_name(xp: ModuleType) -> str:
+    """``"numpy"``, ``"torch"``, or the module name of another array-API namespace."""
+    if is_numpy(xp):
+        return "numpy"
+    if is_torch(xp):
+        return "torch"
+    return str(getattr(xp, "__name__", xp))
+
+
+def same_library(xp: ModuleType, x: Array) -> bool:
+    """True if ``x`` is an array of the library behind ``xp``."""
+    try:
+        own = array_api_compat.array_namespace(x)
+    except TypeError:
+        return False
+    return library_name(own) == library_name(xp)
 
 
 def is_torch(xp: ModuleType) -> bool:
@@ -104,8 +138,16 @@ def decomposition_dtype(xp: ModuleType, *dtypes: Any) -> Any:
     exist in half precision.
     """
     promoted = dtypes[0]
-    for dt in dtypes[1:]:
-        promoted = xp.result_type(promoted, dt)
+    try:
+        for dt in dtypes[1:]:
+            promoted = xp.result_type(promoted, dt)
+    except (TypeError, AttributeError) as err:  # a dtype of another library
+        msg = (
+            f"arrays from different libraries in one call (dtypes {', '.join(map(str, dtypes))}, "
+            f"working in {library_name(xp)}): pass every array as a numpy array, or every "
+            "array as a torch tensor"
+        )
+        raise TypeError(msg) from err
     if is_half(xp, promoted):
         return xp.float32
     return promoted

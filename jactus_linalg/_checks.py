@@ -14,7 +14,15 @@ from types import ModuleType
 
 import numpy as np
 
-from ._backend import Array, count_nonfinite, eps, is_floating, namespace
+from ._backend import (
+    Array,
+    count_nonfinite,
+    eps,
+    is_floating,
+    library_name,
+    namespace,
+    same_library,
+)
 
 __all__ = [
     "check_array",
@@ -23,6 +31,7 @@ __all__ = [
     "check_matrix",
     "check_nonnegative",
     "check_rank",
+    "check_same_library",
     "check_symmetric",
     "symmetry_tolerance",
 ]
@@ -52,6 +61,7 @@ def check_matrix(
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         msg = f"`{name}` must be an array; got {type(x).__name__}"
         raise TypeError(msg)
+    check_same_library(xp, **{name: x})
     if len(x.shape) != 2:
         msg = f"`{name}` must be 2-D; got shape {tuple(x.shape)}"
         raise ValueError(msg)
@@ -72,6 +82,27 @@ def check_matrix(
         msg = f"`{name}` must have {cols} columns; got shape {tuple(x.shape)}"
         raise ValueError(msg)
     check_finite(xp, x, name)
+
+
+def check_same_library(xp: ModuleType, **arrays: object) -> None:
+    """Raise ``TypeError`` naming each array (``None`` skipped) not of ``xp``'s library.
+
+    numpy arrays and torch tensors cannot meet in one computation; the
+    message names the arguments and the libraries seen.
+    """
+    foreign = {
+        name: f"{type(x).__module__}.{type(x).__name__}"
+        for name, x in arrays.items()
+        if x is not None and hasattr(x, "shape") and not same_library(xp, x)
+    }
+    if foreign:
+        seen = ", ".join(f"`{name}` is a {kind}" for name, kind in foreign.items())
+        msg = (
+            f"{seen}, but this call works on {library_name(xp)} arrays (from its first "
+            "array argument): pass every array as a numpy array, or every array as a "
+            "torch tensor"
+        )
+        raise TypeError(msg)
 
 
 def check_finite(xp: ModuleType, x: Array, name: str) -> None:

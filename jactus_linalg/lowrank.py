@@ -42,6 +42,7 @@ from ._checks import (
     check_matrix,
     check_no_overflow,
     check_rank,
+    check_same_library,
     finite_result,
 )
 from .covariance import CovarianceRoot
@@ -459,6 +460,7 @@ def projected_lowrank(
         check_matrix(xp, left, "left", rows=m)
     if right is not None:
         check_matrix(xp, right, "right", rows=n)
+    check_same_library(xp, input_cov=input_cov, grad_cov=grad_cov)
     work = working_dtype(xp, weight, input_cov, grad_cov, left, right)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
@@ -527,6 +529,7 @@ def curvature_error(
     check_matrix(xp, left, "left", rows=m)
     check_matrix(xp, right, "right", rows=n)
     check_matrix(xp, core, "core", rows=int(left.shape[1]), cols=int(right.shape[1]))
+    check_same_library(xp, input_cov=input_cov, grad_cov=grad_cov)
     work = working_dtype(xp, weight, left, core, right, input_cov, grad_cov)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)

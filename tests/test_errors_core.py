@@ -161,3 +161,52 @@ def test_symmetry_is_checked_at_rounding_level(name):
     fine = CX.copy()
     fine[0, 1] += eps * scale
     run(fine)
+
+
+def _negative_definite(n: int) -> np.ndarray:
+    return -np.cov(RNG.standard_normal((n, 30))) - np.eye(n)
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigh"])
+@pytest.mark.parametrize(
+    "cov",
+    [_negative_definite(4), np.array([[0.0, 1.0], [1.0, 0.0]]), -np.eye(3)],
+    ids=["negative definite", "zero diagonal", "minus identity"],
+)
+def test_indefinite_is_never_called_zero(method, cov):
+    """A covariance with a negative (or zero) diagonal mean is indefinite on both paths.
+
+    Only the all-zero matrix is "identically zero".
+    """
+    with pytest.raises(ValueError, match=r"`cov` is indefinite"):
+        jl.whiten(cov, method=method)
+    with pytest.raises(ValueError, match=r"`grad_cov` is indefinite"):
+        jl.projected_lowrank(np.ones((cov.shape[0], 2)), 1, grad_cov=cov, whitening=method)
+    with pytest.raises(ValueError, match=r"`cov` is identically zero"):
+        jl.whiten(np.zeros_like(cov), method=method)
+
+
+def _mixed_library_cases():
+    import torch
+
+    t = torch.from_numpy
+    return [
+        ("input_cov", lambda: jl.projected_lowrank(W, 2, input_cov=t(CX)), "torch.Tensor", "numpy"),
+        ("input_cov", lambda: jl.projected_lowrank(t(W), 2, input_cov=CX), "numpy.ndarray", "torch"),
+        ("grad_cov", lambda: jl.projected_lowrank(W, 2, input_cov=CX, grad_cov=t(CG)), "torch.Tensor", "numpy"),
+        ("left", lambda: jl.projected_lowrank(W, 2, left=t(W[:, :2].copy())), "torch.Tensor", "numpy"),
+        ("grad_cov", lambda: jl.jactus_layer(W, 2, input_cov=CX, grad_cov=t(CG)), "torch.Tensor", "numpy"),
+        ("grad_mean", lambda: jl.jactus_layer(t(W), 2, input_cov=t(CX), grad_cov=t(CG), grad_mean=G), "numpy.ndarray", "torch"),
+        ("bases\\[1\\]", lambda: jl.union_of_subspaces(W[:, :2].copy(), t(W[:, 2:].copy())), "torch.Tensor", "numpy"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_numpy_and_torch_mixed_in_one_call_name_the_argument(case):
+    """Mixing libraries gives a TypeError naming the argument and both libraries.
+
+    Before: "Cannot interpret 'torch.float64' as a data type" or an AttributeError.
+    """
+    name, call, seen, works_on = _mixed_library_cases()[case]
+    with pytest.raises(TypeError, match=rf"`{name}` is a {seen}.*works on {works_on} arrays.*pass every array as"):
+        call()

@@ -7,7 +7,7 @@ through ``whiten``, ``projected_lowrank`` and ``jactus_layer``. The result
 is finite, with the damping and effective rank reported, or a
 ``ValueError`` that names the argument and says what to do; never a NaN.
 ``docs/failure-modes.md`` lists the cases; the model-level ones are in
-``tests/torch/test_reliability.py``.
+``tests/torch/`` (``test_bad_statistics.py``, ``test_half_precision.py``, ...).
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def test_zero_gradient_statistics(method, rng):
         )
     # G = 0 with task_fraction > 0: no task direction, exactly the tau = 0 (optimal) result
     task = jl.jactus_layer(
-        w, 3, input_cov=cx, grad_mean=np.zeros((M, N)), task_fraction=0.5, whitening=method
+        w, 3, input_cov=cx, grad_mean=np.zeros((M, N)), task_fraction=0.5, whitening=method,
+        task_directions="gradient",
     )
     plain = jl.jactus_layer(w, 3, input_cov=cx, task_fraction=0.0, whitening=method)
     assert task.task_directions == 0 and task.weight_directions == 3
@@ -171,7 +172,9 @@ def test_near_singular_covariance(cond, method, rng):
     grad = rng.standard_normal((M, n))
     for res in (
         jl.projected_lowrank(w, 3, input_cov=cov, whitening=method),
-        jl.jactus_layer(w, 3, input_cov=cov, grad_mean=grad, whitening=method),
+        jl.jactus_layer(
+            w, 3, input_cov=cov, grad_mean=grad, whitening=method, task_directions="gradient"
+        ),
     ):
         assert _finite(res.left, res.core, res.right)
         info = res.input_whitening

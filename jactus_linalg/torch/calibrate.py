@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..covariance import MomentAccumulator
-from .stats import CalibrationStats, LayerInfo
+from .stats import CalibrationStats, LayerInfo, check_stats_path
 from .targets import find_targets
 
 __all__ = ["calibrate"]
@@ -205,15 +205,36 @@ def _check_finite_weights(modules: dict[str, nn.Linear]) -> None:
 
 
 def _check_resume(stats: CalibrationStats, meta: dict, checkpoint: Path) -> None:
-    """A checkpoint resumes only the calibration that wrote it (same targets and mode)."""
-    for key in ("model", "targets", "exclude", "mode"):
+    """A checkpoint resumes only the calibration that wrote it (same target layers and mode).
+
+    Target layers are compared by the names they resolved to (a loaded file's
+    patterns are never executed; see :meth:`CalibrationStats.load`).
+    """
+    keys = ("model", "target_names", "mode") if "target_names" in stats.meta else (
+        "model", "targets", "exclude", "mode"
+    )
+    for key in keys:
         if key in stats.meta and stats.meta[key] != meta[key]:
             msg = (
                 f"`checkpoint` {checkpoint} was written with {key}={stats.meta[key]!r}, but this "
-                f"call has {key}={meta[key]!r}: resuming would mix two calibrations. Call "
+                f"call has {key}={meta[key]!r} (targets={meta['targets']!r}, exclude="
+                f"{meta['exclude']!r}): resuming would mix two calibrations. Call "
                 "calibrate with the same arguments, or pass another checkpoint path"
             )
             raise ValueError(msg)
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """Parameters on the meta device hold no values: nothing to calibrate."""
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        msg = (
+            f"`model` has {len(meta)} parameter(s) on the meta device (e.g. `{meta[0]}`), "
+            "which hold no values: load the weights first (from_pretrained without a meta "
+            "`device_map`, or `model.to_empty(device=...)` then `load_state_dict`), then "
+            "calibrate"
+        )
+        raise ValueError(msg)
 
 
 def _check_fresh(model: nn.Module) -> None:
@@ -266,7 +287,8 @@ def calibrate(
     train_mode : bool, optional
         Run in ``model.train()`` (dropout on). Default: eval mode.
     checkpoint : path, optional
-        A ``.safetensors`` file. If it exists, calibration resumes after the
+        A ``.safetensors`` file (another suffix is refused before any work).
+        If it exists, calibration resumes after the
         batches it holds (skipping that many batches of ``batches``); with
         ``checkpoint_every > 0`` it is rewritten every that many batches and
         at the end.
@@ -288,8 +310,10 @@ def calibrate(
         target layer's weight or bias holds NaN/Inf, a batch produces NaN/Inf
         (the message names layer and statistic, and for a float16/bfloat16
         model says that it overflowed), the loss is not a finite scalar, or
-        ``checkpoint`` was written by a calibration with other ``targets``,
-        ``exclude``, ``mode`` or model class.
+        ``checkpoint`` was written by a calibration with other target layers,
+        ``mode`` or model class, or does not end in ``.safetensors``; if
+        ``loss_fn`` returns a loss that does not require grad (detached), or
+        the model has parameters on the meta device.
 
     Notes
     -----
@@ -302,13 +326,17 @@ def calibrate(
     of ``torch.distributed`` processes they agree to rounding only (the
     summation order differs).
     """
+    if checkpoint is not None:
+        checkpoint = check_stats_path(checkpoint, "checkpoint")
     _check_fresh(model)
+    _check_materialized(model)
     modules = find_targets(model, targets, exclude=exclude)
     _check_finite_weights(modules)
     meta = {
         "model": type(model).__name__,
         "targets": targets if isinstance(targets, str) else list(targets),
         "exclude": exclude if exclude is None or isinstance(exclude, str) else list(exclude),
+        "target_names": list(modules),  # what a loaded file uses: its patterns never run
         "mode": mode,
     }
     if checkpoint is not None and Path(checkpoint).exists():
@@ -354,6 +382,14 @@ def _check_loss(loss: Any, index: int) -> None:
         raise ValueError(msg)
     if not torch.isfinite(loss):
         msg = f"`loss_fn` returned a non-finite loss ({loss.item()}) at batch {index}"
+        raise ValueError(msg)
+    if not loss.requires_grad:
+        msg = (
+            f"`loss_fn` returned a loss that does not require grad at batch {index}: it was "
+            "detached (.detach(), .item(), a new tensor) or computed under torch.no_grad(). "
+            "Return the loss as computed from `model(...)`, so that calibrate can "
+            "backpropagate it to the target layers"
+        )
         raise ValueError(msg)
 
 

@@ -10,7 +10,10 @@ shape matches what the config and the model say.
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,10 @@ _SAFETENSORS_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }
+_TORCH_DTYPES = {code: getattr(torch, name) for name, code in _SAFETENSORS_DTYPES.items()}
+#: A config rebuilt from a folder may describe a dense model at most this many
+#: times larger than the tensors stored (retain >= 0.01).
+_MAX_EXPANSION = 100
 
 
 def _layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -261,11 +268,19 @@ def _read_config(folder: Path) -> dict:
         if not (folder / required).is_file():
             msg = f"`folder` {folder} lacks {required}; was it written by save_compressed?"
             raise ValueError(msg)
+    size = (folder / _CONFIG).stat().st_size
+    if size > _MAX_CONFIG_BYTES:
+        msg = (
+            f"`folder` {folder}: {_CONFIG} holds {size} bytes, more than the "
+            f"{_MAX_CONFIG_BYTES} a save_compressed config can need (tampered file?)"
+        )
+        raise ValueError(msg)
     try:
         config = json.loads((folder / _CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        why = "nested too deeply" if isinstance(err, RecursionError) else str(err)
         msg = (
-            f"`folder` {folder}: {_CONFIG} is not valid JSON ({err}); was it written by "
+            f"`folder` {folder}: {_CONFIG} is not valid JSON ({why}); was it written by "
             "save_compressed?"
         )
         raise ValueError(msg) from err
@@ -284,6 +299,9 @@ def _read_config(folder: Path) -> dict:
                 "(tampered file?)"
             )
             raise ValueError(msg)
+    if config.get("config") is not None and not isinstance(config["config"], dict):
+        msg = f"`folder` {folder}: {_CONFIG} has a `config` that is not a JSON object (tampered file?)"
+        raise ValueError(msg)
     return config
 
 
@@ -302,19 +320,162 @@ def _valid_layer_spec(spec: object) -> bool:
     )
 
 
-def _build_model(config: dict) -> nn.Module:
+#: ``{tensor name: (shape, safetensors dtype code)}``, read from the file's header alone.
+Header = dict[str, tuple[list[int], str]]
+
+
+def _read_header(folder: Path, config: dict) -> Header:
+    """Names, shapes and dtypes of ``model.safetensors``, checked against ``jactus.json``.
+
+    safetensors itself checks, from the header, that every tensor's byte range
+    lies inside the file; nothing is read or allocated here.
+    """
+    with _as_value_error(folder), safe_open(str(folder / _WEIGHTS), framework="pt") as f:
+        header = {}
+        for key in f.keys():  # noqa: SIM118  (safe_open is not a Mapping)
+            view = f.get_slice(key)
+            header[key] = (list(view.get_shape()), view.get_dtype())
+    for key, (shape, dtype) in sorted(header.items()):
+        if shape != config["shapes"].get(key):
+            msg = (
+                f"tensor `{key}` in {folder} has shape {shape}; the config records "
+                f"{config['shapes'].get(key)} (tampered file?)"
+            )
+            raise ValueError(msg)
+        recorded = config["dtypes"].get(key)
+        if not isinstance(recorded, str) or _SAFETENSORS_DTYPES.get(recorded) != dtype:
+            msg = f"tensor `{key}` in {folder} has dtype {dtype}; the config records {recorded!r} (tampered file?)"
+            raise ValueError(msg)
+    return header
+
+
+@contextmanager
+def _as_value_error(folder: Path) -> Iterator[None]:
+    try:
+        yield
+    except SafetensorError as err:
+        msg = (
+            f"`folder` {folder}: {_WEIGHTS} is not a valid safetensors file ({err}): it is "
+            "corrupted, truncated or tampered with"
+        )
+        raise ValueError(msg) from err
+
+
+def _build_model(config: dict, header: Header, folder: Path) -> nn.Module:
+    """A fresh Hugging Face model from the saved config, after checking it against the file.
+
+    The config is untrusted: the class must be a ``transformers`` model class,
+    the model it describes is first built on the meta device (nothing
+    allocated), and every tensor it would hold after compression must match
+    the file's header in name and shape. The dense model may be at most
+    ``_MAX_EXPANSION`` times larger than the file's tensors; only then is it
+    allocated, in the dtype of the stored factors.
+    """
     import transformers  # noqa: PLC0415
 
     arch = config["architecture"]
-    cls = getattr(transformers, arch, None)
+    cls = getattr(transformers, arch, None) if arch.isidentifier() else None
     if cls is None or config.get("config") is None:
         msg = (
             f"cannot rebuild architecture {arch!r} from the folder alone: pass `model`, "
             "a freshly constructed instance of it"
         )
         raise ValueError(msg)
-    hf_config = transformers.AutoConfig.for_model(**config["config"])
-    return cls(hf_config)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        msg = (
+            f"`folder` {folder}: architecture {arch!r} is not a transformers model class "
+            "(tampered file?); pass `model`, a freshly constructed instance of the model"
+        )
+        raise ValueError(msg)
+    _bound_counts(config["config"], header, folder)
+    try:
+        hf_config = transformers.AutoConfig.for_model(**config["config"])
+        if not isinstance(hf_config, cls.config_class):
+            msg = f"a {type(hf_config).__name__} is not a {cls.config_class.__name__}"
+            raise TypeError(msg)
+        with torch.device("meta"):
+            skeleton = cls(hf_config)
+    except Exception as err:  # an untrusted config can fail in any way: say which file
+        msg = (
+            f"`folder` {folder}: the config in {_CONFIG} does not build a {arch} ({err!r}) "
+            "(tampered file?); pass `model`"
+        )
+        raise ValueError(msg) from err
+    _check_layers_exist(skeleton, config, folder)
+    _check_tensors_match(header, _expected_state(skeleton, config), folder)
+    stored = sum(math.prod(shape) for shape, _ in header.values())
+    dense = sum(p.numel() for p in skeleton.parameters())
+    if dense > _MAX_EXPANSION * max(stored, 1):
+        msg = (
+            f"`folder` {folder}: its config describes a dense model of {dense} parameters, "
+            f"more than {_MAX_EXPANSION} times the {stored} numbers stored (tampered file?); "
+            "to load it anyway, pass `model`, a freshly constructed instance"
+        )
+        raise ValueError(msg)
+    first = next(iter(config["layers"]), None)
+    dtype_code = header[f"{first}.left_proj.weight"][1] if first is not None else "F32"
+    return cls(hf_config).to(_TORCH_DTYPES[dtype_code])
+
+
+def _check_factor_dtypes(layers: dict, header: Header, folder: Path) -> None:
+    """Every recorded layer's factors are stored, in a floating dtype."""
+    floating = ("F64", "F32", "F16", "BF16")
+    for name in layers:
+        for part in ("right_proj.weight", "core.weight", "left_proj.weight"):
+            key = f"{name}.{part}"
+            if key not in header or header[key][1] not in floating:
+                found = header[key][1] if key in header else "no tensor"
+                msg = (
+                    f"`folder` {folder}: factor `{key}` of layer `{name}` is {found}; a "
+                    "floating tensor is needed (tampered file?)"
+                )
+                raise ValueError(msg)
+
+
+def _bound_counts(hf: dict, header: Header, folder: Path) -> None:
+    """Layer and expert counts in a config cannot exceed the number of stored tensors.
+
+    Checked before the model is even built on the meta device, so that a
+    claim of 10^9 layers cannot make Python build 10^9 modules.
+    """
+    for key, value in hf.items():
+        counted = key.startswith("num_") and ("layers" in key or "experts" in key)
+        if counted and isinstance(value, int) and value > len(header):
+            msg = (
+                f"`folder` {folder}: the config asks for {key}={value}, but {_WEIGHTS} holds "
+                f"only {len(header)} tensors (tampered file?)"
+            )
+            raise ValueError(msg)
+
+
+def _check_layers_exist(model: nn.Module, config: dict, folder: Path) -> None:
+    modules = dict(model.named_modules())
+    for name, spec in config["layers"].items():
+        mod = modules.get(name)
+        if not isinstance(mod, nn.Linear | JactusLinear) or (
+            mod.in_features, mod.out_features
+        ) != (spec["in_features"], spec["out_features"]):
+            shape = f"{spec['out_features']}x{spec['in_features']}"
+            msg = f"`model` has no {shape} linear layer `{name}` recorded in {folder}"
+            raise ValueError(msg)
+
+
+def _check_tensors_match(header: Header, expected: dict[str, list[int]], folder: Path) -> None:
+    if set(header) != set(expected):
+        extra, lacking = sorted(set(header) - set(expected)), sorted(set(expected) - set(header))
+        msg = (
+            f"`folder` {folder}: tensors do not match the model: unexpected {extra[:3]}, "
+            f"missing {lacking[:3]}"
+        )
+        raise ValueError(msg)
+    for key in sorted(header):
+        shape = header[key][0]
+        if shape != expected[key]:
+            msg = (
+                f"tensor `{key}` in {folder} has shape {shape}; the model needs "
+                f"{expected[key]} (tampered file, or another configuration of the model?)"
+            )
+            raise ValueError(msg)
 
 
 def load_compressed(
@@ -327,7 +488,8 @@ def load_compressed(
     folder : path
     model : nn.Module, optional
         A fresh (dense) instance of the same architecture. For Hugging Face
-        models it can be omitted: it is rebuilt from the saved config.
+        models it can be omitted: it is rebuilt from the saved config, in the
+        dtype the factors were saved in.
 
     Returns
     -------
@@ -338,80 +500,58 @@ def load_compressed(
     ------
     ValueError
         If the folder holds pickle files, lacks its files, is for another
-        architecture or layer layout, or a tensor's shape or dtype does not
-        match its record; all checked before any tensor is copied in.
+        architecture or layer layout, a tensor's shape or dtype does not
+        match its record, a stored tensor holds NaN or Inf or does not fit
+        the model's dtype, or (rebuilding from the config) the config is not
+        a ``transformers`` model class and a config describing exactly the
+        stored tensors; all checked before any tensor is copied in.
+
+    Notes
+    -----
+    **Dtypes.** Stored tensors are cast to the dtypes of ``model`` (a
+    float64 save loaded into a float32 model is rounded to float32 once).
+    Each factored layer takes the dtype of the layer it replaces, except a
+    core that was saved in another dtype than its factors (kept in float32
+    by ``mark_trainable(core_dtype=...)``): it keeps its saved dtype, and
+    :class:`JactusLinear` casts between the two in ``forward``.
+
+    **Untrusted folders.** Only safetensors and JSON are read, never a
+    pickle. Rebuilt from the config (``model`` omitted), the model is built
+    on the meta device first and must hold exactly the stored tensors; its
+    dense size may be at most 100 times the stored size.
     """
     folder = Path(folder)
     config = _read_config(folder)
     saved_config = _saved_jactus_config(config, folder)
+    header = _read_header(folder, config)
+    _check_factor_dtypes(config["layers"], header, folder)
     if model is None:
-        model = _build_model(config)
+        model = _build_model(config, header, folder)
     if type(model).__name__ != config["architecture"]:
         msg = (
             f"`folder` holds a {config['architecture']} but `model` is a "
             f"{type(model).__name__}: pass a freshly constructed {config['architecture']}"
         )
         raise ValueError(msg)
-    modules = dict(model.named_modules())
-    for name, spec in config["layers"].items():
-        mod = modules.get(name)
-        if not isinstance(mod, nn.Linear | JactusLinear) or (
-            mod.in_features, mod.out_features
-        ) != (spec["in_features"], spec["out_features"]):
-            shape = f"{spec['out_features']}x{spec['in_features']}"
-            msg = f"`model` has no {shape} linear layer `{name}` recorded in {folder}"
-            raise ValueError(msg)
-    expected = _expected_state(model, config)
-    try:
-        state = _read_checked(folder, config, expected)
-    except SafetensorError as err:
-        msg = (
-            f"`folder` {folder}: {_WEIGHTS} is not a valid safetensors file ({err}): it is "
-            "corrupted, truncated or tampered with"
-        )
-        raise ValueError(msg) from err
-    _install_layers(model, config["layers"], state)
+    _check_layers_exist(model, config, folder)
+    _check_tensors_match(header, _expected_state(model, config), folder)
+    dtypes = _target_dtypes(model, config["layers"], header)
+    with _as_value_error(folder), safe_open(str(folder / _WEIGHTS), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in sorted(header)}
+    _check_values(state, dtypes, folder)
+    _install_layers(model, config["layers"], dtypes)
     model.load_state_dict(state, strict=True)
     if saved_config is not None:
         model.jactus_config = saved_config
     return model
 
 
-def _read_checked(
-    folder: Path, config: dict, expected: dict[str, list[int]]
-) -> dict[str, torch.Tensor]:
-    """Every tensor, after checking names, shapes and dtypes from the file's header alone."""
-    with safe_open(str(folder / _WEIGHTS), framework="pt") as f:
-        names = set(f.keys())
-        if names != set(expected):
-            extra, lacking = sorted(names - set(expected)), sorted(set(expected) - names)
-            msg = f"`folder` tensors do not match the model: unexpected {extra[:3]}, missing {lacking[:3]}"
-            raise ValueError(msg)
-        for key in sorted(names):
-            view = f.get_slice(key)
-            shape = list(view.get_shape())
-            if shape != expected[key] or shape != config["shapes"].get(key):
-                msg = (
-                    f"tensor `{key}` in {folder} has shape {shape}; the config records "
-                    f"{config['shapes'].get(key)} and the model needs {expected[key]} (tampered file?)"
-                )
-                raise ValueError(msg)
-            recorded = config["dtypes"].get(key)
-            if _SAFETENSORS_DTYPES.get(recorded) != view.get_dtype():
-                msg = (
-                    f"tensor `{key}` in {folder} has dtype {view.get_dtype()}; the config "
-                    f"records {recorded!r} (tampered file?)"
-                )
-                raise ValueError(msg)
-        return {k: f.get_tensor(k) for k in sorted(names)}
-
-
 def _expected_state(model: nn.Module, config: dict) -> dict[str, list[int]]:
     """Shapes the state dict will have once the recorded layers are swapped in."""
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     for name, spec in config["layers"].items():
-        for suffix in ("weight", "bias"):
-            shapes.pop(f"{name}.{suffix}", None)
+        for key in [k for k in shapes if k.startswith(f"{name}.")]:
+            shapes.pop(key)  # the dense layer's (or an earlier factored layer's) tensors
         a, b = spec["core"]
         shapes[f"{name}.right_proj.weight"] = [b, spec["in_features"]]
         shapes[f"{name}.core.weight"] = [a, b]
@@ -421,16 +561,54 @@ def _expected_state(model: nn.Module, config: dict) -> dict[str, list[int]]:
     return shapes
 
 
-def _install_layers(model: nn.Module, layers: dict, state: dict[str, torch.Tensor]) -> None:
+def _target_dtypes(model: nn.Module, layers: dict, header: Header) -> dict[str, torch.dtype]:
+    """The dtype each stored tensor takes in ``model`` (see :func:`load_compressed`, Notes)."""
+    out = {k: v.dtype for k, v in model.state_dict().items() if k in header}
+    modules = dict(model.named_modules())
+    for name in layers:
+        mod = modules[name]
+        ref = mod.weight.dtype if isinstance(mod, nn.Linear) else mod.left_proj.weight.dtype
+        for key in header:
+            if key.startswith(f"{name}.") and key.count(".") == name.count(".") + 2:
+                out[key] = ref
+        core, left = header[f"{name}.core.weight"][1], header[f"{name}.left_proj.weight"][1]
+        if core != left:  # a core kept in its own precision (mark_trainable(core_dtype=...))
+            out[f"{name}.core.weight"] = _TORCH_DTYPES[core]
+    return out
+
+
+def _check_values(
+    state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype], folder: Path
+) -> None:
+    """No NaN / Inf stored, and none made by casting to the model's dtype."""
+    for key, t in state.items():
+        if not t.is_floating_point():
+            continue
+        if not bool(torch.isfinite(t).all()):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            msg = (
+                f"tensor `{key}` in {folder} holds non-finite values ({n_nan} NaN, {n_inf} "
+                "Inf): the file is corrupted, or the model was saved after training diverged"
+            )
+            raise ValueError(msg)
+        if dtypes[key].is_floating_point and not bool(torch.isfinite(t.to(dtypes[key])).all()):
+            msg = (
+                f"tensor `{key}` in {folder} ({t.dtype}) overflows the model's dtype "
+                f"{dtypes[key]}: load it into a model of a wider dtype"
+            )
+            raise ValueError(msg)
+
+
+def _install_layers(model: nn.Module, layers: dict, dtypes: dict[str, torch.dtype]) -> None:
     for name, spec in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         a, b = spec["core"]
-        dtype = state[f"{name}.core.weight"].dtype
         ref = old.weight if isinstance(old, nn.Linear) else old.core.weight
         new = JactusLinear(
             spec["in_features"], spec["out_features"], a, b, bias=spec["bias"],
-            device=ref.device, dtype=dtype,
+            device=ref.device, dtype=dtypes[f"{name}.left_proj.weight"],
         )
+        new.core.to(dtypes[f"{name}.core.weight"])
         setattr(parent, child, new)

@@ -66,12 +66,24 @@ class JactusLinear(nn.Module):
         right: torch.Tensor,
         bias: torch.Tensor | None,
     ) -> JactusLinear:
-        """Build from ``left`` (m x a), ``core`` (a x b), ``right`` (n x b) and a bias."""
+        """Build from ``left`` (m x a), ``core`` (a x b), ``right`` (n x b) and a bias (m,).
+
+        Raises
+        ------
+        ValueError
+            If the factor shapes do not chain or ``bias`` is not of shape ``(m,)``.
+        """
         (m, a), (a2, b), (n, b2) = left.shape, core.shape, right.shape
         if a != a2 or b != b2:
             msg = (
                 f"factor shapes do not chain: left {tuple(left.shape)}, core "
                 f"{tuple(core.shape)}, right {tuple(right.shape)}"
+            )
+            raise ValueError(msg)
+        if bias is not None and tuple(bias.shape) != (m,):
+            msg = (
+                f"`bias` must have shape ({m},), one entry per output (the rows of `left`); "
+                f"got {tuple(bias.shape)}"
             )
             raise ValueError(msg)
         layer = cls(n, m, a, b, bias=bias is not None, device=core.device, dtype=core.dtype)

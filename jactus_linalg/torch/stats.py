@@ -140,7 +140,7 @@ class CalibrationStats:
             If ``path`` does not end in ``.safetensors`` (the only suffix
             :meth:`load` reads) or is an existing directory.
         """
-        path = _check_path(path)
+        path = check_stats_path(path)
         tensors: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         for key, acc in self.inputs.items():
@@ -186,7 +186,7 @@ class CalibrationStats:
             tensors' names, shapes, dtypes or values (NaN / Inf) do not match
             that header.
         """
-        path = _check_path(path)
+        path = check_stats_path(path)
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist or is not a regular file"
             msg = f"`path` {path} {what}; pass a .safetensors file written by CalibrationStats.save"
@@ -254,12 +254,15 @@ _SAFETENSORS_FLOATS = {"F32": "float32", "F64": "float64"}
 SUFFIX = ".safetensors"
 
 
-def _check_path(path: str | os.PathLike) -> Path:
-    """``path`` as a Path, if it names a ``.safetensors`` file (the only format read or written)."""
+def check_stats_path(path: str | os.PathLike, name: str = "path") -> Path:
+    """``path`` as a Path, if it names a ``.safetensors`` file (the only format read or written).
+
+    ``name`` is the argument named in the error (``checkpoint`` for :func:`calibrate`).
+    """
     path = Path(path)
     if path.suffix != SUFFIX:
         msg = (
-            f"`path` must be a {SUFFIX} file (statistics are written and read only as "
+            f"`{name}` must be a {SUFFIX} file (statistics are written and read only as "
             f"safetensors, never pickled); got {path}"
         )
         raise ValueError(msg)
@@ -283,6 +286,8 @@ def _parse_header(raw: str, path: Path) -> dict:
         header = json.loads(raw)
     except json.JSONDecodeError as err:
         raise _malformed(path, f"not JSON: {err}") from err
+    except RecursionError as err:
+        raise _malformed(path, "JSON nested too deeply") from err
     if not isinstance(header, dict):
         raise _malformed(path, "not a JSON object")
     if header.get("format") != _FORMAT:
@@ -314,7 +319,44 @@ def _parse_header(raw: str, path: Path) -> dict:
             raise _malformed(path, f"input group `{d['input_group']}` is not a layer")
         if widths.setdefault(d["input_group"], d["in_features"]) != d["in_features"]:
             raise _malformed(path, f"layers of input group `{d['input_group']}` differ in width")
+    header["meta"] = _untrusted_meta(header["meta"], path)
     return header
+
+
+def _is_names(x: object) -> bool:
+    return isinstance(x, list) and all(isinstance(t, str) for t in x)
+
+
+def _untrusted_meta(meta: dict, path: Path) -> dict:
+    """``meta`` with no pattern left to execute: regexes from a file are never run.
+
+    A file written by :func:`calibrate` records the layer names its
+    ``targets`` selected (``target_names``); those replace the patterns. An
+    older file that records only a pattern loses it (kept, for display, as
+    ``targets_pattern``): :func:`compress` then trusts the statistics' own
+    layer table.
+    """
+    meta = dict(meta)
+    for key in ("targets", "exclude"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str) and not _is_names(value):
+            raise _malformed(path, f"`meta.{key}` must be a string or a list of names")
+    names = meta.get("target_names")
+    if names is not None and not _is_names(names):
+        raise _malformed(path, "`meta.target_names` must be a list of layer names")
+    patterns = {
+        key: value
+        for key in ("targets", "exclude")
+        if isinstance(value := meta.get(key), str) and value != "all-linear"
+    }
+    if names is not None:
+        meta["targets"], meta["exclude"] = list(names), None
+    elif patterns:
+        for key in patterns:
+            meta.pop(key)
+    if patterns:
+        meta["targets_pattern"] = patterns
+    return meta
 
 
 def _expected_tensors(header: dict) -> dict[str, tuple[str, int, int | None]]:

@@ -34,10 +34,27 @@ def _head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _matches(name: str, targets: str | Sequence[str]) -> bool:
+def _matches(name: str, targets: str | re.Pattern | Sequence[str]) -> bool:
+    if isinstance(targets, re.Pattern):
+        return targets.fullmatch(name) is not None
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _compiled(spec: str | Sequence[str] | None, argument: str) -> re.Pattern | Sequence[str] | None:
+    """A regex ``spec`` compiled once (a clear error if it is invalid); names pass through."""
+    if not isinstance(spec, str) or spec == "all-linear":
+        return spec
+    try:
+        return re.compile(spec)
+    except re.error as err:
+        msg = (
+            f"`{argument}`={spec!r} is not a valid regular expression ({err}); pass "
+            "'all-linear', a list of module names, or a regex that matches whole "
+            "qualified names, e.g. r'.*\\.(q|v)_proj'"
+        )
+        raise ValueError(msg) from err
 
 
 def find_targets(
@@ -68,21 +85,23 @@ def find_targets(
     TypeError
         If ``targets`` is neither a string nor a sequence of strings.
     ValueError
-        If nothing matches (the message lists linear layers that exist).
+        If nothing matches (the message lists linear layers that exist), or
+        ``targets`` or ``exclude`` is an invalid regular expression.
     """
     if not isinstance(targets, str) and not (
         isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets)
     ):
         msg = f"`targets` must be 'all-linear', a list of names or a regex; got {targets!r}"
         raise TypeError(msg)
+    pattern, excluded = _compiled(targets, "targets"), _compiled(exclude, "exclude")
     heads = set() if include_head else _head_names(model)
     linear = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
     if targets == "all-linear":
         chosen = {n: m for n, m in linear.items() if n not in heads}
     else:
-        chosen = {n: m for n, m in linear.items() if _matches(n, targets) and n not in heads}
-    if exclude is not None:
-        chosen = {n: m for n, m in chosen.items() if not _matches(n, exclude)}
+        chosen = {n: m for n, m in linear.items() if _matches(n, pattern) and n not in heads}
+    if excluded is not None:
+        chosen = {n: m for n, m in chosen.items() if not _matches(n, excluded)}
     if not chosen:
         sample = ", ".join(list(linear)[:8]) or "none"
         msg = (

@@ -53,7 +53,6 @@ from ._checks import (
     check_matrix,
     check_no_overflow,
     check_rank,
-    check_same_library,
     finite_result,
 )
 from .allocation import break_even_rank, rank_unit_costs
@@ -240,15 +239,21 @@ class LayerPlan(NamedTuple):
         """Per-unit parameter costs :math:`m + n + 2(r-1) + 1`."""
         return rank_unit_costs(*self.shape, self.max_rank)
 
-    def factorize(self, rank: int) -> JactusLayer:
-        """Cut the plan at ``rank`` (``1 <= rank <= max_rank``)."""
+    def factorize(self, rank: int, *, dtype: Any = None) -> JactusLayer:
+        """Cut the plan at ``rank`` (``1 <= rank <= max_rank``).
+
+        The factors come in ``dtype`` (default: the weight's dtype); pass the
+        plan's working dtype (``plan.core.dtype``, at least float32) to post-process
+        them before rounding to the weight's dtype once.
+        """
         rank = check_rank(rank, self.max_rank, what="the plan's max_rank")
         a, b = int(self.left_counts[rank]), int(self.right_counts[rank])
         k, j = task_split(rank, self.task_fraction, self.task_rank)
         # the leading a x b block of K = U^T M V is the core of the rank-r
         # union (project_to_core at max_rank, cut here)
         cut = ProjectedCore(self.left_basis[:, :a], self.core[:a, :b], self.right_basis[:, :b])
-        factors = deployable_factors(cut, self.grad_op, self.input_op, self.weight_dtype)
+        out = self.weight_dtype if dtype is None else dtype
+        factors = deployable_factors(cut, self.grad_op, self.input_op, out)
         m, n = self.shape
         return JactusLayer(
             left=factors.left,
@@ -420,7 +425,6 @@ def plan_layer(
     limit = max(break_even_rank(m, n), 1)
     r_max = limit if max_rank is None else check_rank(max_rank, min(m, n), "max_rank")
     uses_gradient = task_directions == "gradient" and tau > 0
-    check_same_library(xp, input_cov=input_cov, grad_cov=grad_cov, grad_mean=grad_mean)
     work = working_dtype(xp, weight, input_cov, grad_cov, grad_mean if uses_gradient else None)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     source = _check_task_inputs(

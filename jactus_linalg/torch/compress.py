@@ -521,7 +521,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _working_factorization(lp: LayerPlan, rank: int):
     """The plan cut at ``rank`` with factors in the working precision (at least float32)."""
-    return lp._replace(weight_dtype=lp.core.dtype).factorize(rank)
+    return lp.factorize(rank, dtype=lp.core.dtype)
 
 
 def _resolve_config(config: object, fields: dict[str, Any]) -> JactusConfig:

@@ -66,14 +66,34 @@ def _valid_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _check_grad_scale(grad_scale: object) -> str:
+    """Label of a valid ``grad_scale`` (for the statistics' metadata)."""
+    if callable(grad_scale):
+        return "callable"
+    if grad_scale not in ("tokens", "none"):
+        msg = (
+            "`grad_scale` must be 'tokens' (the loss is a mean over the batch's tokens), "
+            "'none' (it is a sum of per-token losses) or a callable batch -> number of "
+            f"loss terms; got {grad_scale!r}"
+        )
+        raise ValueError(msg)
+    return str(grad_scale)
+
+
 class _Collector:
     """Hooks that feed the accumulators for one calibration pass."""
 
-    def __init__(self, modules: dict[str, nn.Linear], stats: CalibrationStats, dtype, mode):
+    def __init__(
+        self, modules: dict[str, nn.Linear], stats: CalibrationStats, dtype, mode,
+        grad_scale: Any = "tokens",
+    ):
         self.modules = modules
         self.stats = stats
         self.dtype = dtype
         self.mode = mode
+        self.grad_scale = grad_scale
+        self.terms: float | None = None  # loss terms of this batch (callable grad_scale)
+        self.scales: dict[str, float] = {}  # per layer: the factor applied in this batch
         self.mask: torch.Tensor | None = None
         self._seen: dict[int, str] = {}  # id(input tensor) -> group, within one batch
         self._alive: list[torch.Tensor] = []  # keeps those ids unique until the batch ends
@@ -81,6 +101,12 @@ class _Collector:
 
     def start_batch(self, batch: Any) -> None:
         self.mask = _token_mask(batch)
+        self.terms = None
+        if callable(self.grad_scale) and batch is not None:
+            self.terms = float(self.grad_scale(batch))
+            if not (self.terms > 0 and self.terms < float("inf")):
+                msg = f"`grad_scale(batch)` must be a positive number of loss terms; got {self.terms!r}"
+                raise ValueError(msg)
         self._seen.clear()
         self._alive.clear()
 
@@ -140,14 +166,27 @@ class _Collector:
             mask = self.mask
 
             def grad_hook(g: torch.Tensor) -> None:
-                _absorb(acc, _valid_rows(g.detach(), mask), name, "output gradient")
+                rows = _valid_rows(g.detach(), mask)
+                scale = self._per_token_scale(rows)
+                self.scales[name] = scale
+                if scale != 1.0:  # per-token gradients: d(sum of losses)/dy = T dL/dy
+                    rows = rows.to(_accumulation_dtype(rows, self.dtype)) * scale
+                _absorb(acc, rows, name, "output gradient")
 
             output.register_hook(grad_hook)
 
         return hook
 
+    def _per_token_scale(self, rows: torch.Tensor) -> float:
+        """``T``, the loss terms the batch's loss averages (1 for ``grad_scale="none"``)."""
+        if self.grad_scale == "none":
+            return 1.0
+        if self.terms is not None:
+            return self.terms
+        return float(rows.shape[0])  # "tokens": the positions this layer's output has
+
     def absorb_weight_grads(self) -> None:
-        r""":math:`\sum_t g_t x_t^\top` of this batch is the weight's ``.grad``."""
+        r""":math:`\sum_t g_t x_t^\top` of this batch is the weight's ``.grad`` (times ``T``)."""
         for name, mod in self.modules.items():
             grad = mod.weight.grad
             if grad is None:
@@ -160,6 +199,7 @@ class _Collector:
                 raise ValueError(msg)
             total = self.stats.grad_sums.get(name)
             grad = grad.detach().to(_accumulation_dtype(grad, self.dtype))
+            grad = grad * self.scales.pop(name, 1.0)
             self.stats.grad_sums[name] = grad.clone() if total is None else total + grad
             mod.weight.grad = None
 
@@ -262,6 +302,7 @@ def calibrate(
     checkpoint_every: int = 0,
     progress: bool = True,
     total: int | None = None,
+    grad_scale: str | Callable[[Any], float] = "tokens",
 ) -> CalibrationStats:
     r"""Collect :math:`C_x`, :math:`C_g` and :math:`G` for every target linear layer.
 
@@ -297,6 +338,18 @@ def calibrate(
         Show a progress bar.
     total : int, optional
         Number of batches, for the progress bar.
+    grad_scale : {"tokens", "none"} or callable, optional
+        Puts :math:`C_g` and :math:`G` on the per-token scale of DESIGN, so
+        that :math:`\tfrac12\lVert S_g^\top \Delta W S_x\rVert^2` predicts
+        the rise of the mean per-token loss in nats. ``"tokens"`` (default):
+        ``loss_fn`` returns a mean over the batch's tokens, counted as the
+        positions of each layer's output (those of ``attention_mask`` when
+        the batch has one), and the hooked gradients are multiplied by that
+        count :math:`T`. ``"none"``: the loss is already a sum of per-token
+        losses; the gradients are used as hooked. A callable ``batch ->
+        T`` gives the number of terms the loss averages when it is not the
+        number of positions (e.g. ``(labels != -100).sum()`` for a causal
+        LM's shifted labels, or the batch size for a loss per example).
 
     Returns
     -------
@@ -338,6 +391,7 @@ def calibrate(
         "exclude": exclude if exclude is None or isinstance(exclude, str) else list(exclude),
         "target_names": list(modules),  # what a loaded file uses: its patterns never run
         "mode": mode,
+        "grad_scale": _check_grad_scale(grad_scale),
     }
     if checkpoint is not None and Path(checkpoint).exists():
         stats = CalibrationStats.load(checkpoint)
@@ -345,7 +399,7 @@ def calibrate(
         stats.check_model({n: (m.out_features, m.in_features) for n, m in modules.items()})
     else:
         stats = CalibrationStats(meta=meta)
-    collector = _Collector(modules, stats, dtype, mode)
+    collector = _Collector(modules, stats, dtype, mode, grad_scale)
     skip = stats.n_batches
     bar = _progress(progress, total, "calibrate", initial=skip)
     with _only_target_weights_need_grad(model, modules, train_mode):

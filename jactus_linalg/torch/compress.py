@@ -108,10 +108,10 @@ class CompressionReport:
 
     @property
     def total_predicted_loss_increase(self) -> float | None:
-        values = [r.predicted_loss_increase for r in self.layers]
-        if any(v is None for v in values):
+        known = [r.predicted_loss_increase for r in self.layers if r.predicted_loss_increase is not None]
+        if len(known) < len(self.layers):
             return None
-        return float(sum(values))
+        return float(sum(known))
 
     @property
     def ranks(self) -> dict[str, int | None]:
@@ -652,6 +652,7 @@ def add_dense_cores(model: nn.Module, plan: CompressionPlan, report: Compression
         cut = _working_factorization(lp, lp.max_rank)
         left, _, right = orthonormal_factors(cut.left, cut.core, cut.right)
         mod = model.get_submodule(layer.name)
+        assert isinstance(mod, nn.Linear)  # planned layers are nn.Linear
         dtype = mod.weight.dtype
         new = MergeableLinear.from_linear(mod, left.to(dtype), right.to(dtype))
         _set_module(model, layer.name, new)
@@ -749,5 +750,5 @@ def compress(
             mark_trainable(model, extra=config.modules_to_save, core_dtype=core_dtype)
         else:
             report.notes.append("no layer has a core: nothing was marked trainable")
-    model.jactus_config = config
+    model.jactus_config = config  # type: ignore[assignment]  # a plain attribute, like peft_config
     return report

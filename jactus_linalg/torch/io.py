@@ -542,7 +542,7 @@ def load_compressed(
     _install_layers(model, config["layers"], dtypes)
     model.load_state_dict(state, strict=True)
     if saved_config is not None:
-        model.jactus_config = saved_config
+        model.jactus_config = saved_config  # type: ignore[assignment]  # a plain attribute
     return model
 
 

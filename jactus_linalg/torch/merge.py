@@ -41,6 +41,10 @@ class MergeableLinear(nn.Linear):
     * ``left_proj``: ``a -> m``, weight :math:`A` (frozen, no bias).
     """
 
+    right_proj: nn.Linear
+    core: nn.Linear
+    left_proj: nn.Linear
+
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, left: torch.Tensor, right: torch.Tensor
@@ -155,6 +159,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = dict(model.state_dict())
     for name in has_unmerged_cores(model):
         mod = model.get_submodule(name)
+        assert isinstance(mod, MergeableLinear)
         prefix = f"{name}." if name else ""
         for part in ("left_proj", "core", "right_proj"):
             del state[f"{prefix}{part}.weight"]

@@ -7,6 +7,7 @@ mergeable cores of the layers kept dense (:class:`MergeableLinear`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ __all__ = ["core_parameters", "count_parameters", "mark_trainable"]
 
 def core_parameters(model: nn.Module) -> list[nn.Parameter]:
     r"""The cores of ``model``: :math:`C` of each :class:`JactusLinear`, :math:`\Delta C` of each mergeable core."""
-    return [m.core.weight for m in model.modules() if isinstance(m, _WITH_CORE)]
+    return [cast(nn.Parameter, m.core.weight) for m in model.modules() if isinstance(m, _WITH_CORE)]
 
 
 def mark_trainable(

@@ -99,7 +99,12 @@ def cache_dir() -> Path:
 
 
 def atomic_build(final: Path, build) -> Path:
-    """Build a folder atomically: ``build(tmp)`` fills a temp dir renamed to ``final``.
+    """Build a cache folder once, atomically: ``build(tmp)`` fills a temp dir renamed to ``final``.
+
+    Unlike :func:`jactus_linalg._files.replace_folder` (which replaces a
+    folder), the first complete build wins: a folder that exists is kept, so
+    processes that build the same cache at once (torchrun ranks) never swap
+    it out from under one that is already reading it.
 
     Parameters
     ----------

@@ -10,11 +10,20 @@ Usage
                                                          paper scale (see ``--help`` and docs)
 
 Each method starts from the same base model and is tuned for the same steps
-on the same data in the same order with the same seed; only the learning
-rate differs between trainable kinds (cores vs adapters). Results go to
-``--out`` (default ``results/<preset>``): ``results.json``, ``results.csv``,
-``results.md`` and PNG plots. Finished methods are kept in ``methods/`` and
-skipped on a rerun with the same settings, so an interrupted run resumes.
+on the same data in the same order; only the learning rate differs between
+method families, each chosen on dev items (never test items) by
+``validation/sweep.py`` and read from ``validation/tuned_settings.json``; a
+new head trains at one rate for every method. Every preset runs several
+seeds (``--seeds``): each seed sets the data order and the initialisation
+(LoRA adapters, the new head, and the pretrained ViT, whose seed is the
+run's seed and whose weights' fingerprint is recorded). Tables show the mean
+and sd over seeds; paired comparisons pool the items of every seed. Results
+go to ``--out`` (default ``results/<preset>``): ``results.json``,
+``results.csv``, ``results.md``, ``summary.md`` (the verdict on the paper's
+ordering, for the README) and PNG plots. Finished methods are kept in
+``methods/`` and skipped on a rerun with the same settings, so an
+interrupted run resumes. ``--save-models DIR`` writes every tuned model
+(merged, safetensors, with its tokenizer and config).
 
 The command line is read once, by :func:`run_config`, into a
 :class:`RunConfig` (the preset with its overrides applied, the output
@@ -27,6 +36,7 @@ no run touches the network.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -42,16 +52,21 @@ import torch
 
 from jactus_linalg import DEFAULT_DAMPING, DEFAULT_TASK_FRACTION
 from jactus_linalg.torch import CalibrationStats, calibrate
-from validation.methods import Method, build_method, method_grid
+from validation.methods import Method, build_method, lr_family, method_grid, reseed_adapters, save_tuned
 from validation.report import (
     ResultRow,
     bootstrap_macro_ci,
+    claim_lines,
     macro_average,
-    markdown_table,
+    metrics_table,
     paired_comparison,
     plot_accuracy_vs_retain,
     plot_layer_profile,
+    plot_predicted_vs_measured,
+    seed_table,
+    summarize,
     write_results,
+    write_text_atomic,
 )
 from validation.train import tune
 
@@ -59,6 +74,9 @@ PAPER_REPORTED = {
     "vision": {"JACTUS@0.8": 89.2, "DoRA@1.0": 87.9},
     "language": {"JACTUS@0.8": 80.9, "DoRA@1.0": 79.7},
 }
+
+#: Learning rates chosen by ``validation/sweep.py`` on dev items, per part.
+SETTINGS_FILE = Path(__file__).resolve().with_name("tuned_settings.json")
 
 
 @dataclass
@@ -69,17 +87,19 @@ class PartConfig:
     model: str = "default"  # "smollm2" | "tiny" | "fmnist-vit" | "tiny-vit" | "paper"
     n_tune: int = 32
     n_test: int = 40
+    n_dev: int = 0  # dev items (neither tune nor test), scored by the sweep only
     batch_size: int = 8
     max_length: int = 96
     eval_batch_size: int = 32
     calibration_batches: int = 16
     steps: int = 30
-    lr_core: float = 1e-3
-    lr_adapter: float = 1e-3
+    lrs: dict = field(default_factory=dict)  # family -> lr; empty: from SETTINGS_FILE
+    lr_head: float | None = None  # the new head's rate, every method (None: SETTINGS_FILE)
     lora_rank: int = 8
     task_fraction: float = DEFAULT_TASK_FRACTION
     damping: float = DEFAULT_DAMPING
     retains: tuple = (0.8,)
+    targets: tuple = ("digits",)  # vision targets (validation.vision.TARGETS)
     ablations: bool = False
     svd_ctf: bool = False
     base_row: bool = True
@@ -87,7 +107,6 @@ class PartConfig:
     probe_lr: float = 1e-2
     compress_dtype: str | None = None  # decomposition dtype; statistics stay float64
     threads: int | None = None  # torch CPU threads for this part (None: leave as is)
-    keep_dense: bool = True  # JACTUS: keep layers at break-even dense (frozen) or factorize them
     untuned_rows: bool = False  # also evaluate JACTUS and SVD-LLM+LoRA right after compression
 
 
@@ -96,47 +115,79 @@ class Preset:
     name: str
     language: PartConfig
     vision: PartConfig
-    seed: int = 0
+    seeds: tuple = (0, 1, 2)  # data order and initialisation, one run each
+    split_seed: int = 0  # which items are tune / test / dev (the same for every seed)
     notes: list[str] = field(default_factory=list)
 
 
 def presets() -> dict[str, Preset]:
     default = Preset(
         "default",
-        language=PartConfig(model="smollm2", n_tune=32, n_test=40, steps=30,
-                            calibration_batches=16, lr_core=1e-3, lr_adapter=1e-3,
-                            compress_dtype="float32", keep_dense=False, untuned_rows=True),
-        # learning rates and keep_dense chosen on the tune split (validation/sweep.py;
-        # language: 96 dev items, keep_dense False 45.8% against True 40.6% at lr 1e-3)
+        language=PartConfig(model="smollm2", n_tune=32, n_test=25, steps=20,
+                            calibration_batches=16, compress_dtype="float32",
+                            retains=(0.8, 0.9), untuned_rows=True),
         vision=PartConfig(model="fmnist-vit", n_tune=500, n_test=500, batch_size=32, steps=150,
-                          calibration_batches=8, lr_core=3e-3, lr_adapter=1e-2,
-                          retains=(0.6, 0.7, 0.8, 0.9), ablations=True, svd_ctf=True,
-                          base_row=True, probe_steps=100, keep_dense=False, untuned_rows=True),
+                          calibration_batches=8, retains=(0.7, 0.8, 0.9),
+                          targets=("digits", "fmnist-tops"), svd_ctf=True, base_row=True,
+                          probe_steps=100, untuned_rows=True),
     )
     full = replace(
         default, name="full",
-        language=replace(default.language, n_test=100, retains=(0.6, 0.7, 0.8, 0.9),
-                         ablations=True, svd_ctf=True),
+        language=replace(default.language, n_tune=300, n_test=100, steps=300,
+                         retains=(0.6, 0.7, 0.8, 0.9), ablations=True, svd_ctf=True),
+        vision=replace(default.vision, retains=(0.6, 0.7, 0.8, 0.9), ablations=True),
     )
     smoke = Preset(
         "smoke",
         language=PartConfig(model="tiny", n_tune=4, n_test=3, batch_size=8, max_length=48,
                             eval_batch_size=16, calibration_batches=2, steps=2, lora_rank=2,
-                            retains=(0.6, 0.8), ablations=True, svd_ctf=True, untuned_rows=True),
+                            retains=(0.8, 0.9), ablations=True, svd_ctf=True, untuned_rows=True),
         vision=PartConfig(model="tiny-vit", n_tune=64, n_test=64, batch_size=32,
                           calibration_batches=1, steps=2, lora_rank=2, retains=(0.6, 0.8),
-                          ablations=True, svd_ctf=True, probe_steps=2, untuned_rows=True),
+                          targets=("digits", "digits-shifted"), ablations=True, svd_ctf=True,
+                          probe_steps=2, untuned_rows=True),
     )
     paper = Preset(
         "paper",
         language=PartConfig(model="paper", n_tune=0, n_test=0, batch_size=16, max_length=256,
                             eval_batch_size=32, calibration_batches=64, steps=3 * 170_000 // 16,
-                            lr_core=2e-4, lr_adapter=2e-4, lora_rank=32),
+                            lrs={f: 2e-4 for f in FAMILIES}, lora_rank=32),
         vision=PartConfig(model="paper", n_tune=0, n_test=0, batch_size=64,
-                          calibration_batches=32, steps=5000, lr_core=1e-3, lr_adapter=1e-3,
-                          lora_rank=16, probe_steps=500),
+                          calibration_batches=32, steps=5000, lrs={f: 1e-3 for f in FAMILIES},
+                          lr_head=1e-3, lora_rank=16, probe_steps=500),
     )
     return {p.name: p for p in (default, full, smoke, paper)}
+
+
+FAMILIES = ("JACTUS", "SVD-LLM+LoRA", "LoRA", "DoRA")
+
+
+def tuned_settings(path: Path = SETTINGS_FILE) -> dict:
+    """The learning rates the sweep chose (``{part: {"lr": {family: lr}, "lr_head": ..., ...}}``)."""
+    if not path.is_file():
+        msg = f"{path} is missing: run validation/sweep.py to choose the learning rates"
+        raise SystemExit(msg)
+    return json.loads(path.read_text())
+
+
+def with_learning_rates(part: str, cfg: PartConfig, path: Path = SETTINGS_FILE) -> PartConfig:
+    """``cfg`` with every family's rate and the head's rate filled in from the sweep's file.
+
+    Rates set in ``cfg`` (``lrs``, ``lr_head``) win; the file fills the rest.
+    """
+    if set(FAMILIES) <= set(cfg.lrs) and cfg.lr_head is not None:
+        return cfg
+    chosen = tuned_settings(path).get(part)
+    if chosen is None:
+        msg = f"{path} has no learning rates for part {part!r}: run validation/sweep.py --part {part}"
+        raise SystemExit(msg)
+    lrs = {**chosen["lr"], **cfg.lrs}
+    missing = set(FAMILIES) - set(lrs)
+    if missing:
+        msg = f"{path}: part {part!r} lacks a learning rate for {sorted(missing)}"
+        raise SystemExit(msg)
+    head = cfg.lr_head if cfg.lr_head is not None else chosen["lr_head"]
+    return replace(cfg, lrs=lrs, lr_head=head)
 
 
 @dataclass(frozen=True)
@@ -159,6 +210,7 @@ class RunConfig:
 
     preset: Preset  # with the command-line overrides applied
     out: Path
+    save_models: Path | None = None  # write every tuned model here
     method_filter: tuple[str, ...] = ()  # run methods whose name contains one of these (empty: all)
     threads: int | None = None  # torch CPU threads (None: each part's own setting)
     progress: bool = True
@@ -169,9 +221,15 @@ class RunConfig:
 # ----------------------------------------------------------------------------- parts
 
 
-def build_language(cfg: PartConfig, seed: int, config: RunConfig) -> object:
+def build_language(cfg: PartConfig, preset: Preset, config: RunConfig,
+                   evaluate_on: str = "test") -> dict[str, list]:
+    """``{"language": [one part per seed]}``; the parts share one base model."""
     from validation.parts import LanguagePart  # noqa: PLC0415
 
+    if cfg.model == "paper":
+        from validation.paper_data import paper_language  # noqa: PLC0415
+
+        return {"language": [paper_language(cfg, seed, config.paper) for seed in preset.seeds]}
     if cfg.model == "smollm2":
         from validation.assets import load_smollm2  # noqa: PLC0415
 
@@ -179,45 +237,72 @@ def build_language(cfg: PartConfig, seed: int, config: RunConfig) -> object:
     elif cfg.model == "tiny":
         from validation.assets import tiny_llama  # noqa: PLC0415
 
-        model, tokenizer = tiny_llama(seed=seed)
-    elif cfg.model == "paper":
-        from validation.paper_data import paper_language  # noqa: PLC0415
-
-        return [paper_language(cfg, seed, config.paper)]
+        model, tokenizer = tiny_llama(seed=preset.split_seed)
     else:
         msg = f"unknown language model {cfg.model!r}"
         raise ValueError(msg)
-    return [LanguagePart(
+    parts = [LanguagePart(
         model, tokenizer, n_tune=cfg.n_tune, n_test=cfg.n_test, seed=seed,
         batch_size=cfg.batch_size, max_length=cfg.max_length,
         calibration_batches=cfg.calibration_batches, eval_batch_size=cfg.eval_batch_size,
-        settings=asdict(cfg),
-    )]
+        settings=asdict(cfg), n_dev=cfg.n_dev, split_seed=preset.split_seed,
+        evaluate_on=evaluate_on,
+    ) for seed in preset.seeds]
+    for part in parts:
+        part.base_shared = True  # one base model, one calibration: seeds share compressions
+    return {"language": parts}
 
 
-def build_vision(cfg: PartConfig, seed: int, config: RunConfig) -> object:
-    from validation.parts import VisionPart  # noqa: PLC0415
-
-    if cfg.model == "paper":
-        from validation.paper_data import paper_vision_parts  # noqa: PLC0415
-
-        return paper_vision_parts(cfg, seed, config.paper, progress=config.progress)
+def pretrained_vision_model(cfg: PartConfig, seed: int, progress: bool):
+    """The pretrained ViT of ``seed`` (its seed is the run's seed) and its weights' fingerprint."""
     from validation import vision  # noqa: PLC0415
 
     if cfg.model == "fmnist-vit":
-        model = vision.pretrained_vit(seed=seed, progress=config.progress)
+        model = vision.pretrained_vit(seed=seed, progress=progress,
+                                      classes=vision.PRETRAIN_CLASSES)
     elif cfg.model == "tiny-vit":
         model = vision.tiny_pretrained_vit(seed=seed, epochs=1)
     else:
         msg = f"unknown vision model {cfg.model!r}"
         raise ValueError(msg)
-    model = vision.replace_head(model, num_labels=10, seed=seed)
-    task = vision.digits_task(seed=seed, n_tune=cfg.n_tune, n_test=cfg.n_test)
-    return [VisionPart(
-        model, task, task_name="digits", seed=seed, batch_size=cfg.batch_size,
-        calibration_batches=cfg.calibration_batches, probe_steps=cfg.probe_steps,
-        probe_lr=cfg.probe_lr, settings=asdict(cfg), progress=config.progress,
-    )]
+    return model, vision.weights_fingerprint(model)
+
+
+def build_vision(cfg: PartConfig, preset: Preset, config: RunConfig,
+                 evaluate_on: str = "test") -> dict[str, list]:
+    """``{"vision/<target>": [one part per seed]}``: each seed pretrains its own ViT."""
+    from validation.parts import VisionPart  # noqa: PLC0415
+
+    if cfg.model == "paper":
+        from validation.paper_data import paper_vision_parts  # noqa: PLC0415
+
+        grouped: dict[str, list] = {}
+        for seed in preset.seeds:
+            for part in paper_vision_parts(cfg, seed, config.paper, progress=config.progress):
+                grouped.setdefault(part.name, []).append(part)
+        return grouped
+    from validation import vision  # noqa: PLC0415
+
+    tasks = {t: vision.vision_task(t, preset.split_seed, cfg.n_tune, cfg.n_test, cfg.n_dev)
+             for t in cfg.targets}
+    if evaluate_on == "dev":
+        tasks = {t: task.with_dev_as_test() for t, task in tasks.items()}
+    grouped = {f"vision/{t}": [] for t in cfg.targets}
+    for seed in preset.seeds:
+        pretrained, print_ = pretrained_vision_model(cfg, seed, config.progress)
+        log(f"[vision] seed {seed}: pretrained ViT fingerprint {print_}")
+        for target, task in tasks.items():
+            model = vision.replace_head(copy.deepcopy(pretrained), num_labels=task.num_labels,
+                                        seed=seed)
+            part = VisionPart(
+                model, task, task_name=target, seed=seed, batch_size=cfg.batch_size,
+                calibration_batches=cfg.calibration_batches, probe_steps=cfg.probe_steps,
+                probe_lr=cfg.probe_lr, settings=asdict(cfg), progress=config.progress,
+                name=f"vision/{target}",
+            )
+            part.base_fingerprint = print_
+            grouped[f"vision/{target}"].append(part)
+    return grouped
 
 
 # ----------------------------------------------------------------------------- running
@@ -228,10 +313,8 @@ def fingerprint(obj) -> str:
 
 
 def atomic_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    tmp.replace(path)
+    """Create or replace the JSON file ``path`` atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=1, default=str))
 
 
 def is_main_process() -> bool:
@@ -259,9 +342,14 @@ def this_process_batches(batches: list) -> list:
     return list(batches[rank::world]) if len(batches) >= world else list(batches)
 
 
+def calibration_seed(part) -> int:
+    """The seed whose data order gave ``part``'s calibration batches."""
+    return getattr(part, "calibration_seed", getattr(part, "seed", 0))
+
+
 def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[CalibrationStats, float]:
     """Calibrate the part's base model once; the file lets a rerun skip it."""
-    path = out / f"stats-{part.name}-{key}.safetensors"
+    path = out / f"stats-{part.name.replace('/', '-')}-{key}.safetensors"
     if path.exists():
         return CalibrationStats.load(path), 0.0
     start = time.perf_counter()
@@ -273,27 +361,96 @@ def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[Calibrati
     return stats, elapsed
 
 
-def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress: bool) -> dict:
+def _mean_loss(model, batches, loss_fn) -> float:
+    """Mean per-token (language) or per-example (vision) loss on ``batches``."""
+    try:
+        from jactus_linalg.torch.measure import mean_token_loss  # noqa: PLC0415
+    except ImportError:  # the adapter's helper not there yet: the same weighting, here
+        mean_token_loss = None
+    if mean_token_loss is not None:
+        return mean_token_loss(model, batches, loss_fn)[0]
+    total = weight = 0.0
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            labels = batch.get("labels") if isinstance(batch, dict) else None
+            tokens = (float((labels[..., 1:] != -100).sum())
+                      if isinstance(labels, torch.Tensor) and labels.ndim >= 2 else 1.0)
+            total += tokens * float(loss_fn(model, batch))
+            weight += tokens
+    model.train(was)
+    return total / weight
+
+
+class _Shared:
+    """What seeds of one part can share: statistics, one compressed model, base losses, evaluations."""
+
+    def __init__(self):
+        self.stats: dict[str, CalibrationStats] = {}
+        self.built: tuple | None = None  # (key, BuiltMethod, measured dict)
+        self.base_loss: dict[int, float] = {}
+        self.untuned: dict[tuple, dict] = {}
+
+
+def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress: bool,
+               shared: _Shared | None = None, stats_key: str = "",
+               save_to: Path | None = None) -> dict:
+    """Build, tune (unless untuned) and evaluate one method on one seed's part."""
+    shared = shared or _Shared()
     start = time.perf_counter()
-    built = build_method(method, part.base, stats, head=part.head, lora_rank=cfg.lora_rank,
-                         damping=cfg.damping, dtype=cfg.compress_dtype, progress=progress)
-    losses: list[float] = []
     tuned = method.kind != "none" and method.opts.get("tune", True)
+    invariant = getattr(part, "base_shared", False)
+    share_key = (id(part.base), stats_key, method.name)
+    if not tuned and invariant and share_key in shared.untuned:
+        # the same base, statistics and test items, no training: the same record
+        rec = copy.deepcopy(shared.untuned[share_key])
+        rec["seed"] = seed
+        rec["copied_from_seed"] = rec.get("copied_from_seed", rec.get("_first_seed"))
+        return rec
+    measured: dict = {}
+    if shared.built is not None and shared.built[0] == share_key and method.kind in ("jactus", "ctf"):
+        built = copy.copy(shared.built[1])
+        built.model = copy.deepcopy(shared.built[1].model)
+        measured = shared.built[2]
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # LoRA / DoRA initialisation
+            built = build_method(method, part.base, stats, head=part.head,
+                                 lora_rank=cfg.lora_rank, damping=cfg.damping,
+                                 dtype=cfg.compress_dtype, progress=progress)
+        if built.report is not None:
+            measured = _measured_rise(part, built, shared)
+        if method.kind in ("jactus", "ctf"):
+            shared.built = (share_key, built, measured) if invariant else None
+            if invariant:
+                built = copy.copy(built)
+                built.model = copy.deepcopy(shared.built[1].model)
+    if method.kind == "ctf":
+        reseed_adapters(built.model, seed)
+    losses: list[float] = []
     if tuned:
-        lr = cfg.lr_core if method.kind == "jactus" else cfg.lr_adapter
+        lr = cfg.lrs[lr_family(method.kind)]
         result = tune(built.model, part.tune_batches, part.loss, steps=cfg.steps, lr=lr,
-                      seed=seed, progress=progress, desc=f"{part.name}: {method.name}")
+                      seed=seed, progress=progress, desc=f"{part.name}: {method.name}",
+                      head=part.head, head_lr=cfg.lr_head)
         losses = result.losses
-    correct = part.evaluate(built.model, progress=progress)
+    metrics = part.evaluate_metrics(built.model, progress=progress)
     record = {
         "method": method.to_dict(),
-        "correct": {t: v.astype(int).tolist() for t, v in correct.items()},
+        "seed": seed,
+        "correct": {t: v.astype(int).tolist() for t, v in metrics["correct"].items()},
+        "metrics": {m: {t: np.asarray(v).tolist() for t, v in per.items()}
+                    for m, per in metrics.items() if m != "correct"},
+        "lr": cfg.lrs.get(lr_family(method.kind)) if tuned else None,
+        "lr_head": cfg.lr_head if tuned and part.head else None,
         "trainable_params": built.trainable_params if tuned else 0,
         "total_params": built.total_params,
         "retain_achieved": built.retain_achieved,
         "train_losses": losses,
         "wall_time_s": time.perf_counter() - start,
         "notes": built.notes,
+        **measured,
     }
     if built.report is not None:
         record["layers"] = [
@@ -301,69 +458,142 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
              "predicted_loss_increase": r.predicted_loss_increase}
             for r in built.report.layers
         ]
-        record["predicted_loss_increase"] = built.report.total_predicted_loss_increase
+    if save_to is not None and method.kind != "none":
+        record["saved"] = {"path": str(save_to),
+                           "format": save_tuned(built.model, method.kind, save_to,
+                                                getattr(part, "tokenizer", None))}
+    if not tuned and invariant:
+        shared.untuned[share_key] = {**record, "_first_seed": seed}
     del built
     return record
 
 
-def rows_from(part_name: str, records: dict, seed: int) -> list[ResultRow]:
-    rows = []
-    for rec in records.values():
-        m = rec["method"]
-        correct = {t: np.asarray(v, bool) for t, v in rec["correct"].items()}
-        settings = {"family": m["family"], "kind": m["kind"], **m["options"]}
-        common = dict(
-            part=part_name, method=m["name"], retain_target=m["retain"],
-            retain_achieved=rec["retain_achieved"], trainable_params=rec["trainable_params"],
-            total_params=rec["total_params"], seed=seed, wall_time_s=rec["wall_time_s"],
-            settings=settings,
-        )
-        for task, v in correct.items():
-            rows.append(ResultRow(task=task, accuracy=float(v.mean()), n_items=int(v.size), **common))
-        lo, hi = bootstrap_macro_ci(correct, seed=seed)
-        rows.append(ResultRow(task="average", accuracy=macro_average(correct),
-                              n_items=int(sum(v.size for v in correct.values())),
-                              ci_low=lo, ci_high=hi, **common))
-    return rows
+def _measured_rise(part, built, shared: _Shared) -> dict:
+    """Predicted (report, nats) and measured rise of the mean loss on the calibration batches."""
+    key = id(part.base)
+    if key not in shared.base_loss:
+        shared.base_loss[key] = _mean_loss(part.base, part.calibration_batches, part.loss)
+    after = _mean_loss(built.model, part.calibration_batches, part.loss)
+    return {"predicted_loss_increase": built.report.total_predicted_loss_increase,
+            "calibration_loss_base": shared.base_loss[key],
+            "calibration_loss_compressed": after,
+            "measured_loss_increase": after - shared.base_loss[key]}
 
 
-def comparisons(records: dict, seed: int) -> list[dict]:
-    """Paired comparisons of JACTUS against each other method at the same or full budget."""
+def _pooled(records_by_seed: dict, name: str, metric: str = "correct") -> dict | None:
+    """Per task, the items of every seed one after another (None if a seed lacks ``name``)."""
+    pooled: dict[str, list] = {}
+    for recs in records_by_seed.values():
+        rec = recs.get(name)
+        if rec is None:
+            return None
+        values = rec["correct"] if metric == "correct" else rec.get("metrics", {}).get(metric)
+        if values is None:
+            return None
+        for t, v in values.items():
+            pooled.setdefault(t, []).extend(v)
+    return {t: np.asarray(v) for t, v in pooled.items()}
+
+
+def comparisons(records_by_seed: dict, seed: int = 0) -> list[dict]:
+    """Paired comparisons of JACTUS against each other method, items pooled over seeds.
+
+    Tuned JACTUS at a retain against every other tuned method at that
+    retain, against LoRA/DoRA at 100%, and against itself untuned; the two
+    untuned compressions against each other.
+    """
+    first = next(iter(records_by_seed.values()), {})
+    methods = {name: rec["method"] for name, rec in first.items()}
     out = []
-    by_name = {rec["method"]["name"]: rec for rec in records.values()}
-    for name, rec in by_name.items():
-        family = rec["method"]["family"]
+    for name, m in methods.items():
+        family = m["family"]
         if family not in ("JACTUS", "untuned: JACTUS"):
             continue
-        retain = rec["method"]["retain"]
-        for other_name, other in by_name.items():
-            fam = other["method"]["family"]
-            same = other["method"]["retain"] == retain
+        for other_name, o in methods.items():
+            fam, same = o["family"], o["retain"] == m["retain"]
             if family == "untuned: JACTUS":
-                # the two compressions before any tuning step
                 if not (same and fam.startswith("untuned: ") and fam != family):
                     continue
             else:
-                # tuned JACTUS against the other methods at its budget, against
-                # LoRA/DoRA at 100%, and against itself before tuning
                 untuned_other = fam.startswith("untuned: ") and fam != "untuned: JACTUS"
                 same_budget = same and fam != "JACTUS" and not untuned_other
-                full = fam in ("LoRA", "DoRA") and retain == 0.8
+                full = fam in ("LoRA", "DoRA")
                 if not (same_budget or full):
                     continue
-            a = {t: np.asarray(v, bool) for t, v in rec["correct"].items()}
-            b = {t: np.asarray(v, bool) for t, v in other["correct"].items()}
-            out.append({"a": name, "b": other_name, **paired_comparison(a, b, seed=seed)})
+            a, b = _pooled(records_by_seed, name), _pooled(records_by_seed, other_name)
+            if a is None or b is None:
+                continue
+            out.append({"a": name, "b": other_name, "seeds": len(records_by_seed),
+                        **paired_comparison(a, b, seed=seed)})
     return out
 
 
-def write_outputs(out: Path, preset: Preset, all_records: dict, parts_info: dict,
+def rows_from(part_name: str, records_by_seed: dict) -> list[ResultRow]:
+    """One row per method, seed and task, plus each seed's macro average."""
+    rows = []
+    for seed, records in records_by_seed.items():
+        for rec in records.values():
+            m = rec["method"]
+            correct = {t: np.asarray(v, bool) for t, v in rec["correct"].items()}
+            settings = {"family": m["family"], "kind": m["kind"], **m["options"],
+                        "lr": rec.get("lr"), "lr_head": rec.get("lr_head")}
+            common = dict(
+                part=part_name, method=m["name"], retain_target=m["retain"],
+                retain_achieved=rec["retain_achieved"], trainable_params=rec["trainable_params"],
+                total_params=rec["total_params"], seed=int(seed), wall_time_s=rec["wall_time_s"],
+                settings=settings,
+            )
+            for task, v in correct.items():
+                rows.append(ResultRow(task=task, accuracy=float(v.mean()), n_items=int(v.size),
+                                      **common))
+            lo, hi = bootstrap_macro_ci(correct, seed=int(seed))
+            rows.append(ResultRow(task="average", accuracy=macro_average(correct),
+                                  n_items=int(sum(v.size for v in correct.values())),
+                                  ci_low=lo, ci_high=hi, **common))
+    return rows
+
+
+def combine_targets(group: str, records: dict[str, dict]) -> dict:
+    """``{target part: {seed: {method: rec}}}`` -> ``{seed: {method: rec}}`` with one task per target.
+
+    Per method the targets' ``correct`` and ``metrics`` are joined; trainable
+    parameters and retain are averaged over targets; the predicted and
+    measured loss rises stay per target in ``per_target``.
+    """
+    merged: dict = {}
+    for part_name, by_seed in records.items():
+        target = part_name.split("/", 1)[1] if "/" in part_name else part_name
+        for seed, recs in by_seed.items():
+            for name, rec in recs.items():
+                m = merged.setdefault(seed, {}).setdefault(name, {
+                    **{k: v for k, v in rec.items() if k not in ("correct", "metrics", "layers")},
+                    "correct": {}, "metrics": {}, "wall_time_s": 0.0, "per_target": {},
+                    "_n": 0, "_train": 0, "_retain": 0.0})
+                m["correct"].update(rec["correct"])
+                for metric, per in rec.get("metrics", {}).items():
+                    m["metrics"].setdefault(metric, {}).update(per)
+                m["wall_time_s"] += rec["wall_time_s"]
+                m["_n"] += 1
+                m["_train"] += rec["trainable_params"]
+                m["_retain"] += rec["retain_achieved"]
+                m["per_target"][target] = {k: rec.get(k) for k in (
+                    "predicted_loss_increase", "measured_loss_increase", "layers")}
+    for recs in merged.values():
+        for m in recs.values():
+            n = m.pop("_n")
+            m["trainable_params"] = m.pop("_train") // n
+            m["retain_achieved"] = m.pop("_retain") / n
+    return merged
+
+
+def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
                   command: str, timings: dict) -> None:
+    """``results.json/.csv/.md``, ``summary.md`` and the plots, from every finished group."""
     rows: list[ResultRow] = []
     comps: dict[str, list] = {}
-    for part_name, records in all_records.items():
-        rows.extend(rows_from(part_name, records, preset.seed))
-        comps[part_name] = comparisons(records, preset.seed)
+    for part_name, by_seed in groups.items():
+        rows.extend(rows_from(part_name, by_seed))
+        comps[part_name] = comparisons(by_seed, preset.split_seed)
     extra = {
         "preset": preset.name,
         "command": command,
@@ -372,64 +602,117 @@ def write_outputs(out: Path, preset: Preset, all_records: dict, parts_info: dict
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available()},
         "settings": {k: asdict(getattr(preset, k)) for k in ("language", "vision")},
-        "seed": preset.seed,
+        "learning_rates": {k: _settings_source(k) for k in ("language", "vision")},
+        "seeds": list(preset.seeds),
+        "split_seed": preset.split_seed,
         "splits": {k: v["splits"] for k, v in parts_info.items()},
+        "pretrained_fingerprints": {k: v.get("fingerprints") for k, v in parts_info.items()
+                                    if v.get("fingerprints")},
         "paired_comparisons": comps,
+        "summary": {k: summarize(by_seed) for k, by_seed in groups.items()},
         "timings_s": timings,
+        "wall_time_s": sum(timings.values()),
         "paper_reported": PAPER_REPORTED,
     }
     write_results(out, rows, extra)
     md = [f"# JACTUS reproduction: preset `{preset.name}`", "",
           f"Command: `{command}`  ", f"Date: {extra['date']}  ",
           f"Machine: {extra['machine']['platform']}, {extra['machine']['cpus']} CPUs, "
-          f"torch {extra['machine']['torch']}", ""]
-    for part_name, records in all_records.items():
+          f"torch {extra['machine']['torch']}  ",
+          f"Seeds: {', '.join(map(str, preset.seeds))} (data order and initialisation; "
+          f"items split with seed {preset.split_seed})  ",
+          f"Wall time: {extra['wall_time_s'] / 60:.1f} min", ""]
+    verdict: list[str] = []
+    for part_name, by_seed in groups.items():
         info = parts_info[part_name]
-        md += [f"## {part_name}", "", markdown_table(rows, part_name, info["tasks"]), ""]
+        summary = extra["summary"][part_name]
+        md += [f"## {part_name}", "", _rates_line(part_name, extra["learning_rates"]), ""]
+        md += [seed_table(summary, info["tasks"], without="boolq"), ""]
+        if any(s.get("metrics") for s in summary.values()):
+            md += [metrics_table(summary), ""]
+        lines = claim_lines(part_name, summary, comps[part_name])
+        verdict += [f"**{part_name}.**", "", *lines, ""]
+        md += [*lines, ""]
         md += _comparison_lines(comps[part_name])
-        md += _paper_lines(part_name, rows)
-        _plots(out, part_name, rows, records)
+        md += _paper_lines(part_name, summary)
+        _plots(out, part_name, rows, by_seed)
         md += [f"![accuracy vs retain](accuracy_vs_retain_{part_name}.png)", ""]
+        if (out / f"predicted_vs_measured_{part_name}.png").exists():
+            md += [f"![predicted vs measured loss rise](predicted_vs_measured_{part_name}.png)", ""]
         if (out / f"ranks_{part_name}.png").exists():
             md += [f"![ranks](ranks_{part_name}.png)",
                    f"![predicted loss](predicted_loss_{part_name}.png)", ""]
+        if info.get("fingerprints"):
+            md += ["Pretrained ViT per seed (SHA-256 of its weights, first 16 hex digits): "
+                   + ", ".join(f"seed {s}: `{f}`" for s, f in info["fingerprints"].items()), ""]
     md += ["Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
-    (out / "results.md").write_text("\n".join(md))
+    write_text_atomic(out / "results.md", "\n".join(md))
+    summary_md = [f"Preset `{preset.name}`, seeds {', '.join(map(str, preset.seeds))}, "
+                  f"{extra['date']}, {extra['wall_time_s'] / 60:.0f} min "
+                  f"({extra['machine']['cpus']} CPUs). Command: `{command}`.", "", *verdict]
+    for part_name in groups:
+        summary_md += [f"{part_name} (accuracy %, mean ± sd over seeds):", "",
+                       seed_table(extra["summary"][part_name], parts_info[part_name]["tasks"],
+                                  without="boolq"), ""]
+    write_text_atomic(out / "summary.md", "\n".join(summary_md))
+
+
+def _settings_source(part: str) -> dict:
+    try:
+        chosen = tuned_settings().get(part, {})
+    except SystemExit:
+        return {}
+    return {k: chosen.get(k) for k in ("lr", "lr_head", "source", "selected_by", "chosen_by_sweep")}
+
+
+def _rates_line(part: str, sources: dict) -> str:
+    src = sources.get(part.split("/")[0], {})
+    if not src:
+        return "Learning rates: set in the preset."
+    how = ("chosen by validation/sweep.py on dev items" if src.get("chosen_by_sweep")
+           else "NOT yet chosen by the dev-item sweep protocol (pre-protocol defaults)")
+    return (f"Learning rates ({how}; {src.get('source', '')}): "
+            + ", ".join(f"{k} {v:g}" for k, v in (src.get("lr") or {}).items())
+            + (f", head {src['lr_head']:g}" if src.get("lr_head") else "") + ".")
 
 
 def _comparison_lines(comps: list[dict]) -> list[str]:
     if not comps:
         return []
-    lines = ["Paired comparisons on the same test items (difference of macro averages, "
-             "95% paired-bootstrap CI, exact McNemar p):", ""]
+    lines = ["Paired comparisons on the same test items, pooled over seeds (difference of "
+             "macro averages, 95% paired-bootstrap CI, exact McNemar p):", ""]
     for c in comps:
         lines.append(
             f"- {c['a']} - {c['b']}: {100 * c['difference']:+.1f} points "
             f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}], p = {c['mcnemar_p']:.3g} "
-            f"({c['only_a_right']} vs {c['only_b_right']} items right for one only, of {c['n_items']})"
+            f"({c['only_a_right']} vs {c['only_b_right']} items right for one only, of "
+            f"{c['n_items']} = items x {c.get('seeds', 1)} seeds)"
         )
     return [*lines, ""]
 
 
-def _paper_lines(part: str, rows: list[ResultRow]) -> list[str]:
+def _paper_lines(part: str, summary: dict) -> list[str]:
     reported = PAPER_REPORTED.get(part, {})
-    got = {r.method: r for r in rows if r.part == part and r.task == "average"}
     lines = ["Paper (ViT-Base / Llama2-7B) vs this run (different model and data):", ""]
     for name, value in reported.items():
-        mine = got.get(name)
-        lines.append(f"- {name}: paper {value:.1f}, here "
-                     f"{'-' if mine is None else f'{100 * mine.accuracy:.1f}'}")
+        mine = summary.get(name)
+        here = "-" if mine is None else f"{100 * mine['mean']:.1f} ± {100 * mine['sd']:.1f}"
+        lines.append(f"- {name}: paper {value:.1f}, here {here}")
     return [*lines, ""]
 
 
-def _plots(out: Path, part: str, rows: list[ResultRow], records: dict) -> None:
+def _plots(out: Path, part: str, rows: list[ResultRow], by_seed: dict) -> None:
     plot_accuracy_vs_retain(rows, part, out / f"accuracy_vs_retain_{part}.png")
-    main = [r for r in records.values()
-            if r["method"]["family"] == "JACTUS" and "layers" in r]
-    if not main:
+    points = predicted_measured_points(by_seed)
+    if points:
+        plot_predicted_vs_measured(points, part, out / f"predicted_vs_measured_{part}.png")
+    records = next(iter(by_seed.values()), {})
+    main = [r for r in records.values() if r["method"]["family"] == "JACTUS"]
+    layered = [(r, lay) for r in main for lay in ([r.get("layers")] if r.get("layers") else
+               [v.get("layers") for v in r.get("per_target", {}).values() if v.get("layers")][:1])]
+    if not layered:
         return
-    rec = min(main, key=lambda r: abs(r["method"]["retain"] - 0.8))
-    layers = rec["layers"]
+    rec, layers = min(layered, key=lambda p: abs(p[0]["method"]["retain"] - 0.8))
     names = [lay["name"] for lay in layers]
     dense = [lay["rank"] is None for lay in layers]
     ranks = [min(lay["shape"]) if lay["rank"] is None else lay["rank"] for lay in layers]
@@ -437,8 +720,28 @@ def _plots(out: Path, part: str, rows: list[ResultRow], records: dict) -> None:
                        f"{part}: ranks chosen by global allocation, {rec['method']['name']}",
                        out / f"ranks_{part}.png")
     plot_layer_profile(names, [lay["predicted_loss_increase"] for lay in layers], dense,
-                       "predicted loss increase", f"{part}: 1/2 ||S_g^T dW S_x||^2 per layer, "
-                       f"{rec['method']['name']}", out / f"predicted_loss_{part}.png", log=True)
+                       "predicted loss increase (nats)", f"{part}: 1/2 ||S_g^T dW S_x||^2 per "
+                       f"layer, {rec['method']['name']}", out / f"predicted_loss_{part}.png",
+                       log=True)
+
+
+def predicted_measured_points(by_seed: dict) -> list[dict]:
+    """(method, retain, target, seed, predicted, measured) for every compressed record."""
+    points = []
+    for seed, recs in by_seed.items():
+        for rec in recs.values():
+            if rec.get("copied_from_seed") is not None:
+                continue
+            per = rec.get("per_target") or {"": rec}
+            for target, v in per.items():
+                if v.get("predicted_loss_increase") is None or v.get("measured_loss_increase") is None:
+                    continue
+                points.append({"method": rec["method"]["family"].removeprefix("untuned: "),
+                               "retain": rec["method"]["retain"], "target": target,
+                               "seed": seed, "predicted": v["predicted_loss_increase"],
+                               "measured": v["measured_loss_increase"]})
+    unique = {(p["method"], p["retain"], p["target"], p["seed"]): p for p in points}
+    return list(unique.values())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -455,7 +758,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-batches", type=int, default=None)
     p.add_argument("--lora-rank", type=int, default=None, help="override the LoRA/DoRA rank")
     p.add_argument("--probe-steps", type=int, default=None, help="override the vision linear-probe steps")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds of data order and initialisation (default: the preset's, 3)")
+    p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
+                   help="write every tuned model (merged, safetensors, tokenizer, config) to DIR")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("paper preset (local paths)")
@@ -484,6 +790,7 @@ def run_config(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(
         preset=preset,
         out=args.out or Path("results") / preset.name,
+        save_models=args.save_models,
         method_filter=tuple(w.strip() for w in args.methods.split(",")) if args.methods else (),
         threads=args.threads,
         progress=not args.no_progress,
@@ -513,73 +820,73 @@ def configure(preset: Preset, args: argparse.Namespace) -> Preset:
         raise SystemExit(msg)
     lang = replace(over(preset.language), enabled="language" in parts)
     vis = replace(over(preset.vision), enabled="vision" in parts)
-    seed = preset.seed if args.seed is None else args.seed
-    return replace(preset, language=lang, vision=vis, seed=seed)
+    lang = with_learning_rates("language", lang) if lang.enabled else lang
+    vis = with_learning_rates("vision", vis) if vis.enabled else vis
+    seeds = preset.seeds if args.seeds is None else tuple(args.seeds)
+    return replace(preset, language=lang, vision=vis, seeds=seeds)
 
 
 def methods_for(cfg: PartConfig, method_filter: tuple[str, ...] = ()) -> list[Method]:
     methods = method_grid(cfg.retains, ablations=cfg.ablations, base=cfg.base_row,
                           task_fraction=cfg.task_fraction, svd_ctf=cfg.svd_ctf,
-                          keep_dense=cfg.keep_dense, untuned=cfg.untuned_rows)
+                          untuned=cfg.untuned_rows)
     if method_filter:
         methods = [m for m in methods if any(w in m.name for w in method_filter)]
     return methods
 
 
-def run_part(part, cfg: PartConfig, seed: int, config: RunConfig, progress: bool,
-             timings: dict) -> dict[str, dict]:
-    """Every method of one part; finished methods are read back instead of rerun."""
-    part_key = fingerprint({"cfg": asdict(cfg), "seed": seed, "part": part.name})
-    stats = None
-    records: dict[str, dict] = {}
-    safe = part.name.replace("/", "-")
+def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, progress: bool,
+             timings: dict) -> dict[int, dict[str, dict]]:
+    """Every method on every seed's part (method by method, so seeds share a compression).
+
+    Finished (method, seed) pairs are read back instead of rerun.
+    """
+    shared = _Shared()
+    records: dict[int, dict[str, dict]] = {part.seed: {} for part in parts}
     out = config.out
+    name = parts[0].name
+    safe = name.replace("/", "-")
     for method in methods_for(cfg, config.method_filter):
-        key = fingerprint({"part": part_key, "method": method.to_dict()})
-        path = out / "methods" / f"{safe}__{method.key()}__{key}.json"
-        if path.exists():
-            records[method.name] = json.loads(path.read_text())
-            log(f"[{part.name}] {method.name}: already done, reusing {path.name}")
-            continue
-        if stats is None and method.kind in ("jactus", "ctf"):
-            stats, secs = statistics_for(part, out, part_key, progress)
-            timings[f"{part.name}: calibration"] = secs
-        rec = run_method(part, method, cfg, stats, seed, progress)
-        records[method.name] = rec
-        timings[f"{part.name}: {method.name}"] = rec["wall_time_s"]
-        acc = macro_average({t: np.asarray(v) for t, v in rec["correct"].items()})
-        log(f"[{part.name}] {method.name}: avg acc {100 * acc:.1f}%, retain "
-            f"{rec['retain_achieved']:.3f}, trainable {rec['trainable_params']:,}, "
-            f"{rec['wall_time_s']:.0f} s")
-        if is_main_process():
-            atomic_json(path, rec)
+        for part in parts:
+            seed = part.seed
+            part_key = fingerprint({"cfg": asdict(cfg), "split": preset.split_seed, "seed": seed,
+                                    "part": part.name,
+                                    "base": getattr(part, "base_fingerprint", None)})
+            key = fingerprint({"part": part_key, "method": method.to_dict()})
+            path = out / "methods" / f"{safe}__seed{seed}__{method.key()}__{key}.json"
+            if path.exists():
+                records[seed][method.name] = json.loads(path.read_text())
+                log(f"[{name} seed {seed}] {method.name}: already done, reusing {path.name}")
+                continue
+            stats, stats_key = None, ""
+            if method.kind in ("jactus", "ctf"):
+                stats_key = fingerprint({"cfg": {k: v for k, v in asdict(cfg).items()
+                                                 if k in ("model", "n_tune", "n_test",
+                                                          "batch_size", "max_length",
+                                                          "calibration_batches", "probe_steps",
+                                                          "probe_lr", "targets")},
+                                         "split": preset.split_seed, "part": part.name,
+                                         "calibration_seed": calibration_seed(part),
+                                         "base": getattr(part, "base_fingerprint", None)})
+                if stats_key not in shared.stats:
+                    shared.stats[stats_key], secs = statistics_for(part, out, stats_key, progress)
+                    timings[f"{name}: calibration (seed {seed})"] = secs
+                stats = shared.stats[stats_key]
+            save_to = None
+            if config.save_models is not None:
+                save_to = config.save_models / safe / f"seed{seed}" / method.key()
+                if save_to.exists():
+                    save_to = None  # written by an earlier run: kept as it is
+            rec = run_method(part, method, cfg, stats, seed, progress, shared, stats_key, save_to)
+            records[seed][method.name] = rec
+            timings[f"{name}: {method.name} (seed {seed})"] = rec["wall_time_s"]
+            acc = macro_average({t: np.asarray(v) for t, v in rec["correct"].items()})
+            log(f"[{name} seed {seed}] {method.name}: avg acc {100 * acc:.1f}%, retain "
+                f"{rec['retain_achieved']:.3f}, trainable {rec['trainable_params']:,}, "
+                f"{rec['wall_time_s']:.0f} s")
+            if is_main_process():
+                atomic_json(path, rec)
     return records
-
-
-def combine_subparts(group: str, all_records: dict, parts_info: dict) -> None:
-    """Merge per-dataset parts ``group/<name>`` into one ``group`` table (one task per dataset)."""
-    subs = [name for name in all_records if name.startswith(group + "/")]
-    if not subs:
-        return
-    merged: dict[str, dict] = {}
-    for name in subs:
-        for method, rec in all_records.pop(name).items():
-            m = merged.setdefault(method, {**rec, "correct": {}, "wall_time_s": 0.0,
-                                           "_n": 0, "_train": 0, "_retain": 0.0})
-            m["correct"].update(rec["correct"])
-            m["wall_time_s"] += rec["wall_time_s"]
-            m["_n"] += 1
-            m["_train"] += rec["trainable_params"]
-            m["_retain"] += rec["retain_achieved"]
-    for m in merged.values():
-        n = m.pop("_n")
-        m["trainable_params"] = m.pop("_train") // n  # mean over datasets
-        m["retain_achieved"] = m.pop("_retain") / n
-    all_records[group] = merged
-    parts_info[group] = {
-        "tasks": [name.split("/", 1)[1] for name in subs],
-        "splits": {name: parts_info.pop(name)["splits"] for name in subs},
-    }
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -599,7 +906,7 @@ def run(config: RunConfig) -> Path:
     preset, out, command = config.preset, config.out, config.command
     out.mkdir(parents=True, exist_ok=True)
     progress = config.progress and is_main_process()
-    all_records: dict[str, dict] = {}
+    groups: dict[str, dict] = {}
     parts_info: dict[str, dict] = {}
     timings: dict[str, float] = {}
     for group, builder in (("language", build_language), ("vision", build_vision)):
@@ -609,17 +916,28 @@ def run(config: RunConfig) -> Path:
         if cfg.threads and not config.threads:
             torch.set_num_threads(cfg.threads)
         start = time.perf_counter()
-        parts = builder(cfg, preset.seed, config)
+        parts_by_name = builder(cfg, preset, config)
         timings[f"{group}: setup"] = time.perf_counter() - start
-        for part in parts:
-            records = run_part(part, cfg, preset.seed, config, progress, timings)
-            all_records[part.name] = records
-            parts_info[part.name] = {"tasks": part.tasks, "splits": part.split_ids}
-        combine_subparts(group, all_records, parts_info)
+        by_part = {}
+        for name, parts in parts_by_name.items():
+            by_part[name] = run_part(parts, cfg, preset, config, progress, timings)
+        fingerprints = {p.seed: p.base_fingerprint for ps in parts_by_name.values() for p in ps
+                        if getattr(p, "base_fingerprint", None)}
+        if list(by_part) == [group]:
+            groups[group] = by_part[group]
+            tasks = parts_by_name[group][0].tasks
+        else:
+            groups[group] = combine_targets(group, by_part)
+            tasks = [n.split("/", 1)[1] for n in by_part]
+        parts_info[group] = {
+            "tasks": tasks,
+            "splits": {n: ps[0].split_ids for n, ps in parts_by_name.items()},
+            "fingerprints": fingerprints,
+        }
         if is_main_process():
-            write_outputs(out, preset, all_records, parts_info, command, timings)
+            write_outputs(out, preset, groups, parts_info, command, timings)
     if is_main_process():
-        write_outputs(out, preset, all_records, parts_info, command, timings)
+        write_outputs(out, preset, groups, parts_info, command, timings)
         print(f"results in {out}/results.md", flush=True)
     return out
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from validation import run_paper
 from validation.methods import Method
-from validation.report import macro_average
+from validation.report import macro_average, write_text_atomic
 
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 TAUS = (0.0, 0.1, 0.25, 0.5)
@@ -170,7 +170,7 @@ def write_summary(out: Path, done: dict, part: str) -> None:
             best[fam] = (label, v["dev_accuracy"])
     lines += ["", "Best per family:", ""]
     lines += [f"- {fam}: {label} ({100 * acc:.1f}%)" for fam, (label, acc) in best.items()]
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "sweep.md", "\n".join(lines) + "\n")
     print("\n".join(lines[-len(best) - 1 :]), flush=True)
 
 

@@ -63,7 +63,12 @@ def test_json_holds_the_printed_rows_and_the_machine(quick_run):
     summary = done.stdout.split("== summary ==", 1)[1]
     assert len(_ratio_lines(summary)) == len(rows)
     for row in rows:
-        assert row["passed"] in (True, False) and row["sense"] in ("<=", ">=")
+        assert row["sense"] in ("<=", ">=")
+        # "passed" is the comparison of the recorded value with its target, not a free flag
+        within = row["value"] <= row["target"] if row["sense"] == "<=" else row["value"] >= row["target"]
+        assert row["passed"] is within, row
+    printed = [m.group(5) for m in _ratio_lines(summary)]
+    assert printed.count("MISS") == sum(not row["passed"] for row in rows)
 
 
 def test_only_runs_the_named_benchmark(tmp_path):

@@ -595,6 +595,23 @@ def _pattern_matches(key: str, name: str) -> bool:
     return re.fullmatch(rf"(?:.*\.)?(?:{key})", name) is not None
 
 
+def _check_names_before_planning(model: nn.Module, layers: list[str], config: JactusConfig) -> None:
+    """``rank_pattern`` keys and ``modules_to_save`` that match nothing, refused before any work."""
+    for key in config.rank_pattern:
+        if not any(_pattern_matches(key, n) for n in layers):
+            msg = (
+                f"`rank_pattern` key {key!r} matches no compressed layer; layers here "
+                f"include {layers[:4]}"
+            )
+            raise ValueError(msg)
+    if config.trainable == "cores":
+        names = [n for n, _ in model.named_modules()]
+        for wanted in config.modules_to_save:
+            if not any(n == wanted or n.endswith("." + wanted) for n in names):
+                msg = f"`modules_to_save` name {wanted!r} matches no module of `model`"
+                raise ValueError(msg)
+
+
 def _fixed_ranks(plan: CompressionPlan, rank_pattern: Mapping[str, int]) -> dict[str, int]:
     """``rank_pattern`` resolved to planned layer names (the first matching key wins)."""
     out: dict[str, int] = {}
@@ -732,6 +749,7 @@ def compress(
     config = _resolve_config(config, fields)
     _check_model_and_stats(model, stats)
     selected = _selected_stats(model, stats, config)
+    _check_names_before_planning(model, list(selected.layers), config)
     plan = plan_compression(model, selected, progress=progress, **_plan_options(config))
     ranks = allocate(
         plan, config.retain, allocation=config.allocation, min_rank=config.min_rank,

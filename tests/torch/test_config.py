@@ -184,5 +184,7 @@ def test_rank_pattern_is_honoured():
     assert report.retain_achieved <= 0.7
     with pytest.raises(ValueError, match=r"`rank_pattern` key 'nope' matches no compressed layer"):
         compress(copy.deepcopy(model), stats, rank_pattern={"nope": 2}, progress=False)
+    with pytest.raises(ValueError, match=r"`modules_to_save` name 'classifier' matches no module"):
+        compress(copy.deepcopy(model), stats, modules_to_save=["classifier"], progress=False)
     with pytest.raises(ValueError, match=r"`rank_pattern\['q_proj'\]`=40 exceeds .* break-even rank 19"):
         compress(copy.deepcopy(model), stats, rank_pattern={"q_proj": 40}, progress=False)

@@ -436,7 +436,8 @@ def plan_layer(
     total = float(xp.sum(whitened * whitened))
     p, s, qh = top_singular(whitened, r_max, svd)
     sigma = as_numpy(s).astype(np.float64)
-    task_rank, left_task, right_task, notes = 0, p[:, :0], qh[:0, :].T, ()
+    notes: tuple[str, ...] = ()
+    task_rank, left_task, right_task = 0, p[:, :0], qh[:0, :].T
     if tau > 0:
         j_max = max(task_split(r_max, tau)[1], 1)
         if source == "gradient":

@@ -402,3 +402,41 @@ def test_covariance_mode_accepts_shared_whitening_operators(rng):
         root = jl.CovarianceRoot(np.linalg.cholesky(cx).T, 40)
         via_root = jl.jactus_layer(w, 4, input_cov=root, grad_cov=cg, task_fraction=0.5, whitening=method)
         assert abs(via_root.error**2 - direct.error**2) <= ref.energy_tol()
+
+
+@pytest.mark.parametrize("source", ["covariance", "gradient"])
+@pytest.mark.parametrize("method", ["cholesky", "eigh"])
+def test_identities_on_every_backend(backend, source, method):
+    """Pythagoras, both bounds, τ = 0 optimality and (covariance mode) E_g ⊆ span(A), E_x ⊆ span(B).
+
+    Run on numpy, array-api-strict and torch (CPU), in float64, against a
+    numpy float64 reference.
+    """
+    rng = np.random.default_rng(7)
+    m, n, r = 18, 14, 6
+    w = with_spectrum(rng, m, n, spectrum("decaying", n, cond=1e3))
+    lam_g = np.concatenate([[40.0, 15.0, 8.0], np.geomspace(1.0, 1e-3, m - 3)])
+    lam_x = np.concatenate([[60.0, 25.0, 9.0], np.geomspace(1.0, 1e-3, n - 3)])
+    cg, cx = covariance_with_spectrum(rng, lam_g), covariance_with_spectrum(rng, lam_x)
+    g = rng.standard_normal((m, n))
+    ref = Reference(w, cx, cg)
+    tol = ref.energy_tol()
+    x = {k: backend.asarray(v) for k, v in {"W": w, "Cx": cx, "Cg": cg, "G": g}.items()}
+    kw = dict(input_cov=x["Cx"], grad_cov=x["Cg"], grad_mean=x["G"], whitening=method,
+              task_directions=source)
+    for tau in (0.0, 0.5):
+        layer = jl.jactus_layer(x["W"], r, task_fraction=tau, **kw)
+        left, core, right = (backend.to_numpy(getattr(layer, f)) for f in ("left", "core", "right"))
+        direct = ref.error(left, core, right) ** 2
+        k = layer.weight_directions
+        assert abs(direct - layer.error**2) <= tol  # Pythagoras
+        assert tail_energy(ref.sigma, r) - tol <= direct <= tail_energy(ref.sigma, k) + tol
+        if tau == 0.0:
+            assert abs(direct - tail_energy(ref.sigma, r)) <= tol  # optimal rank r
+            continue
+        assert layer.task_directions == 3
+        if source == "covariance":
+            angle_tol = tolerance(np.float64, m + n, cond=ref.kappa**2)
+            for deployed, cov in ((left, cg), (right, cx)):
+                eig = _descending_eigh(cov)[1][:, :3]
+                assert np.max(np.asarray(jl.principal_angles(orth(deployed), eig))) <= angle_tol

@@ -6,7 +6,11 @@ inputs                          result
 no covariances, no bases        truncated SVD of ``W`` (Eckart-Young)
 ``input_cov`` only              SVD-LLM-style data whitening
 both covariances                two-sided (K-FAC) whitened SVD
-both covariances + union bases  JACTUS (``jactus_layer``)
+both covariances + union bases  JACTUS (``jactus_layer``): the bases are
+                                ``[Sg⁻ᵀ P_k, E_g]`` and ``[Sx⁻ᵀ Q_k, E_x]``,
+                                ``E`` the covariances' top eigenvectors
+same, gradient union bases      ``task_directions="gradient"`` (ablation):
+                                top singular vectors of ``Γ``
 ==============================  ===========================================
 
 Each direct recipe below is written out with numpy/scipy (Cholesky factor,
@@ -91,22 +95,43 @@ def main() -> None:
     direct = scipy.linalg.solve_triangular(lg.T, inner, lower=False)
     compare("both covariances -> two-sided whitened SVD", reconstruct(both), direct, tol)
 
-    # 4. both covariances + union bases: JACTUS
+    # 4. both covariances + union bases: JACTUS. Task directions: the top-j
+    #    eigenvectors E_g, E_x of the covariances, U = orth[P_k, Sgᵀ E_g],
+    #    V = orth[Q_k, Sxᵀ E_x]; in layer coordinates the bases are
+    #    [Sg⁻ᵀ P_k, E_g] and [Sx⁻ᵀ Q_k, E_x]
     k, j = task_split(RANK, TAU)
     p, _, qt = np.linalg.svd(m_white)
+    e_g = np.linalg.eigh(grad_cov)[1][:, ::-1][:, :j]
+    e_x = np.linalg.eigh(input_cov)[1][:, ::-1][:, :j]
+    left = np.hstack([scipy.linalg.solve_triangular(lg.T, p[:, :k], lower=False), e_g])
+    right = np.hstack([scipy.linalg.solve_triangular(lx.T, qt[:k].T, lower=False), e_x])
+    union = projected_lowrank(
+        weight, input_cov=input_cov, grad_cov=grad_cov, left=left, right=right
+    )
+    layer = jactus_layer(
+        weight, RANK, input_cov=input_cov, grad_cov=grad_cov, task_fraction=TAU
+    )
+    compare(
+        f"union bases (k={k}, j={j}) -> jactus_layer", reconstruct(layer), reconstruct(union), tol
+    )
+
+    # 5. the ablation task_directions="gradient": the top-j singular vectors
+    #    of the whitened mean gradient Γ = Sg⁻¹ G Sx⁻ᵀ instead of E_g, E_x
     gamma = scipy.linalg.solve_triangular(lg, grad_mean, lower=True)  # Sg⁻¹ G
     gamma = scipy.linalg.solve_triangular(lx, gamma.T, lower=True).T  # ... Sx⁻ᵀ
     pg, _, qgt = np.linalg.svd(gamma)
     left = scipy.linalg.solve_triangular(lg.T, np.hstack([p[:, :k], pg[:, :j]]), lower=False)
     right = scipy.linalg.solve_triangular(lx.T, np.hstack([qt[:k].T, qgt[:j].T]), lower=False)
-    union = projected_lowrank(
+    gradient_union = projected_lowrank(
         weight, input_cov=input_cov, grad_cov=grad_cov, left=left, right=right
     )
-    layer = jactus_layer(
-        weight, RANK, input_cov=input_cov, grad_cov=grad_cov, grad_mean=grad_mean, task_fraction=TAU
+    ablation = jactus_layer(
+        weight, RANK, input_cov=input_cov, grad_cov=grad_cov, grad_mean=grad_mean,
+        task_fraction=TAU, task_directions="gradient",
     )
     compare(
-        f"union bases (k={k}, j={j}) -> jactus_layer", reconstruct(layer), reconstruct(union), tol
+        "gradient union bases -> task_directions='gradient'",
+        reconstruct(ablation), reconstruct(gradient_union), tol,
     )
 
     print("\ncurvature-norm errors (each in its own norm)")
@@ -115,6 +140,7 @@ def main() -> None:
         ("SVD-LLM whitening", svd_llm),
         ("two-sided whitened SVD", both),
         ("JACTUS union", union),
+        ("JACTUS gradient ablation", gradient_union),
     ):
         print(f"  {label:24s} error {res.error:.6f}   Eckart-Young bound {res.eckart_young:.6f}")
     print(

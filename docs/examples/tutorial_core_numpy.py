@@ -138,7 +138,9 @@ by_hand = projected_lowrank(
     left=sg.inverse.T @ u,
     right=sx.inverse.T @ v,  # bases in layer coords
 )
-layer = jactus_layer(weight, rank, **covs, grad_mean=grad_mean, task_fraction=0.25)
+layer = jactus_layer(
+    weight, rank, **covs, grad_mean=grad_mean, task_fraction=0.25, task_directions="gradient"
+)
 # --8<-- [end:special]
 print("\n[projected_lowrank: the four special cases]")
 u_svd, s_w, vt_svd = np.linalg.svd(weight)

@@ -128,9 +128,8 @@ def non_concave_layer() -> None:
     weight = rng.standard_normal((m, n)) * np.geomspace(1, 0.1, n)
     plan = plan_layer(
         weight,
-        grad_cov=np.eye(m),
-        input_cov=np.eye(n),
-        grad_mean=rng.standard_normal((m, n)),
+        grad_cov=np.cov(rng.standard_normal((m, 4 * m))),
+        input_cov=np.cov(rng.standard_normal((n, 4 * n))),
         task_fraction=0.25,
         max_rank=8,
     )

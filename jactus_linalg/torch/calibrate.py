@@ -26,7 +26,7 @@ from torch import nn
 
 from ..covariance import MomentAccumulator
 from .stats import CalibrationStats, LayerInfo, check_stats_path
-from .targets import find_targets
+from .targets import check_materialized, find_targets
 
 __all__ = ["calibrate"]
 
@@ -264,19 +264,6 @@ def _check_resume(stats: CalibrationStats, meta: dict, checkpoint: Path) -> None
             raise ValueError(msg)
 
 
-def _check_materialized(model: nn.Module) -> None:
-    """Parameters on the meta device hold no values: nothing to calibrate."""
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta:
-        msg = (
-            f"`model` has {len(meta)} parameter(s) on the meta device (e.g. `{meta[0]}`), "
-            "which hold no values: load the weights first (from_pretrained without a meta "
-            "`device_map`, or `model.to_empty(device=...)` then `load_state_dict`), then "
-            "calibrate"
-        )
-        raise ValueError(msg)
-
-
 def _check_fresh(model: nn.Module) -> None:
     from .layer import JactusLinear  # noqa: PLC0415
 
@@ -382,7 +369,7 @@ def calibrate(
     if checkpoint is not None:
         checkpoint = check_stats_path(checkpoint, "checkpoint")
     _check_fresh(model)
-    _check_materialized(model)
+    check_materialized(model, "calibrate")
     modules = find_targets(model, targets, exclude=exclude)
     _check_finite_weights(modules)
     meta = {

@@ -44,7 +44,7 @@ from .config import METHODS, JactusConfig, check_field_names
 from .layer import JactusLinear
 from .merge import MergeableLinear
 from .stats import CalibrationStats
-from .targets import find_targets
+from .targets import check_materialized, find_targets
 from .tuning import core_parameters, mark_trainable
 
 __all__ = [
@@ -283,6 +283,7 @@ def plan_compression(
         msg = f"`method` must be one of {sorted(METHODS)}; got {method!r}"
         raise ValueError(msg)
     _check_not_compressed(model)
+    check_materialized(model, "compress")
     modules = _target_modules(model, stats)
     use_x, use_g, use_task = METHODS[method]
     use_g = use_g and grad_whitening

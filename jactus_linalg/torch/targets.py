@@ -14,9 +14,25 @@ from collections.abc import Sequence
 
 from torch import nn
 
-__all__ = ["HEAD_NAMES", "find_targets"]
+__all__ = ["HEAD_NAMES", "check_materialized", "find_targets"]
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "head")
+
+
+def check_materialized(model: nn.Module, action: str) -> None:
+    """Raise ``ValueError`` if ``model`` has parameters on the meta device (they hold no values).
+
+    ``action`` (``"calibrate"``, ``"compress"``) says what to do once the weights are loaded.
+    """
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        msg = (
+            f"`model` has {len(meta)} parameter(s) on the meta device (e.g. `{meta[0]}`), "
+            "which hold no values: load the weights first (from_pretrained without a meta "
+            "`device_map`, or `model.to_empty(device=...)` then `load_state_dict`), then "
+            f"{action}"
+        )
+        raise ValueError(msg)
 
 
 def _head_names(model: nn.Module) -> set[str]:

@@ -112,11 +112,17 @@ def test_detached_loss_names_loss_fn(how):
     assert [p.requires_grad for p in model.parameters()] == flags  # restored
 
 
-def test_meta_device_model_is_refused():
-    """Before: "Tensor.item() cannot be called on meta tensors"."""
+def test_meta_device_model_is_refused(calibrated_mlp):
+    """Before: "Tensor.item() cannot be called on meta tensors", from calibrate and compress."""
+    _, stats = calibrated_mlp
     with torch.device("meta"):
         model = make_mlp()
-    with pytest.raises(
-        ValueError, match=r"`model` has 6 parameter\(s\) on the meta device \(e\.g\. `0\.weight`\).*load the weights"
+    for action, call in (
+        ("calibrate", lambda: calibrate(model, make_batches(n=1), mlp_loss, progress=False)),
+        ("compress", lambda: compress(model, stats, retain=0.4, progress=False)),
     ):
-        calibrate(model, make_batches(n=1), mlp_loss, progress=False)
+        with pytest.raises(
+            ValueError,
+            match=rf"`model` has 6 parameter\(s\) on the meta device \(e\.g\. `0\.weight`\).*then {action}$",
+        ):
+            call()

@@ -157,6 +157,8 @@ class CompressionPlan:
     target_dense_params: int
     notes: list[str] = field(default_factory=list)
     layer_notes: dict[str, list[str]] = field(default_factory=dict)
+    #: Where the task directions came from ("covariance" or "gradient").
+    task_directions: str = DEFAULT_TASK_DIRECTIONS
 
 
 def _model_params(model: nn.Module) -> int:
@@ -360,6 +362,7 @@ def plan_compression(
         target_dense_params=target_dense,
         notes=[f"{len(fixed)} target layer(s) too small to factor stay dense"] if fixed else [],
         layer_notes=layer_notes,
+        task_directions=task_directions,
     )
 
 
@@ -502,7 +505,13 @@ def _check_factors(name: str, rank: int, factors: tuple[torch.Tensor, ...], basi
 
 
 def _predicted_loss(plan: CompressionPlan, name: str, weight: torch.Tensor, cut) -> float | None:
-    r"""Half the squared K-FAC curvature-norm error: :math:`\tfrac12\lVert S_g^\top \Delta W S_x\rVert^2`."""
+    r"""Half the squared K-FAC curvature-norm error: :math:`\tfrac12\lVert S_g^\top \Delta W S_x\rVert^2`.
+
+    With statistics on DESIGN's per-token scale (``calibrate(...,
+    grad_scale="tokens")``, the default) this is the predicted rise of the
+    mean per-token loss in nats; measure the actual rise with
+    :func:`jactus_linalg.torch.measure.measure_loss_increase`.
+    """
     input_op, grad_op = plan.curvature[name]
     if grad_op is None:
         return None

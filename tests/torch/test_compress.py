@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import jactus_linalg as jl
 from jactus_linalg.torch import JactusLinear, calibrate, compress, merge
 from jactus_linalg.torch.compress import allocate, plan_compression, replace_layers
 
@@ -246,3 +247,20 @@ def test_each_covariance_is_factored_once(calibrated, monkeypatch):
     assert calls["input_cov"] == len(groups)
     assert calls["grad_cov"] == len(stats.layers)
     assert calls["cholesky"] == 2 * (len(groups) + len(stats.layers))
+
+
+@pytest.mark.parametrize("task_directions", ["covariance", "gradient"])
+def test_task_directions_reach_compress_and_the_budget_holds(calibrated, task_directions):
+    """Both task-direction modes plan through plan_compression and meet the same budget."""
+    model, stats, _, _ = calibrated["llama"]
+    plan = plan_compression(copy.deepcopy(model), stats, task_directions=task_directions, progress=False)
+    assert plan.task_directions == task_directions
+    assert {p.task_source for p in plan.plans.values()} == {task_directions}
+    ranks = allocate(plan, 0.8)
+    after = plan.total_params - plan.target_dense_params + sum(
+        plan.plans[n].shape[0] * plan.plans[n].shape[1] if r is None else jl.factor_params(*plan.plans[n].shape, r)
+        for n, r in ranks.items()
+    )
+    assert after <= 0.8 * plan.total_params
+    with pytest.raises(ValueError, match=r"`retain` must lie in \(0, 1\]"):
+        allocate(plan, 1.5)

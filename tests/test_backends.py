@@ -245,3 +245,35 @@ def test_triangular_times_is_the_triangular_product(dtype, transpose, tri_order,
         xp_torch, torch.from_numpy(lower), torch.from_numpy(x), lower=True, transpose=transpose
     )
     assert np.max(np.abs(via_torch.numpy() - want)) <= bound
+
+
+def test_torch_inputs_never_call_scipy(monkeypatch):
+    """No BLAS mixing: with torch tensors, every factorization, solve, product and the
+    effective rank run in torch's own LAPACK/BLAS (a scipy/OpenBLAS call between MKL
+    calls leaves OpenBLAS threads spinning and slows the next MKL SVD, issue 17)."""
+    torch = pytest.importorskip("torch")
+    import scipy.linalg
+
+    import jactus_linalg as jl
+
+    def forbidden(*args, **kwargs):
+        msg = "scipy called on the torch path"
+        raise AssertionError(msg)
+
+    for name in ("cholesky", "solve_triangular", "svd", "qr", "eigh", "get_lapack_funcs",
+                 "get_blas_funcs", "inv"):
+        monkeypatch.setattr(scipy.linalg, name, forbidden)
+    rng = np.random.default_rng(3)
+    m, n = 20, 40
+    x = rng.standard_normal((3 * n, n))
+    cx = torch.from_numpy(x.T @ x / len(x))
+    g = rng.standard_normal((3 * m, m))
+    cg = torch.from_numpy(g.T @ g / len(g))
+    w = torch.from_numpy(rng.standard_normal((m, n)))
+    for method in ("cholesky", "eigh"):
+        white = jl.whiten(cx, method=method)
+        assert 0.0 < white.effective_rank <= n
+    jl.whiten(cx, method="cholesky", damping="svd-llm")
+    res = jl.projected_lowrank(w, 5, input_cov=cx, grad_cov=cg)
+    assert res.input_whitening.effective_rank is not None
+    jl.projected_lowrank(w, 5, input_cov=cx, damping="svd-llm")

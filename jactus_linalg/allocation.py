@@ -618,6 +618,12 @@ def allocate_budget(
     if isinstance(min_rank, bool) or not isinstance(min_rank, numbers.Integral) or min_rank < 1:
         msg = f"`min_rank` must be an integer >= 1; got {min_rank!r}"
         raise ValueError(msg)
+    shapes = _check_shapes(shapes)
+    gains = [_check_gains(g, i, shapes[i]) for i, g in enumerate(gains)]
+    total_energies = [_check_energy(e, i) for i, e in enumerate(total_energies)]
+    if isinstance(total_params, bool) or not isinstance(total_params, numbers.Integral):
+        msg = f"`total_params` must be an integer; got {total_params!r}"
+        raise TypeError(msg)
     fixed = _check_fixed_ranks(fixed_ranks, shapes)
     dense = [m * n for m, n in shapes]
     outside = int(total_params) - sum(dense)
@@ -663,6 +669,44 @@ def allocate_budget(
     for i, t, g in zip(free, taken, unit_gains, strict=True):
         ranks[i] = None if t == len(g) else floors[i] + t
     return ranks
+
+
+def _check_shapes(shapes: Sequence[object]) -> list[tuple[int, int]]:
+    out = []
+    for i, shape in enumerate(shapes):
+        dims = tuple(shape) if isinstance(shape, tuple | list) else ()
+        ok = len(dims) == 2 and all(
+            isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) >= 1 for d in dims
+        )
+        if not ok or break_even_rank(int(dims[0]), int(dims[1])) < 1:
+            msg = (
+                f"`shapes[{i}]` must be a pair of positive integers (m, n) of a layer that "
+                f"can be factored (break-even rank >= 1); got {shape!r}"
+            )
+            raise ValueError(msg)
+        out.append((int(dims[0]), int(dims[1])))
+    return out
+
+
+def _check_gains(gains: object, i: int, shape: tuple[int, int]) -> np.ndarray:
+    g = _real_vector(gains, f"gains[{i}]")
+    r_be = break_even_rank(*shape)
+    if g.ndim != 1 or g.size < r_be or not np.all(np.isfinite(g)) or np.any(g < 0):
+        msg = (
+            f"`gains[{i}]` must be a 1-D array of at least {r_be} (the break-even rank) "
+            f"finite gains >= 0; got shape {g.shape}"
+        )
+        raise ValueError(msg)
+    return g
+
+
+def _check_energy(energy: object, i: int) -> float:
+    if isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not (
+        math.isfinite(float(energy)) and float(energy) >= 0
+    ):
+        msg = f"`total_energies[{i}]` must be a finite number >= 0; got {energy!r}"
+        raise ValueError(msg)
+    return float(energy)
 
 
 def _check_fixed_ranks(

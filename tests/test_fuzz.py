@@ -203,3 +203,39 @@ def test_cross_moment_accumulator_update_fuzz(rows, cols, g, x):
         assert acc.count == 0 and acc.total is None
         return
     assert _finite(acc.result())
+
+
+@settings(max_examples=100)
+@given(
+    shapes=st.lists(
+        st.tuples(st.integers(-2, 12), st.integers(-2, 12)) | st.just((1.5, 2)) | st.just(("a", 2)),
+        max_size=3,
+    ),
+    gains=st.lists(arrays(max_dims=2), max_size=3),
+    energies=st.lists(FLOATS, max_size=3),
+    retain=st.one_of(FLOATS, st.integers(-1, 2)),
+    total=st.one_of(st.integers(-5, 2000), st.just(1.5)),
+    min_rank=st.integers(-1, 3),
+    allocation=st.sampled_from(["global", "uniform", "other"]),
+)
+def test_allocate_budget_fuzz(shapes, gains, energies, retain, total, min_rank, allocation):
+    out = _call(
+        jl.allocate_budget, shapes, gains, energies, retain, total, min_rank=min_rank,
+        allocation=allocation,
+    )
+    if out is not None:
+        assert len(out) == len(shapes)
+        assert all(r is None or (isinstance(r, int) and r >= 1) for r in out)
+
+
+@settings(max_examples=100)
+@given(
+    w=arrays(max_dims=2),
+    cx=st.one_of(st.none(), square_psd_or_not()),
+    cg=st.one_of(st.none(), square_psd_or_not()),
+    rank=st.integers(0, 6),
+    tau=st.sampled_from([0.0, 0.25, 1.0]),
+    svd=st.sampled_from(["auto", "randomized", "exact"]),
+)
+def test_jactus_layer_covariance_mode_fuzz(w, cx, cg, rank, tau, svd):
+    _call(jl.jactus_layer, w, rank, input_cov=cx, grad_cov=cg, task_fraction=tau, svd=svd)

@@ -390,8 +390,9 @@ def _build_model(config: dict, header: Header, folder: Path) -> nn.Module:
     _bound_counts(config["config"], header, folder)
     try:
         hf_config = transformers.AutoConfig.for_model(**config["config"])
-        if not isinstance(hf_config, cls.config_class):
-            msg = f"a {type(hf_config).__name__} is not a {cls.config_class.__name__}"
+        config_class = cls.config_class
+        if config_class is None or not isinstance(hf_config, config_class):
+            msg = f"a {type(hf_config).__name__} is not the config of a {arch}"
             raise TypeError(msg)
         with torch.device("meta"):
             skeleton = cls(hf_config)

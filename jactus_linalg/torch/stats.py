@@ -407,10 +407,10 @@ def _all_reduce_moment(acc: MomentAccumulator) -> None:
     dist = torch.distributed
     count = torch.tensor([acc.count], dtype=torch.int64)
     dist.all_reduce(count)
+    if acc.total is None:
+        msg = f"statistic `{acc.name}` is empty on rank {dist.get_rank()}"
+        raise RuntimeError(msg)
     if acc.mode == "gram":
-        if acc.total is None:
-            msg = f"statistic `{acc.name}` is empty on rank {dist.get_rank()}"
-            raise RuntimeError(msg)
         dist.all_reduce(acc.total)
     else:
         parts = [torch.empty_like(acc.total) for _ in range(dist.get_world_size())]

@@ -50,7 +50,9 @@ def _head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _matches(name: str, targets: str | re.Pattern | Sequence[str]) -> bool:
+def _matches(name: str, targets: str | re.Pattern | Sequence[str] | None) -> bool:
+    if targets is None:
+        return False
     if isinstance(targets, re.Pattern):
         return targets.fullmatch(name) is not None
     if isinstance(targets, str):

@@ -17,6 +17,7 @@ import json
 import resource
 import struct
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ _FUZZ = settings(
     max_examples=_EXAMPLES,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+#: How the cases ended; each test checks that both outcomes occurred.
+OUTCOMES: Counter[str] = Counter()
 _DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I8", "U8", "BOOL", "F8_E4M3", "Q4"]
 
 
@@ -178,14 +181,17 @@ def _stats_case(path: Path, x: torch.Tensor) -> None:
     try:
         stats = CalibrationStats.load(path)
     except ValueError:
+        OUTCOMES["statistics: refused by load"] += 1
         return
     model = make_mlp()
     try:
         compress(model, stats, retain=0.4, progress=False)
     except ValueError:
+        OUTCOMES["statistics: loaded, refused by compress"] += 1
         return
     with torch.no_grad():
         assert model(x).shape == (x.shape[0], OUT)
+    OUTCOMES["statistics: loaded and compressed"] += 1
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +211,8 @@ def test_fuzzed_statistics_files_load_or_are_value_errors(saved, tmp_path, bound
         bound.case(lambda: _stats_case(path, saved["x"]))
 
     run()
+    assert OUTCOMES["statistics: loaded and compressed"] > 0
+    assert OUTCOMES["statistics: refused by load"] > 0
 
 
 @st.composite
@@ -239,9 +247,11 @@ def _model_case(folder: Path, x: torch.Tensor) -> None:
     try:
         model = load_compressed(folder, model=make_mlp(seed=5))
     except ValueError:
+        OUTCOMES["model: refused"] += 1
         return
     with torch.no_grad():
         assert model(x).shape == (x.shape[0], OUT)
+    OUTCOMES["model: loaded and ran"] += 1
 
 
 def test_fuzzed_model_folders_load_and_run_or_are_value_errors(saved, tmp_path, bound):
@@ -256,6 +266,7 @@ def test_fuzzed_model_folders_load_and_run_or_are_value_errors(saved, tmp_path, 
         bound.case(lambda: _model_case(folder, saved["x"]))
 
     run()
+    assert OUTCOMES["model: loaded and ran"] > 0 and OUTCOMES["model: refused"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +299,11 @@ def test_fuzzed_hugging_face_configs_rebuild_and_run_or_are_value_errors(saved_l
         try:
             model = load_compressed(fuzzed)
         except ValueError:
+            OUTCOMES["config: refused"] += 1
             return
         with torch.no_grad():
             assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
+        OUTCOMES["config: rebuilt and ran"] += 1
 
     @_FUZZ
     @given(
@@ -309,3 +322,4 @@ def test_fuzzed_hugging_face_configs_rebuild_and_run_or_are_value_errors(saved_l
         bound.case(case)
 
     run()
+    assert OUTCOMES["config: rebuilt and ran"] > 0 and OUTCOMES["config: refused"] > 0

@@ -230,3 +230,22 @@ def test_entry_points(launcher):
     done = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("jactus ")
+
+
+def test_every_command_in_the_shell_tutorial_parses():
+    """Each ``jactus ...`` line of docs/tutorials/cli.md and of the help examples is a valid command line."""
+    import shlex
+
+    from jactus_linalg import cli
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "cli.md"
+    lines = [line.strip() for line in page.read_text(encoding="utf-8").splitlines()]
+    for epilog in (cli.CALIBRATE_EPILOG, cli.COMPRESS_EPILOG, cli.MERGE_EPILOG, cli.EVAL_EPILOG):
+        lines += [line.strip() for line in epilog.splitlines()]
+    commands = [line.split("#")[0] for line in lines if line.split(" ", 2)[:2] in (
+        ["jactus", "calibrate"], ["jactus", "compress"], ["jactus", "merge"], ["jactus", "eval"])]
+    assert len(commands) >= 12, commands
+    parser = cli.build_parser()
+    for command in commands:
+        args = parser.parse_args(shlex.split(command.replace("$MODEL", "model"))[1:])
+        assert args.command in ("calibrate", "compress", "merge", "eval"), command

@@ -503,9 +503,10 @@ def load_compressed(
         If the folder holds pickle files, lacks its files, is for another
         architecture or layer layout, a tensor's shape or dtype does not
         match its record, a stored tensor holds NaN or Inf or does not fit
-        the model's dtype, or (rebuilding from the config) the config is not
-        a ``transformers`` model class and a config describing exactly the
-        stored tensors; all checked before any tensor is copied in.
+        the model's dtype, or (rebuilt from the config) the architecture is
+        not a ``transformers`` model class or the config does not describe
+        exactly the stored tensors; all checked before any tensor is copied
+        in, and before a rebuilt model is allocated.
 
     Notes
     -----

@@ -3,7 +3,8 @@
 Every method starts from the same base model (deep-copied), is tuned with
 the same steps, data order and seed (:mod:`validation.train`), and is
 evaluated on the same test items. Only the learning rate differs between
-method kinds (cores vs LoRA adapters), each set on the tune split.
+method families (:func:`lr_family`), each chosen on dev items by
+:mod:`validation.sweep`; a new head trains at one rate for every method.
 """
 
 from __future__ import annotations
@@ -24,9 +25,22 @@ from jactus_linalg.torch import (
     mark_trainable,
 )
 
-__all__ = ["BuiltMethod", "Method", "build_method", "method_grid"]
+__all__ = ["BuiltMethod", "Method", "build_method", "lr_family", "method_grid", "reseed_adapters",
+           "save_tuned"]
 
 KINDS = ("jactus", "ctf", "lora", "dora", "none")
+
+#: Learning-rate family of each trainable kind: ablations of JACTUS train
+#: at JACTUS's rate, SVD+LoRA at compress-then-finetune's.
+LR_FAMILIES = {"jactus": "JACTUS", "ctf": "SVD-LLM+LoRA", "lora": "LoRA", "dora": "DoRA"}
+
+
+def lr_family(kind: str) -> str:
+    """The family whose chosen learning rate a method of ``kind`` trains with."""
+    if kind not in LR_FAMILIES:
+        msg = f"method kind {kind!r} has no learning rate; expected one of {sorted(LR_FAMILIES)}"
+        raise ValueError(msg)
+    return LR_FAMILIES[kind]
 
 
 @dataclass(frozen=True)
@@ -46,8 +60,8 @@ class Method:
         ``none``: the base model, untuned (reference).
     retain : float
     options : dict
-        ``task_fraction``, ``grad_whitening``, ``allocation``, ``keep_dense``
-        (jactus); ``compression`` (ctf: ``"svd-llm"`` or ``"svd"``);
+        ``task_fraction``, ``grad_whitening``, ``allocation``,
+        ``task_directions`` (jactus); ``compression`` (ctf: ``"svd-llm"`` or ``"svd"``);
         ``tune`` (jactus, ctf: ``False`` evaluates right after compression).
     """
 
@@ -90,21 +104,20 @@ def method_grid(
     base: bool = False,
     task_fraction: float | None = None,
     svd_ctf: bool = False,
-    keep_dense: bool = True,
     untuned: bool = False,
 ) -> list[Method]:
     """The standard comparison: JACTUS and compress-then-LoRA at each retain, LoRA/DoRA at 100%.
 
-    ``keep_dense`` is JACTUS's rule for layers whose allocation reaches the
-    break-even rank; the ablations include the opposite rule. ``untuned``
-    adds JACTUS and SVD-LLM+LoRA at retain 0.8 (or the first retain)
-    evaluated straight after compression, before any tuning step: what each
-    compression keeps of the task on its own (the LoRA adapter starts at
-    zero, so the second is the SVD-LLM-compressed model itself).
+    JACTUS is the package's final configuration (covariance task
+    directions, mergeable cores on the layers kept dense). ``untuned`` adds
+    JACTUS and SVD-LLM+LoRA at every retain evaluated straight after
+    compression, before any tuning step: what each compression keeps of the
+    task on its own (the LoRA adapter starts at zero, so the second is the
+    SVD-LLM-compressed model itself). The ablations (at retain 0.8, or the
+    first retain) change one choice each: no task directions (tau = 0),
+    the gradient task directions, no gradient whitening, uniform ranks.
     """
-    tau = (() if task_fraction is None else (("task_fraction", task_fraction),)) + (
-        ("keep_dense", keep_dense),
-    )
+    tau = () if task_fraction is None else (("task_fraction", task_fraction),)
     methods: list[Method] = []
     if base:
         methods.append(Method("base (untuned)", "base", "none"))
@@ -118,15 +131,18 @@ def method_grid(
         )
         if svd_ctf:
             methods.append(Method(f"SVD+LoRA@{r}", "SVD+LoRA", "ctf", r, (("compression", "svd"),)))
-    r = 0.8 if 0.8 in retains else retains[0]
     if untuned:
-        methods.append(Method(f"JACTUS@{r} untuned", "untuned: JACTUS", "jactus", r,
-                              (*tau, ("tune", False))))
-        methods.append(Method(f"SVD-LLM+LoRA@{r} untuned", "untuned: SVD-LLM+LoRA", "ctf", r,
-                              (("compression", "svd-llm"), ("tune", False))))
+        for r in retains:
+            methods.append(Method(f"JACTUS@{r} untuned", "untuned: JACTUS", "jactus", r,
+                                  (*tau, ("tune", False))))
+            methods.append(Method(f"SVD-LLM+LoRA@{r} untuned", "untuned: SVD-LLM+LoRA", "ctf", r,
+                                  (("compression", "svd-llm"), ("tune", False))))
+    r = 0.8 if 0.8 in retains else retains[0]
     if ablations:
         methods.append(Method(f"JACTUS tau=0@{r}", "ablation: tau=0", "jactus", r,
-                              (("task_fraction", 0.0), ("keep_dense", keep_dense))))
+                              (("task_fraction", 0.0),)))
+        methods.append(Method(f"JACTUS gradient-directions@{r}", "ablation: gradient directions",
+                              "jactus", r, (*tau, ("task_directions", "gradient"))))
         methods.append(
             Method(f"JACTUS no-Cg@{r}", "ablation: no grad whitening", "jactus", r,
                    (*tau, ("grad_whitening", False)))
@@ -135,9 +151,6 @@ def method_grid(
             Method(f"JACTUS uniform@{r}", "ablation: uniform ranks", "jactus", r,
                    (*tau, ("allocation", "uniform")))
         )
-        flipped = (*(kv for kv in tau if kv[0] != "keep_dense"), ("keep_dense", not keep_dense))
-        label = "keep-dense" if not keep_dense else "no-dense"
-        methods.append(Method(f"JACTUS {label}@{r}", f"ablation: {label}", "jactus", r, flipped))
     return methods
 
 
@@ -161,13 +174,16 @@ def build_method(
         report = compress(
             model, stats, retain=method.retain, method="jactus", progress=progress,
             task_fraction=opts.get("task_fraction", _default_tau()),
+            task_directions=opts.get("task_directions", "covariance"),
             grad_whitening=opts.get("grad_whitening", True),
             allocation=opts.get("allocation", "global"), dtype=dtype, **damp,
-        )  # an option "keep_dense" is ignored: the package removed it (dense layers get cores)
+        )
         half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
         # float32 cores on a half-precision model, like peft's float32 adapters
         mark_trainable(model, extra=head, core_dtype=torch.float32 if half else None)
-        trainable, total = count_parameters(model)
+        trainable, _ = count_parameters(model)
+        # deployed size: after merge the mergeable cores hold no extra numbers
+        total = report.params_after + (total_before - report.params_before)
         return BuiltMethod(model, trainable, total, total / total_before, report)
     if method.kind == "ctf":
         res = compress_then_lora(
@@ -191,6 +207,59 @@ def build_method(
         return BuiltMethod(model, 0, total_before, 1.0)
     msg = f"unknown method kind {method.kind!r}; expected one of {KINDS}"
     raise ValueError(msg)
+
+
+def reseed_adapters(model: nn.Module, seed: int) -> int:
+    """Re-initialise every peft LoRA adapter of ``model`` from ``seed`` (A random, B zero).
+
+    Lets one compression serve several seeds: the compressed weights are
+    the same, only the adapters' initialisation changes. Returns the number
+    of layers re-initialised.
+    """
+    count = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "lora_A") and hasattr(module, "reset_lora_parameters"):
+                for adapter in list(module.lora_A.keys()):
+                    module.reset_lora_parameters(adapter, True)
+                    count += 1
+    return count
+
+
+def save_tuned(model: nn.Module, kind: str, folder, tokenizer=None) -> str:
+    """Write a tuned model so it can be evaluated again without tuning; returns the format.
+
+    * ``jactus``: :func:`~jactus_linalg.torch.merge` (the mergeable cores
+      fold into their weights), then :func:`~jactus_linalg.torch.save_compressed`.
+    * ``ctf``: peft's ``merge_and_unload`` folds the adapters into the
+      factors, then ``save_compressed``.
+    * ``lora``, ``dora``, ``none``: ``merge_and_unload`` (peft models), then
+      ``save_pretrained`` (safetensors).
+
+    The tokenizer, if any, is saved beside the weights.
+    """
+    from pathlib import Path  # noqa: PLC0415
+
+    from jactus_linalg.torch import merge, save_compressed  # noqa: PLC0415
+
+    folder = Path(folder)
+    model = copy.deepcopy(model)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if kind in ("jactus", "ctf"):
+        merge(model)
+        save_compressed(model, folder)
+        fmt = "save_compressed"
+    elif kind in ("lora", "dora", "none"):
+        model.save_pretrained(folder, safe_serialization=True)
+        fmt = "save_pretrained"
+    else:
+        msg = f"unknown method kind {kind!r}; expected one of {KINDS}"
+        raise ValueError(msg)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return fmt
 
 
 def _count_peft_total(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from validation.commonsense import TASKS, load_commonsense
+from validation.commonsense import TASKS, load_task, split_task
 from validation.scoring import score_items
 from validation.train import tune
 from validation.tuning_data import tuning_batches
@@ -60,43 +60,125 @@ class Part(ABC):
     def evaluate(self, model: nn.Module, progress: bool = False) -> dict[str, np.ndarray]:
         """Per task, one boolean per test item: was the model right."""
 
+    def evaluate_metrics(self, model: nn.Module, progress: bool = False) -> dict[str, dict]:
+        """Per metric, per task, one value per test item; ``"correct"`` is the accuracy."""
+        return {"correct": self.evaluate(model, progress)}
+
 
 class LanguagePart(Part):
-    """Multiple-choice commonsense QA with a causal LM."""
+    """Multiple-choice commonsense QA with a causal LM.
+
+    Per task, a seeded permutation (``split_seed``) gives the test items
+    (first ``n_test``), the tune items (next ``n_tune``, fewer where a task
+    is short, e.g. ARC-Challenge's 299 items) and the dev items (next
+    ``n_dev``): dev items are in neither tune nor test and only the sweep
+    scores them (``evaluate_on="dev"``). The tune batches are shuffled with
+    ``seed`` (the data order); the calibration batches come from the
+    ``split_seed`` order, so every seed compresses from the same statistics.
+    """
 
     def __init__(self, model: nn.Module, tokenizer, *, tasks=TASKS, n_tune: int, n_test: int,
                  seed: int, batch_size: int, max_length: int, calibration_batches: int,
-                 eval_batch_size: int, settings: dict, dev_per_task: int = 0):
-        splits = load_commonsense(tuple(tasks), n_tune=n_tune, n_test=n_test, seed=seed)
-        train_items, eval_items = splits.tune_items(), splits.test_items()
-        ids = splits.ids()
-        if dev_per_task:  # hyperparameter search: evaluate on held-back tune items only
-            train_items, eval_items = _split_dev(train_items, dev_per_task)
-            ids = {"dev_of_tune": {t: [i.id for i in eval_items if i.task == t] for t in tasks},
-                   "train_of_tune": {t: [i.id for i in train_items if i.task == t] for t in tasks}}
+                 eval_batch_size: int, settings: dict, n_dev: int = 0, split_seed: int = 0,
+                 evaluate_on: str = "test"):
+        if evaluate_on not in ("test", "dev"):
+            msg = f"evaluate_on must be 'test' or 'dev', got {evaluate_on!r}"
+            raise ValueError(msg)
+        splits = three_way_splits(tuple(tasks), n_tune=n_tune, n_test=n_test, n_dev=n_dev,
+                                  seed=split_seed)
+        train_items = [it for t in tasks for it in splits[t]["tune"]]
+        eval_items = [it for t in tasks for it in splits[t][evaluate_on]]
+        if not eval_items:
+            msg = f"no {evaluate_on} items: set n_dev > 0 to evaluate on dev items"
+            raise ValueError(msg)
+        ids = {"tasks": {t: {k: [i.id for i in v] for k, v in splits[t].items() if v}
+                         for t in tasks},
+               "evaluated_on": evaluate_on}
         batches = tuning_batches(train_items, tokenizer, batch_size=batch_size,
                                  max_length=max_length, seed=seed)
+        fixed = tuning_batches(train_items, tokenizer, batch_size=batch_size,
+                               max_length=max_length, seed=split_seed)
         super().__init__(
             name="language", tasks=list(tasks), base=model.eval(), tune_batches=batches,
-            calibration_batches=batches[:calibration_batches], head=[],
+            calibration_batches=fixed[:calibration_batches], head=[],
             settings=settings, split_ids=ids,
         )
         self.tokenizer = tokenizer
         self.test_items = eval_items
         self.max_length = max_length
         self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.calibration_seed = split_seed
 
     def evaluate(self, model: nn.Module, progress: bool = False) -> dict[str, np.ndarray]:
+        return self.evaluate_metrics(model, progress)["correct"]
+
+    def evaluate_metrics(self, model: nn.Module, progress: bool = False) -> dict[str, dict]:
+        """Per metric and task, one value per test item (see :func:`choice_metrics`)."""
         model.eval()
         with torch.no_grad():
             result = score_items(model, self.tokenizer, self.test_items,
                                  batch_size=self.eval_batch_size, max_length=self.max_length,
                                  progress=progress)
-        correct = result.correct()
-        by_task: dict[str, list[bool]] = {t: [] for t in self.tasks}
-        for item, ok in zip(self.test_items, correct, strict=True):
-            by_task[item.task].append(bool(ok))
-        return {t: np.asarray(v, dtype=bool) for t, v in by_task.items()}
+        per_item = choice_metrics(result)
+        out: dict[str, dict] = {}
+        for metric, values in per_item.items():
+            by_task: dict[str, list] = {t: [] for t in self.tasks}
+            for item, v in zip(self.test_items, values, strict=True):
+                by_task[item.task].append(v)
+            out[metric] = {t: np.asarray(v, dtype=values.dtype) for t, v in by_task.items()}
+        return out
+
+
+def choice_metrics(result) -> dict[str, np.ndarray]:
+    r"""Per item: ``correct`` (acc_norm), ``acc``, ``answer_nll`` and ``margin``.
+
+    With :math:`\ell_c` the summed log-probability of choice :math:`c`'s
+    continuation, :math:`n_c` its characters and :math:`t_c` its tokens
+    (lm-evaluation-harness definitions):
+
+    * ``acc``: :math:`\arg\max_c \ell_c` is the label;
+    * ``correct`` (``acc_norm``): :math:`\arg\max_c \ell_c / n_c` is the label;
+    * ``answer_nll``: :math:`-\ell_y / t_y`, nats per token of the right answer :math:`y`;
+    * ``margin``: :math:`\ell_y / t_y - \max_{c \ne y} \ell_c / t_c`, nats per token
+      (positive when the right answer is the most likely per token).
+    """
+    labels = [it.label for it in result.items]
+    nll, margin = [], []
+    for lp, ntok, y in zip(result.logprobs, result.n_tokens, labels, strict=True):
+        per_token = np.asarray(lp, float) / np.asarray(ntok, float)
+        nll.append(-per_token[y])
+        others = np.delete(per_token, y)
+        margin.append(per_token[y] - (others.max() if others.size else 0.0))
+    return {
+        "correct": np.asarray(result.correct("chars"), dtype=bool),
+        "acc": np.asarray(result.correct("none"), dtype=bool),
+        "answer_nll": np.asarray(nll, dtype=float),
+        "margin": np.asarray(margin, dtype=float),
+    }
+
+
+def three_way_splits(tasks, *, n_tune: int, n_test: int, n_dev: int, seed: int) -> dict:
+    """Per task ``{"tune": [...], "test": [...], "dev": [...]}``, disjoint.
+
+    The permutation is :func:`~validation.commonsense.split_task`'s (seeded
+    by ``seed`` and the task), so tune and test are those of ``split_task``
+    with the same sizes; dev items follow the tune items. A task too short
+    for ``n_tune`` keeps what is left after its test and dev items.
+    """
+    out = {}
+    for task in tasks:
+        items = load_task(task)
+        room = len(items) - n_test - n_dev
+        if room < 1:
+            msg = (f"task {task!r} has {len(items)} items: too few for n_test={n_test} and "
+                   f"n_dev={n_dev} plus at least one tune item")
+            raise ValueError(msg)
+        n = min(n_tune, room)
+        split = split_task(items, n + n_dev, n_test, seed)
+        out[task] = {"tune": list(split.tune[:n]), "test": list(split.test),
+                     "dev": list(split.tune[n:])}
+    return out
 
 
 class VisionPart(Part):
@@ -104,7 +186,8 @@ class VisionPart(Part):
 
     def __init__(self, model: nn.Module, task, *, task_name: str, seed: int, batch_size: int,
                  calibration_batches: int, probe_steps: int, probe_lr: float, settings: dict,
-                 progress: bool = False, device: torch.device | None = None):
+                 progress: bool = False, device: torch.device | None = None,
+                 name: str = "vision"):
         batches = _image_batches(task.tune_x, task.tune_y, batch_size, seed)
         if device is not None:
             dtype = next(model.parameters()).dtype
@@ -112,11 +195,15 @@ class VisionPart(Part):
                         "labels": b["labels"].to(device)} for b in batches]
         base = _linear_probe(model, batches, probe_steps, probe_lr, seed, progress)
         super().__init__(
-            name="vision", tasks=[task_name], base=base, tune_batches=batches,
+            name=name, tasks=[task_name], base=base, tune_batches=batches,
             calibration_batches=batches[:calibration_batches], head=["classifier"],
             settings=settings, split_ids={task_name: task.ids()},
         )
         self.test_x, self.test_y = task.test_x, task.test_y
+        self.seed = seed
+
+    def evaluate_metrics(self, model: nn.Module, progress: bool = False) -> dict[str, dict]:
+        return {"correct": self.evaluate(model, progress)}
 
     def evaluate(self, model: nn.Module, progress: bool = False) -> dict[str, np.ndarray]:
         model.eval()
@@ -128,21 +215,6 @@ class VisionPart(Part):
                 preds.append(model(pixel_values=pixels).logits.argmax(-1).cpu())
         correct = (torch.cat(preds) == self.test_y).numpy()
         return {self.tasks[0]: correct.astype(bool)}
-
-
-def _split_dev(items, per_task: int):
-    """The last ``per_task`` tune items of each task become the dev set."""
-    by_task: dict[str, list] = {}
-    for item in items:
-        by_task.setdefault(item.task, []).append(item)
-    train, dev = [], []
-    for group in by_task.values():
-        if len(group) <= per_task:
-            msg = f"dev_per_task={per_task} leaves no tuning items for task {group[0].task}"
-            raise ValueError(msg)
-        train.extend(group[:-per_task])
-        dev.extend(group[-per_task:])
-    return train, dev
 
 
 def _image_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> list[dict]:

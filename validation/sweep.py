@@ -1,177 +1,297 @@
-"""Choose the runner's defaults on the tune split only (never the test items).
+"""Choose each method family's learning rate on dev items (never a test item).
 
-The tune part is split again into a train part and a dev part; every
-configuration is tuned on the train part and scored on the dev part, with
-the same steps, data order and seed as ``run_paper.py``. Grids:
+Protocol
+--------
+* **Where.** Dev items are in neither the tune part nor the test part:
+  vision, the images after the tune images in the split permutation of
+  every target (``--n-dev`` per target); language, the validation items
+  after the tune items of every task (``--n-dev`` per task). Models train on
+  the same tune items, for the same steps, as the runner's preset; only the
+  scored items differ, and test items are never scored.
+* **What.** Each family in its final configuration, the one the runner
+  uses: JACTUS@0.8 (covariance task directions, mergeable cores on the
+  layers kept dense), SVD-LLM+LoRA@0.8, LoRA@1.0 and DoRA@1.0. The ablations
+  and SVD+LoRA train at their family's rate.
+* **Grid.** A log grid, by default ``3e-5 ... 3e-2`` in half decades
+  (:data:`LRS`), with every rate run on at least three data orders
+  (``--orders``, also the initialisation seeds).
+* **Head first (vision).** The new head's rate, the same for every method,
+  is chosen first: the head alone is tuned from the linear probe on the
+  grid. The families are then swept with that head rate.
+* **Selection.** The rate with the best mean over orders of the dev score:
+  accuracy for vision (macro over targets), the answer's negative
+  log-likelihood per token for language (macro over tasks; lower is
+  better). A choice at an edge of the grid is flagged on the page.
 
-1. the learning rate of every method family (JACTUS cores, compress-then-LoRA,
-   LoRA, DoRA) at retain 0.8;
-2. for JACTUS at its best learning rate: the task fraction, the damping and
-   whether layers may stay dense (``keep_dense``).
+Outputs: ``--out`` (default ``results/sweep-<part>``) keeps ``sweep.json``,
+one entry per (family, rate, order), so a rerun resumes; at the end the
+page ``--page`` (default ``docs/results/sweep-<part>.md``) says what was
+chosen and why, and ``--settings`` (default ``validation/tuned_settings.json``,
+read by the runner) records the chosen rates with a pointer to the page.
 
-Usage: ``python validation/sweep.py --part vision`` (or ``python -m
-validation.sweep --part vision``; a few minutes) or
-``--part language`` (about an hour on 2 cores). Writes ``sweep.json`` and
-``sweep.md`` under ``--out`` (default ``results/sweep-<part>``) and resumes
-from finished configurations.
+Usage: ``python -m validation.sweep --part vision`` (or ``--part
+language``); ``--preset smoke`` exercises the protocol in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from validation import run_paper
 from validation.methods import Method
-from validation.report import macro_average, write_text_atomic
+from validation.parts import hf_loss
+from validation.report import write_text_atomic
+from validation.train import tune
 
-LRS = (3e-4, 1e-3, 3e-3, 1e-2)
-TAUS = (0.0, 0.1, 0.25, 0.5)
-DAMPINGS = (1e-3, 1e-2, 1e-1)
+ROOT = Path(__file__).resolve().parents[1]
+LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+ORDERS = (0, 1, 2)
 
-
-def build_dev_part(name: str, cfg, seed: int, *, dev_per_task: int = 8, dev_size: int = 100):
-    """The part with its evaluation set replaced by held-back tune items.
-
-    ``dev_per_task`` language items per task, or ``dev_size`` vision images,
-    are held back from the tune part and scored instead of the test part.
-    """
-    if name == "language":
-        from validation.assets import load_smollm2  # noqa: PLC0415
-        from validation.parts import LanguagePart  # noqa: PLC0415
-
-        model, tokenizer = load_smollm2()
-        return LanguagePart(
-            model, tokenizer, n_tune=cfg.n_tune, n_test=cfg.n_test, seed=seed,
-            batch_size=cfg.batch_size, max_length=cfg.max_length,
-            calibration_batches=cfg.calibration_batches, eval_batch_size=cfg.eval_batch_size,
-            settings={}, dev_per_task=dev_per_task,
-        )
-    from validation import vision  # noqa: PLC0415
-    from validation.parts import VisionPart  # noqa: PLC0415
-
-    model = vision.replace_head(vision.pretrained_vit(seed=seed), num_labels=10, seed=seed)
-    task = vision.digits_task(seed=seed, n_tune=cfg.n_tune, n_test=cfg.n_test)
-    dev = dev_size
-    held = vision.DigitsTask(task.tune_x[:-dev], task.tune_y[:-dev], task.tune_ids[:-dev],
-                             task.tune_x[-dev:], task.tune_y[-dev:], task.tune_ids[-dev:])
-    return VisionPart(model, held, task_name="digits", seed=seed, batch_size=cfg.batch_size,
-                      calibration_batches=cfg.calibration_batches, probe_steps=cfg.probe_steps,
-                      probe_lr=cfg.probe_lr, settings={})
+#: The method each family is swept with (its final configuration).
+FAMILY_METHODS = {
+    "JACTUS": Method("JACTUS@0.8", "JACTUS", "jactus", 0.8),
+    "SVD-LLM+LoRA": Method("SVD-LLM+LoRA@0.8", "SVD-LLM+LoRA", "ctf", 0.8,
+                           (("compression", "svd-llm"),)),
+    "LoRA": Method("LoRA@1.0", "LoRA", "lora"),
+    "DoRA": Method("DoRA@1.0", "DoRA", "dora"),
+}
+HEAD = "head"
 
 
-def configurations(best_core_lr: float | None, lrs=LRS, taus=TAUS, dampings=DAMPINGS,
-                   keeps=(True, False), stage1_keep: bool | None = None):
-    """(label, method, learning rate, damping) to try; stage 2 needs stage 1's best core lr.
-
-    ``stage1_keep`` sets ``keep_dense`` for the stage-1 JACTUS rows (named in
-    their label); ``None`` leaves the package default (keep layers dense).
-    """
-    out = []
-    for lr in lrs:
-        if stage1_keep is None:
-            out.append((f"JACTUS lr={lr:g}", Method("JACTUS@0.8", "JACTUS", "jactus", 0.8), lr, None))
-        else:
-            out.append((f"JACTUS lr={lr:g} keep_dense={stage1_keep}",
-                        Method("JACTUS@0.8", "JACTUS", "jactus", 0.8,
-                               (("keep_dense", stage1_keep),)), lr, None))
-        out.append((f"SVD-LLM+LoRA lr={lr:g}", Method("SVD-LLM+LoRA@0.8", "SVD-LLM+LoRA", "ctf", 0.8,
-                                                       (("compression", "svd-llm"),)), lr, None))
-        out.append((f"LoRA lr={lr:g}", Method("LoRA@1.0", "LoRA", "lora"), lr, None))
-        out.append((f"DoRA lr={lr:g}", Method("DoRA@1.0", "DoRA", "dora"), lr, None))
-    if best_core_lr is None:
-        return out
-    lr = best_core_lr
-    for tau in taus:
-        for damping in dampings:
-            for keep in keeps:
-                opts = (("task_fraction", tau), ("keep_dense", keep))
-                label = f"JACTUS lr={lr:g} tau={tau:g} damping={damping:g} keep_dense={keep}"
-                out.append((label, Method("JACTUS@0.8", "JACTUS", "jactus", 0.8, opts), lr, damping))
-    return out
+def dev_score(part_name: str, rec: dict) -> tuple[float, float]:
+    """(score to maximise, dev accuracy): vision accuracy, language minus the answer NLL."""
+    acc = float(np.mean([np.mean(v) for v in rec["correct"].values()]))
+    if part_name == "language":
+        nll = float(np.mean([np.mean(v) for v in rec["metrics"]["answer_nll"].values()]))
+        return -nll, acc
+    return acc, acc
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def select(done: dict, family: str) -> dict | None:
+    """The family's rate with the best mean dev score over orders, with the table behind it."""
+    by_lr: dict[float, list[float]] = {}
+    for v in done.values():
+        if v["family"] == family:
+            by_lr.setdefault(v["lr"], []).append(v["score"])
+    if not by_lr:
+        return None
+    table = {lr: (float(np.mean(s)), float(np.std(s, ddof=1)) if len(s) > 1 else 0.0, len(s))
+             for lr, s in sorted(by_lr.items())}
+    best = max(table, key=lambda lr: (table[lr][0], -lr))
+    lrs = sorted(table)
+    return {"lr": best, "table": table, "edge": best in (lrs[0], lrs[-1]) and len(lrs) > 2}
+
+
+def _head_only(part, lr: float, cfg, seed: int) -> dict:
+    """Tune only the new head of ``part.base`` (a copy) at ``lr``; score on the dev items."""
+    model = copy.deepcopy(part.base)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(f".{h}." in f".{name}." for h in part.head))
+    start = time.perf_counter()
+    tune(model, part.tune_batches, hf_loss, steps=cfg.steps, lr=lr, seed=seed, progress=False,
+         desc=f"{part.name}: head lr={lr:g}")
+    metrics = part.evaluate_metrics(model)
+    return {"correct": {t: v.astype(int).tolist() for t, v in metrics["correct"].items()},
+            "metrics": {}, "trainable_params": sum(p.numel() for p in model.parameters()
+                                                   if p.requires_grad),
+            "retain_achieved": 1.0, "wall_time_s": time.perf_counter() - start}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m validation.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("vision", "language"), default="vision")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--dev-size", type=int, default=100, help="vision: held-back tune images")
-    p.add_argument("--dev-per-task", type=int, default=8, help="language: held-back items per task")
-    p.add_argument("--stage", type=int, choices=(1, 2), default=2)
+    p.add_argument("--preset", choices=("default", "full", "smoke"), default="default",
+                   help="the runner preset whose configuration is tuned")
     p.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
-    p.add_argument("--taus", type=float, nargs="+", default=list(TAUS))
-    p.add_argument("--dampings", type=float, nargs="+", default=list(DAMPINGS))
-    p.add_argument("--keep-dense", type=int, nargs="+", default=[1, 0], help="1 and/or 0")
-    p.add_argument("--stage1-keep-dense", type=int, choices=(0, 1), default=None,
-                   help="keep_dense for the stage-1 JACTUS rows (default: the package's)")
-    p.add_argument("--families", default=None,
-                   help="comma-separated method families to run (e.g. JACTUS,SVD-LLM+LoRA)")
+    p.add_argument("--orders", type=int, nargs="+", default=list(ORDERS),
+                   help="data orders (and initialisation seeds); at least 3")
+    p.add_argument("--families", default=",".join(FAMILY_METHODS),
+                   help="comma-separated families to sweep")
+    p.add_argument("--n-dev", type=int, default=None,
+                   help="dev items per target (vision, default 200) or per task (language, default 16)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--page", type=Path, default=None, help="default docs/results/sweep-<part>.md")
+    p.add_argument("--settings", type=Path, default=run_paper.SETTINGS_FILE)
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    grid = {"lrs": tuple(args.lrs), "taus": tuple(args.taus), "dampings": tuple(args.dampings),
-            "keeps": tuple(bool(k) for k in args.keep_dense)}
-    preset = run_paper.presets()["default"]
-    cfg = getattr(preset, args.part)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the sweep; returns the chosen settings of the part."""
+    args = _parser().parse_args(argv)
+    if len(set(args.orders)) < 3:
+        msg = f"--orders: the protocol needs at least 3 data orders, got {args.orders}"
+        raise SystemExit(msg)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = set(families) - set(FAMILY_METHODS)
+    if unknown:
+        msg = f"--families: unknown {sorted(unknown)}; choose from {list(FAMILY_METHODS)}"
+        raise SystemExit(msg)
+    preset = run_paper.presets()[args.preset]
+    n_dev = args.n_dev if args.n_dev is not None else (200 if args.part == "vision" else 16)
+    if args.preset == "smoke":
+        n_dev = min(n_dev, 16 if args.part == "vision" else 2)
+    cfg = replace(getattr(preset, args.part), n_dev=n_dev, lrs={f: 1.0 for f in FAMILY_METHODS},
+                  lr_head=1.0)
+    preset = replace(preset, seeds=tuple(args.orders))
     out = args.out or Path("results") / f"sweep-{args.part}"
     out.mkdir(parents=True, exist_ok=True)
+    config = run_paper.RunConfig(preset=preset, out=out, progress=not args.no_progress)
+    builder = run_paper.build_vision if args.part == "vision" else run_paper.build_language
+    parts_by_name = builder(cfg, preset, config, evaluate_on="dev")
     done_path = out / "sweep.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
-    part = build_dev_part(args.part, cfg, preset.seed, dev_per_task=args.dev_per_task, dev_size=args.dev_size)
-    stats = None
-    progress = not args.no_progress
 
-    def run(label, method, lr, damping):
-        nonlocal stats
-        if label in done:
-            return done[label]["dev_accuracy"]
-        if stats is None:
-            stats, _ = run_paper.statistics_for(part, out, "dev", progress)
-        local = replace(cfg, lr_core=lr, lr_adapter=lr, damping=damping or cfg.damping)
-        start = time.perf_counter()
-        rec = run_paper.run_method(part, method, local, stats, preset.seed, progress)
-        acc = macro_average({t: np.asarray(v) for t, v in rec["correct"].items()})
-        done[label] = {"dev_accuracy": acc, "lr": lr, "damping": local.damping,
-                       "options": method.opts, "family": method.family,
+    def record(label: str, family: str, lr: float, part, rec: dict) -> None:
+        score, acc = dev_score(args.part, rec)
+        done[label] = {"family": family, "lr": lr, "order": part.seed, "target": part.name,
+                       "score": score, "dev_accuracy": acc,
+                       "dev_items": int(sum(len(v) for v in rec["correct"].values())),
                        "trainable_params": rec["trainable_params"],
                        "retain_achieved": rec["retain_achieved"],
-                       "seconds": time.perf_counter() - start}
+                       "seconds": rec["wall_time_s"]}
         run_paper.atomic_json(done_path, done)
-        print(f"{label}: dev accuracy {100 * acc:.1f}%", flush=True)
-        return acc
+        print(f"{label}: dev score {score:.4f} (accuracy {100 * acc:.1f}%)", flush=True)
 
-    keep1 = None if args.stage1_keep_dense is None else bool(args.stage1_keep_dense)
-    families = None if args.families is None else {f.strip() for f in args.families.split(",")}
-    for label, method, lr, damping in configurations(None, **grid, stage1_keep=keep1):
-        if families is None or method.family in families:
-            run(label, method, lr, damping)
-    core = {k: v for k, v in done.items() if k.startswith("JACTUS lr=") and "tau" not in k}
-    best_lr = max(core.values(), key=lambda v: v["dev_accuracy"])["lr"]
-    if args.stage == 2:
-        for label, method, lr, damping in configurations(best_lr, **grid)[4 * len(grid["lrs"]):]:
-            run(label, method, lr, damping)
-    write_summary(out, done, args.part)
+    lr_head = None
+    if args.part == "vision":
+        for name, parts in parts_by_name.items():
+            for lr in args.lrs:
+                for part in parts:
+                    label = f"{HEAD} lr={lr:g} order={part.seed} {name}"
+                    if label not in done:
+                        record(label, HEAD, lr, part, _head_only(part, lr, cfg, part.seed))
+        lr_head = _merge_targets(done, HEAD)["lr"]
+    cfg = replace(cfg, lr_head=lr_head)
+    stats_cache: dict = {}
+    for family in families:
+        method = FAMILY_METHODS[family]
+        for name, parts in parts_by_name.items():
+            shared = run_paper._Shared()  # noqa: SLF001
+            for lr in args.lrs:
+                local = replace(cfg, lrs={f: lr for f in FAMILY_METHODS})
+                for part in parts:
+                    label = f"{family} lr={lr:g} order={part.seed} {name}"
+                    if label in done:
+                        continue
+                    stats, key = None, ""
+                    if method.kind in ("jactus", "ctf"):
+                        key = f"dev-{part.name.replace('/', '-')}-{run_paper.calibration_seed(part)}"
+                        if key not in stats_cache:
+                            stats_cache[key] = run_paper.statistics_for(
+                                part, out, key, config.progress)[0]
+                        stats = stats_cache[key]
+                    rec = run_paper.run_method(part, method, local, stats, part.seed,
+                                               config.progress, shared, key)
+                    record(label, family, lr, part, rec)
+    chosen = {f: _merge_targets(done, f) for f in families}
+    page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}.md"
+    write_page(page, args, cfg, done, chosen, lr_head, parts_by_name)
+    return write_settings(args.settings, args.part, chosen, lr_head, page, args)
 
 
-def write_summary(out: Path, done: dict, part: str) -> None:
-    lines = [f"# Hyperparameter sweep on the tune split: {part}", "",
-             "Dev accuracy (held-back tune items; test items never used).", "",
-             "| configuration | dev acc (%) | trainable | retain |", "|---|---|---|---|"]
-    best: dict[str, tuple[str, float]] = {}
-    for label, v in done.items():
-        lines.append(f"| {label} | {100 * v['dev_accuracy']:.1f} | {v['trainable_params']:,} | "
-                     f"{v['retain_achieved']:.3f} |")
-        fam = v["family"]
-        if fam not in best or v["dev_accuracy"] > best[fam][1]:
-            best[fam] = (label, v["dev_accuracy"])
-    lines += ["", "Best per family:", ""]
-    lines += [f"- {fam}: {label} ({100 * acc:.1f}%)" for fam, (label, acc) in best.items()]
-    write_text_atomic(out / "sweep.md", "\n".join(lines) + "\n")
-    print("\n".join(lines[-len(best) - 1 :]), flush=True)
+def _merge_targets(done: dict, family: str) -> dict:
+    """Scores averaged over targets (vision) for each (rate, order), then :func:`select`."""
+    pooled: dict[tuple, list[float]] = {}
+    for v in done.values():
+        if v["family"] == family:
+            pooled.setdefault((v["lr"], v["order"]), []).append(v["score"])
+    merged = {f"{lr} {order}": {"family": family, "lr": lr, "score": float(np.mean(s))}
+              for (lr, order), s in pooled.items()}
+    chosen = select(merged, family)
+    if chosen is None:
+        msg = f"no sweep result for {family!r}"
+        raise SystemExit(msg)
+    return chosen
+
+
+def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_by_name) -> None:
+    """The sweep's page: protocol, the dev score of every rate, what was chosen and why."""
+    metric = ("dev accuracy (%), macro over targets" if args.part == "vision"
+              else "dev answer NLL (nats per token of the right answer), macro over tasks")
+    scale = 100.0 if args.part == "vision" else -1.0
+    dev_items = {name: len(parts[0].test_items) if hasattr(parts[0], "test_items")
+                 else len(parts[0].test_y) for name, parts in parts_by_name.items()}
+    lines = [
+        f"# Learning rates of the {args.part} part, chosen on dev items",
+        "",
+        f"Written by `python -m validation.sweep --part {args.part} --preset {args.preset}` on "
+        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}; the runner reads the "
+        f"chosen rates from `validation/tuned_settings.json`.",
+        "",
+        "Protocol: every family in its final configuration (JACTUS@0.8 with covariance task "
+        "directions and mergeable cores, SVD-LLM+LoRA@0.8, LoRA@1.0, DoRA@1.0), tuned on the "
+        f"preset's tune items for {cfg.steps} steps, scored on dev items that are in neither "
+        "the tune nor the test part (test items are never scored here): "
+        + ", ".join(f"{n}: {k} dev items" for n, k in dev_items.items())
+        + f". Data orders (and initialisation seeds): {', '.join(map(str, args.orders))}. "
+        f"Selection: the best mean over orders of the {metric}.",
+        "",
+    ]
+    tables = ([(HEAD, {"lr": lr_head, **_merge_targets(done, HEAD)})] if lr_head is not None
+              else []) + list(chosen.items())
+    lrs = sorted({v["lr"] for v in done.values()})
+    lines += ["| family | " + " | ".join(f"{lr:g}" for lr in lrs) + " | chosen |",
+              "|" + "---|" * (len(lrs) + 2)]
+    for family, c in tables:
+        cells = []
+        for lr in lrs:
+            if lr not in c["table"]:
+                cells.append("-")
+                continue
+            mean, sd, _ = c["table"][lr]
+            text = f"{scale * mean:.{1 if scale == 100 else 3}f} ± {abs(scale) * sd:.{1 if scale == 100 else 3}f}"
+            cells.append(f"**{text}**" if lr == c["lr"] else text)
+        lines.append(f"| {family} | " + " | ".join(cells) + f" | {c['lr']:g} |")
+    lines += ["", "Why:", ""]
+    for family, c in tables:
+        ranked = sorted(c["table"].items(), key=lambda kv: -kv[1][0])
+        best, runner_up = ranked[0], ranked[1] if len(ranked) > 1 else None
+        why = (f"- {family}: {c['lr']:g}, the best mean over {best[1][2]} orders "
+               f"({scale * best[1][0]:.3g} ± {abs(scale) * best[1][1]:.2g})")
+        if runner_up is not None:
+            why += (f"; next {runner_up[0]:g} at {scale * runner_up[1][0]:.3g} "
+                    f"± {abs(scale) * runner_up[1][1]:.2g}")
+        if c["edge"]:
+            why += "; AT THE EDGE of the grid: extend it (--lrs) before trusting this choice"
+        lines.append(why + ".")
+    if lr_head is not None:
+        lines += ["", "The head's rate was chosen first (head alone, from the linear probe) and "
+                  "is the same for every family."]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(page, "\n".join(lines) + "\n")
+    print(f"sweep page: {page}", flush=True)
+
+
+def write_settings(path: Path, part: str, chosen: dict, lr_head, page: Path, args) -> dict:
+    """Record the chosen rates for the runner (other parts' entries are kept)."""
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    previous = settings.get(part, {})
+    lrs = {**previous.get("lr", {}), **{f: c["lr"] for f, c in chosen.items()}}
+    try:
+        where = str(page.resolve().relative_to(ROOT))
+    except ValueError:
+        where = str(page)
+    settings[part] = {
+        "lr": lrs,
+        "lr_head": lr_head if lr_head is not None else previous.get("lr_head", 1e-3),
+        "chosen_by_sweep": True,
+        "source": f"{where} (python -m validation.sweep --part {part} --preset {args.preset}, "
+                  f"{datetime.now(timezone.utc).date()})",
+        "selected_by": ("mean dev accuracy" if part == "vision" else "mean dev answer NLL")
+                       + f" over orders {list(args.orders)}, grid {sorted(args.lrs)}",
+    }
+    write_text_atomic(path, json.dumps(settings, indent=1) + "\n")
+    return settings[part]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The tuning loop shared by every method: same steps, data order, seed and schedule.
 
 AdamW on the parameters that require grad, linear warm-up then linear decay,
-gradient clipping at 1.0. Under ``torchrun`` (``torch.distributed``
+gradient clipping at 1.0. A new head (``head``: module names such as
+``"classifier"``) is its own parameter group with its own rate
+``head_lr``, the same for every method, so that the method's rate
+(cores or adapters) is the only thing that differs between methods. Under ``torchrun`` (``torch.distributed``
 initialised) the model is wrapped in ``DistributedDataParallel`` and each
 process takes its own slice of every batch.
 """
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TuneResult", "tune"]
+__all__ = ["TuneResult", "parameter_groups", "tune"]
 
 
 @dataclass
@@ -49,6 +52,38 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
+def _is_head(name: str, head: Sequence[str]) -> bool:
+    """``name`` lies inside one of the ``head`` modules (peft's ``modules_to_save`` copies included)."""
+    dotted = f".{name}."
+    return any(f".{h}." in dotted for h in head)
+
+
+def parameter_groups(
+    model: nn.Module, lr: float, head: Sequence[str] = (), head_lr: float | None = None
+) -> list[dict]:
+    """AdamW parameter groups: the head's trainable parameters at ``head_lr``, the rest at ``lr``.
+
+    Returns one group (everything at ``lr``) when ``head`` is empty or
+    ``head_lr`` is None; empty groups are left out.
+
+    Raises
+    ------
+    ValueError
+        If nothing requires grad.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        msg = "`model` has no parameter that requires grad: nothing to tune"
+        raise ValueError(msg)
+    if not head or head_lr is None:
+        return [{"params": [p for _, p in named], "lr": lr, "name": "method"}]
+    heads = [p for n, p in named if _is_head(n, head)]
+    rest = [p for n, p in named if not _is_head(n, head)]
+    groups = [{"params": rest, "lr": lr, "name": "method"},
+              {"params": heads, "lr": head_lr, "name": "head"}]
+    return [g for g in groups if g["params"]]
+
+
 def tune(
     model: nn.Module,
     batches: Sequence[Any],
@@ -61,29 +96,31 @@ def tune(
     warmup: int | None = None,
     progress: bool = True,
     desc: str = "tune",
+    head: Sequence[str] = (),
+    head_lr: float | None = None,
 ) -> TuneResult:
     """Train the parameters of ``model`` that require grad for ``steps`` steps.
 
     ``batches`` is cycled in order, so every method sees the same data in
-    the same order. Returns the per-step losses and the wall time.
+    the same order. Parameters inside the ``head`` modules train at
+    ``head_lr`` (see :func:`parameter_groups`). Returns the per-step losses
+    and the wall time.
 
     Raises
     ------
     ValueError
         If nothing requires grad, or ``steps`` / ``lr`` are not positive.
     """
-    if steps < 1 or lr <= 0:
-        msg = f"`steps` and `lr` must be positive; got steps={steps}, lr={lr}"
+    if steps < 1 or lr <= 0 or (head_lr is not None and head_lr <= 0):
+        msg = f"`steps`, `lr` and `head_lr` must be positive; got steps={steps}, lr={lr}, head_lr={head_lr}"
         raise ValueError(msg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        msg = "`model` has no parameter that requires grad: nothing to tune"
-        raise ValueError(msg)
+    groups = parameter_groups(model, lr, head, head_lr)
+    params = [p for g in groups for p in g["params"]]
     torch.manual_seed(seed)
     wrapped = model
     if _distributed():
         wrapped = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     warm = max(1, steps // 10) if warmup is None else max(1, warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warm))
     from tqdm.auto import tqdm  # noqa: PLC0415

@@ -37,6 +37,7 @@ downstream images, so it is only for exercising code, not for results).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -197,7 +198,11 @@ def load_digits_images(image_size: int = IMAGE_SIZE):
 
 @dataclass(frozen=True)
 class DigitsTask:
-    """A seeded tune/test split of sklearn digits; ids are ``"digits:<row>"``."""
+    """A seeded tune/test(/dev) split of an image task; ids are ``"<source>:<row>"``.
+
+    ``dev_*`` (optional) are items in neither tune nor test, for choosing
+    hyperparameters (:mod:`validation.sweep`).
+    """
 
     tune_x: torch.Tensor
     tune_y: torch.Tensor
@@ -205,40 +210,130 @@ class DigitsTask:
     test_x: torch.Tensor
     test_y: torch.Tensor
     test_ids: list[str]
+    dev_x: torch.Tensor | None = None
+    dev_y: torch.Tensor | None = None
+    dev_ids: list[str] | None = None
+    num_labels: int = 10
 
     def ids(self) -> dict[str, list[str]]:
         """JSON-serializable record of the split."""
-        return {"tune": list(self.tune_ids), "test": list(self.test_ids)}
+        out = {"tune": list(self.tune_ids), "test": list(self.test_ids)}
+        if self.dev_ids:
+            out["dev"] = list(self.dev_ids)
+        return out
+
+    def with_dev_as_test(self) -> DigitsTask:
+        """The same task evaluated on its dev items (the test items are dropped)."""
+        if self.dev_x is None or not self.dev_ids:
+            msg = "this task has no dev items; build it with n_dev > 0"
+            raise ValueError(msg)
+        return DigitsTask(self.tune_x, self.tune_y, self.tune_ids, self.dev_x, self.dev_y,
+                          list(self.dev_ids), num_labels=self.num_labels)
+
+
+def _split(x, y, ids, seed: int, salt: int, n_tune: int, n_test: int, n_dev: int,
+           name: str, num_labels: int) -> DigitsTask:
+    """Test = first ``n_test`` of a seeded permutation, tune = the next ``n_tune``, dev = the next ``n_dev``."""
+    if n_tune < 1 or n_test < 1 or n_dev < 0 or n_tune + n_test + n_dev > len(y):
+        raise ValueError(
+            f"{name}: need n_tune >= 1, n_test >= 1, n_dev >= 0 and n_tune + n_test + n_dev "
+            f"<= {len(y)}, got n_tune={n_tune}, n_test={n_test}, n_dev={n_dev}"
+        )
+    order = np.random.default_rng([seed, salt]).permutation(len(y))
+    test, tune = order[:n_test], order[n_test : n_test + n_tune]
+    dev = order[n_test + n_tune : n_test + n_tune + n_dev]
+    pick = lambda idx: (x[torch.from_numpy(idx)], y[torch.from_numpy(idx)],  # noqa: E731
+                        [ids[int(i)] for i in idx])
+    (tx, ty, tid), (sx, sy, sid) = pick(tune), pick(test)
+    dx, dy, did = pick(dev) if n_dev else (None, None, None)
+    return DigitsTask(tx, ty, tid, sx, sy, sid, dx, dy, did, num_labels)
 
 
 def digits_task(
-    seed: int = 0, n_tune: int = 500, n_test: int = 500, image_size: int = IMAGE_SIZE
+    seed: int = 0, n_tune: int = 500, n_test: int = 500, image_size: int = IMAGE_SIZE,
+    n_dev: int = 0,
 ) -> DigitsTask:
-    """Split sklearn digits into disjoint tune and test parts.
+    """Split sklearn digits into disjoint tune, test (and dev) parts.
 
     Parameters
     ----------
     seed : int, default 0
-        Permutation seed; test = first ``n_test``, tune = the next ``n_tune``.
+        Permutation seed; test = first ``n_test``, tune = the next ``n_tune``,
+        dev = the next ``n_dev`` (so adding dev items leaves tune and test as they were).
     n_tune, n_test : int, default 500
-        Sizes (``n_tune + n_test <= 1797``).
+        Sizes (``n_tune + n_test + n_dev <= 1797``).
     image_size : int, default 28
+    n_dev : int, default 0
 
     Returns
     -------
     DigitsTask
     """
     x, y = load_digits_images(image_size)
-    if n_tune < 1 or n_test < 1 or n_tune + n_test > len(y):
-        raise ValueError(
-            f"digits_task: need n_tune >= 1, n_test >= 1 and n_tune + n_test <= {len(y)}, "
-            f"got n_tune={n_tune}, n_test={n_test}"
-        )
-    order = np.random.default_rng([seed, 0xD161]).permutation(len(y))
-    test, tune = order[:n_test], order[n_test : n_test + n_tune]
-    ids = lambda idx: [f"digits:{int(i)}" for i in idx]  # noqa: E731
-    t_test, t_tune = torch.from_numpy(test), torch.from_numpy(tune)
-    return DigitsTask(x[t_tune], y[t_tune], ids(tune), x[t_test], y[t_test], ids(test))
+    ids = [f"digits:{i}" for i in range(len(y))]
+    return _split(x, y, ids, seed, 0xD161, n_tune, n_test, n_dev, "digits_task", 10)
+
+
+def shifted_digits_task(
+    seed: int = 0, n_tune: int = 500, n_test: int = 500, n_dev: int = 0, noise: float = 0.5,
+) -> DigitsTask:
+    """Digits in a shifted domain: contrast inverted, then Gaussian pixel noise of sd ``noise``.
+
+    The noise is seeded by the row (``default_rng([7, row])``), so an image
+    is the same in every split and run. Same split rule as :func:`digits_task`
+    (its own permutation); ids are ``"digits-shifted:<row>"``.
+    """
+    x, y = load_digits_images(IMAGE_SIZE)
+    gen = np.random.default_rng([7, len(y)])
+    noisy = -x + noise * torch.from_numpy(gen.standard_normal(x.shape).astype(np.float32))
+    ids = [f"digits-shifted:{i}" for i in range(len(y))]
+    return _split(noisy, y, ids, seed, 0x5D16, n_tune, n_test, n_dev, "shifted_digits_task", 10)
+
+
+#: Fashion-MNIST classes the ViT of the held-out recipe is pretrained on
+#: (trouser, dress, sandal, sneaker, bag, ankle boot) ...
+PRETRAIN_CLASSES = (1, 3, 5, 7, 8, 9)
+#: ... and the held-out classes of the ``fmnist-tops`` target (T-shirt/top,
+#: pullover, coat, shirt): upper-body garments the backbone never saw, the
+#: classes Fashion-MNIST classifiers confuse most.
+HELDOUT_CLASSES = (0, 2, 4, 6)
+
+
+def fmnist_tops_task(
+    seed: int = 0, n_tune: int = 500, n_test: int = 500, n_dev: int = 0,
+    folder: str | os.PathLike | None = None,
+) -> DigitsTask:
+    """Fashion-MNIST's four upper-body classes, held out of :func:`pretrained_vit`'s pretraining.
+
+    Images come from the Fashion-MNIST training split (the ViT pretrained
+    with ``classes=PRETRAIN_CLASSES`` never saw these classes); labels are
+    0..3 in the order of :data:`HELDOUT_CLASSES`; ids are
+    ``"fmnist-train:<row>"``. Same split rule as :func:`digits_task`.
+    """
+    x, y = load_fashion_mnist("train", folder)
+    rows = np.flatnonzero(np.isin(y.numpy(), HELDOUT_CLASSES))
+    relabel = {c: i for i, c in enumerate(HELDOUT_CLASSES)}
+    xs = x[torch.from_numpy(rows)]
+    ys = torch.tensor([relabel[int(c)] for c in y[torch.from_numpy(rows)]], dtype=torch.int64)
+    ids = [f"fmnist-train:{int(r)}" for r in rows]
+    return _split(xs, ys, ids, seed, 0xF70B, n_tune, n_test, n_dev, "fmnist_tops_task",
+                  len(HELDOUT_CLASSES))
+
+
+#: Target name -> task builder ``(seed, n_tune, n_test, n_dev) -> DigitsTask``.
+TARGETS = {
+    "digits": lambda seed, n_tune, n_test, n_dev: digits_task(seed, n_tune, n_test, n_dev=n_dev),
+    "digits-shifted": shifted_digits_task,
+    "fmnist-tops": fmnist_tops_task,
+}
+
+
+def vision_task(name: str, seed: int, n_tune: int, n_test: int, n_dev: int = 0) -> DigitsTask:
+    """The target ``name`` of :data:`TARGETS`, split with ``seed``."""
+    if name not in TARGETS:
+        msg = f"unknown vision target {name!r}; choose from {sorted(TARGETS)}"
+        raise ValueError(msg)
+    return TARGETS[name](seed, n_tune, n_test, n_dev)
 
 
 # ----------------------------------------------------------------------------- models
@@ -425,13 +520,32 @@ def classifier_accuracy(
 # ----------------------------------------------------------------------------- pretrained
 
 
-def pretrained_vit_path(seed: int = 0) -> Path:
-    """Cache folder of :func:`pretrained_vit` for ``seed`` (may not exist yet)."""
-    return cache_dir() / f"vit-fmnist-{RECIPE_VERSION}-seed{seed}"
+def _classes_tag(classes: tuple[int, ...] | None) -> str:
+    return "" if classes is None else "-c" + "".join(str(c) for c in sorted(classes))
+
+
+def pretrained_vit_path(seed: int = 0, classes: tuple[int, ...] | None = None) -> Path:
+    """Cache folder of :func:`pretrained_vit` for ``seed`` and ``classes`` (may not exist yet)."""
+    return cache_dir() / f"vit-fmnist{_classes_tag(classes)}-{RECIPE_VERSION}-seed{seed}"
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of every tensor of ``model.state_dict()``: names, dtypes, shapes, bytes.
+
+    Two builds with the same fingerprint hold bit-identical weights, so a
+    result can say which pretrained model it started from.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def pretrained_vit(
-    seed: int = 0, folder: str | os.PathLike | None = None, progress: bool = True
+    seed: int = 0, folder: str | os.PathLike | None = None, progress: bool = True,
+    classes: tuple[int, ...] | None = None,
 ) -> ViTForImageClassification:
     """Return the Fashion-MNIST-pretrained small ViT, training and caching it once.
 
@@ -442,12 +556,18 @@ def pretrained_vit(
     folder : path-like, optional
         Fashion-MNIST idx folder (see :func:`load_fashion_mnist`).
     progress : bool, default True
+    classes : tuple of int, optional
+        Pretrain on these Fashion-MNIST classes only (labels renumbered
+        0..len-1 in sorted order), e.g. :data:`PRETRAIN_CLASSES`, so that
+        the other classes can be a target the backbone never saw. Default:
+        all ten.
 
     Returns
     -------
     transformers.ViTForImageClassification
-        Eval mode, 10-class Fashion-MNIST head (replace it with
-        :func:`replace_head`). The folder also holds ``pretrain_metrics.json``.
+        Eval mode, Fashion-MNIST head (replace it with :func:`replace_head`).
+        The folder also holds ``pretrain_metrics.json`` with the weights'
+        :func:`weights_fingerprint`.
 
     Raises
     ------
@@ -455,26 +575,36 @@ def pretrained_vit(
         If the Fashion-MNIST files are missing (``apt-get install
         dataset-fashion-mnist``) and the model is not cached yet.
     """
-    path = pretrained_vit_path(seed)
+    path = pretrained_vit_path(seed, classes)
     if not path.is_dir():
-        atomic_build(path, lambda tmp: _pretrain_to(tmp, seed, folder, progress))
+        atomic_build(path, lambda tmp: _pretrain_to(tmp, seed, folder, progress, classes))
     model = ViTForImageClassification.from_pretrained(path, local_files_only=True)
     model.eval()
     return model
 
 
-def pretrained_vit_metrics(seed: int = 0) -> dict:
+def pretrained_vit_metrics(seed: int = 0, classes: tuple[int, ...] | None = None) -> dict:
     """Read the recipe and measured metrics saved next to the cached pretrained ViT."""
-    path = pretrained_vit_path(seed) / "pretrain_metrics.json"
+    path = pretrained_vit_path(seed, classes) / "pretrain_metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing; call pretrained_vit(seed={seed}) first")
     return json.loads(path.read_text())
 
 
-def _pretrain_to(out: Path, seed: int, folder, progress: bool) -> None:
-    x_train, y_train = load_fashion_mnist("train", folder)
-    x_test, y_test = load_fashion_mnist("test", folder)
-    model = build_vit(vit_config(), seed)
+def _only_classes(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...] | None):
+    if classes is None:
+        return x, y
+    keep = torch.from_numpy(np.isin(y.numpy(), classes))
+    relabel = torch.full((10,), -1, dtype=torch.int64)
+    relabel[torch.tensor(sorted(classes))] = torch.arange(len(classes))
+    return x[keep], relabel[y[keep]]
+
+
+def _pretrain_to(out: Path, seed: int, folder, progress: bool,
+                 classes: tuple[int, ...] | None = None) -> None:
+    x_train, y_train = _only_classes(*load_fashion_mnist("train", folder), classes)
+    x_test, y_test = _only_classes(*load_fashion_mnist("test", folder), classes)
+    model = build_vit(vit_config(num_labels=10 if classes is None else len(classes)), seed)
     start = time.perf_counter()
     losses = train_classifier(model, x_train, y_train, seed=seed, progress=progress,
                               **PRETRAIN_RECIPE)
@@ -482,11 +612,14 @@ def _pretrain_to(out: Path, seed: int, folder, progress: bool) -> None:
     metrics = {
         "recipe_version": RECIPE_VERSION,
         "seed": seed,
+        "classes": None if classes is None else sorted(classes),
         "recipe": PRETRAIN_RECIPE,
         "train_seconds": round(seconds, 1),
         "train_loss_per_epoch": [round(v, 4) for v in losses],
         "fashion_mnist_test_accuracy": classifier_accuracy(model, x_test, y_test),
         "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "fingerprint": weights_fingerprint(model),
     }
     model.save_pretrained(out, safe_serialization=True)
     (out / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..allocation import bisect_budget, factor_params
-from .compress import CompressionReport, allocate, plan_compression, replace_layers
+from .compress import (
+    CompressionReport,
+    _check_model_and_stats,
+    allocate,
+    plan_compression,
+    replace_layers,
+)
+from .config import JactusConfig
 from .stats import CalibrationStats
 from .targets import find_targets
 
@@ -121,9 +128,15 @@ def compress_then_lora(
 
     Raises
     ------
+    TypeError
+        If ``model`` or ``stats`` has the wrong type, or ``retain`` is not a
+        real number.
     ValueError
-        If even the smallest compression leaves no room for the adapters.
+        If ``retain`` is outside (0, 1], or even the smallest compression
+        leaves no room for the adapters.
     """
+    _check_model_and_stats(model, stats)
+    retain = JactusConfig(retain=retain).retain  # numpy and 0-d torch scalars too; checked
     kwargs = {} if damping is None else {"damping": damping}
     plan = plan_compression(model, stats, method=method, dtype=dtype, progress=progress, **kwargs)
     shapes = {n: p.shape for n, p in plan.plans.items()}

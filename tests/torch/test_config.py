@@ -188,3 +188,16 @@ def test_rank_pattern_is_honoured():
         compress(copy.deepcopy(model), stats, modules_to_save=["classifier"], progress=False)
     with pytest.raises(ValueError, match=r"`rank_pattern\['q_proj'\]`=40 exceeds .* break-even rank 19"):
         compress(copy.deepcopy(model), stats, rank_pattern={"q_proj": 40}, progress=False)
+
+
+def test_compress_then_lora_takes_the_same_scalars_and_names_bad_statistics(calibrated_mlp):
+    from jactus_linalg.torch import compress_then_lora
+
+    model, stats = calibrated_mlp
+    a = compress_then_lora(copy.deepcopy(model), stats, retain=np.float32(0.75), lora_rank=1, progress=False)
+    b = compress_then_lora(copy.deepcopy(model), stats, retain=torch.tensor(0.75), lora_rank=1, progress=False)
+    assert a.compress_retain == b.compress_retain and a.total_retain <= 0.75
+    with pytest.raises(TypeError, match=r"`stats` must be the CalibrationStats.*got NoneType"):
+        compress_then_lora(copy.deepcopy(model), None)
+    with pytest.raises(ValueError, match=r"`retain` must lie in \(0, 1\]"):
+        compress_then_lora(copy.deepcopy(model), stats, retain=1.5)

@@ -25,6 +25,13 @@ silently. A covariance given as a :class:`~jactus_linalg.covariance.CovarianceRo
 (:math:`R^\top R = C`) is whitened from the root by a QR (``cholesky``) or an
 SVD (``eigh``) of :math:`[R; \sqrt\delta I]`, so the condition number is never
 squared.
+
+``damping="svd-llm"`` is SVD-LLM's own policy instead (no damping while the
+Cholesky of :math:`C` succeeds, its eigenvalue shift where it fails,
+reported); ``compress(method="svd-llm")`` uses it. With damping, a damped
+Cholesky exists for some indefinite :math:`C`; a block Krylov estimate on
+that factor, not a second Cholesky, refuses them. :func:`svd_dtype` says in
+which dtype to run the SVD of a whitened weight.
 """
 
 from __future__ import annotations
@@ -641,13 +648,15 @@ def whiten(
     Raises
     ------
     TypeError
-        If ``cov`` is not a real floating array.
+        If ``cov`` is not a real floating array, or ``damping`` is a string
+        other than ``"svd-llm"``.
     ValueError
         If ``cov`` is not 2-D and square, holds NaN/Inf, is not symmetric to
         within :math:`10 n \epsilon`, is indefinite beyond rounding
         (:math:`\lambda_\min < -10 n \epsilon \lambda_\max`), is identically
         zero, or is singular while ``damping=0``; if ``damping`` is negative
-        or ``method`` unknown.
+        or ``method`` unknown; if ``damping="svd-llm"`` with ``method="eigh"``,
+        or its shift is below rounding at the scale of ``cov``.
 
     Notes
     -----

@@ -85,6 +85,8 @@ def main() -> None:
     assert rel <= 1e-6, rel  # central differences, h = 1e-5: error O(h^2) + O(eps/h)
 
     # 3. gradient with respect to the core, and the task energy it keeps
+    #    (with the Gamma union, task_directions="gradient": it contains the
+    #    top-j singular directions of Gamma, hence the bound below)
     layer = jactus_layer(
         weight,
         RANK,
@@ -92,6 +94,7 @@ def main() -> None:
         grad_cov=grad_cov,
         grad_mean=grad_mean,
         task_fraction=TAU,
+        task_directions="gradient",
         whitening="cholesky",
     )
     a, c, b = layer.left, layer.core, layer.right

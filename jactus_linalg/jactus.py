@@ -53,6 +53,7 @@ from ._checks import (
     check_matrix,
     check_no_overflow,
     check_rank,
+    check_same_library,
     finite_result,
 )
 from .allocation import break_even_rank, rank_unit_costs
@@ -425,6 +426,7 @@ def plan_layer(
     limit = max(break_even_rank(m, n), 1)
     r_max = limit if max_rank is None else check_rank(max_rank, min(m, n), "max_rank")
     uses_gradient = task_directions == "gradient" and tau > 0
+    check_same_library(xp, input_cov=input_cov, grad_cov=grad_cov, grad_mean=grad_mean)
     work = working_dtype(xp, weight, input_cov, grad_cov, grad_mean if uses_gradient else None)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     source = _check_task_inputs(

@@ -50,12 +50,19 @@ def _half_precision_hint(dtype: torch.dtype) -> str:
     )
 
 
-def _absorb(acc: MomentAccumulator, rows: torch.Tensor, layer: str, what: str) -> None:
-    """``acc.update(rows)``, with the layer and a half-precision hint in any error."""
+def _absorb(
+    acc: MomentAccumulator, rows: torch.Tensor, layer: str, what: str,
+    model_dtype: torch.dtype | None = None,
+) -> None:
+    """``acc.update(rows)``, with the layer and a half-precision hint in any error.
+
+    ``model_dtype``: the dtype the model computed ``rows`` in, when ``rows``
+    was upcast since (the hint is about the model's dtype).
+    """
     try:
         acc.update(rows)
     except ValueError as err:
-        msg = f"layer `{layer}`, {what}: {err}{_half_precision_hint(rows.dtype)}"
+        msg = f"layer `{layer}`, {what}: {err}{_half_precision_hint(model_dtype or rows.dtype)}"
         raise ValueError(msg) from err
 
 
@@ -171,7 +178,7 @@ class _Collector:
                 self.scales[name] = scale
                 if scale != 1.0:  # per-token gradients: d(sum of losses)/dy = T dL/dy
                     rows = rows.to(_accumulation_dtype(rows, self.dtype)) * scale
-                _absorb(acc, rows, name, "output gradient")
+                _absorb(acc, rows, name, "output gradient", g.dtype)
 
             output.register_hook(grad_hook)
 

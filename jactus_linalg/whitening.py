@@ -144,7 +144,10 @@ class WhiteningOperator(NamedTuple):
     :math:`Z` (``vectors``), ``roots`` :math:`= \alpha + d` and ``floor``
     :math:`= \alpha = \sqrt\delta` (used only when :math:`Z` is not square).
     ``effective_rank`` is :math:`\operatorname{tr}\, C (C + \delta I)^{-1}`
-    (``dim`` when :math:`\delta = 0`).
+    (``dim`` when :math:`\delta = 0`). For a Cholesky factor it costs a
+    triangular inversion, as much as the factorization, so it is computed on
+    first access and kept (``rank_cache``), never on the way to a low-rank
+    factorization that does not ask for it.
     """
 
     method: str
@@ -158,7 +161,17 @@ class WhiteningOperator(NamedTuple):
     numerical_rank: int | None
     spectrum: Array
     notes: tuple[str, ...]
-    effective_rank: float
+    rank_cache: list  # [effective rank], [None] until first asked for
+
+    @property
+    def effective_rank(self) -> float:
+        r""":math:`\operatorname{tr}\, C (C + \delta I)^{-1}`, computed once, on first access."""
+        if self.rank_cache[0] is None:
+            assert self.lower is not None  # only Cholesky factors defer it
+            self.rank_cache[0] = _cholesky_effective_rank(
+                namespace(self.lower), self.lower, self.damping
+            )
+        return float(self.rank_cache[0])
 
 
 def _check_method(method: object) -> str:
@@ -228,7 +241,7 @@ def _eigh_operator(
     effective = float(n) if delta == 0.0 else float(xp.sum(lam / (lam + delta)))
     return WhiteningOperator(
         "eigh", n, None, vecs, roots, math.sqrt(delta), delta, relative, rank, lam,
-        tuple(notes), effective,
+        tuple(notes), [effective],
     )
 
 
@@ -273,7 +286,7 @@ def _cholesky_operator(
     pivots = xp.linalg.diagonal(lower) ** 2
     return WhiteningOperator(
         "cholesky", n, lower, None, None, math.sqrt(delta), delta, relative, None,
-        pivots, tuple(notes), _cholesky_effective_rank(xp, lower, delta),
+        pivots, tuple(notes), [None],
     )
 
 
@@ -367,7 +380,7 @@ def _svd_llm_operator(xp: ModuleType, cov: Array, name: str, notes: list[str]) -
     if lower is not None:
         return WhiteningOperator(
             "cholesky", n, lower, None, None, 0.0, 0.0, 0.0, None,
-            xp.linalg.diagonal(lower) ** 2, tuple(notes), float(n),
+            xp.linalg.diagonal(lower) ** 2, tuple(notes), [float(n)],
         )
     lam = eigvalsh(xp, cov)
     lam_min, lam_max = float(lam[0]), float(lam[-1])
@@ -398,7 +411,7 @@ def _svd_llm_operator(xp: ModuleType, cov: Array, name: str, notes: list[str]) -
     return WhiteningOperator(
         "cholesky", n, lower, None, None, math.sqrt(shift), shift, shift / mean_diag, rank,
         xp.linalg.diagonal(lower) ** 2, tuple(notes),
-        float(xp.sum(clipped / (clipped + shift))),
+        [float(xp.sum(clipped / (clipped + shift)))],
     )
 
 
@@ -477,7 +490,7 @@ def _root_operator(
             raise ValueError(msg)
         return WhiteningOperator(
             "cholesky", n, upper.T, None, None, math.sqrt(delta), delta, relative,
-            None, diag**2, tuple(notes), _cholesky_effective_rank(xp, upper.T, delta),
+            None, diag**2, tuple(notes), [None],
         )
     _, sing, vh = svd_reduced(xp, root)
     lam_top = sing**2
@@ -499,7 +512,7 @@ def _root_operator(
     effective = float(n) if delta == 0.0 else float(xp.sum(lam_top / (lam_top + delta)))
     return WhiteningOperator(
         "eigh", n, None, vh.T, xp.sqrt(lam_top + delta), math.sqrt(delta), delta,
-        relative, rank, spectrum, tuple(notes), effective,
+        relative, rank, spectrum, tuple(notes), [effective],
     )
 
 

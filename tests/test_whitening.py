@@ -322,3 +322,28 @@ def test_psd_certificate_without_a_second_cholesky(kind, n, monkeypatch):
     w = jl.whiten(c, damping=damping, method="cholesky")
     assert w.method == "cholesky" and w.notes == ()
     assert len(calls) == 1, "one Cholesky per covariance: the certificate reuses its factor"
+
+
+def test_cholesky_effective_rank_is_computed_only_when_asked(rng, monkeypatch):
+    """The effective rank costs a triangular inversion: a Cholesky operator defers it
+    to first access (the low-rank hot path never pays for it unless it reports it)."""
+    import jactus_linalg.whitening as whitening
+
+    n = 30
+    lam = np.concatenate([np.geomspace(1.0, 1e-3, 20), np.zeros(10)])
+    c = covariance_with_spectrum(rng, lam)
+    calls = []
+    real = whitening.inverse_frobenius_squared
+
+    def counted(xp, lower):
+        calls.append(1)
+        return real(xp, lower)
+
+    monkeypatch.setattr(whitening, "inverse_frobenius_squared", counted)
+    op = whitening.whitening_operator(c, damping=1e-3, method="cholesky")
+    assert calls == [] and op.rank_cache == [None]
+    delta = op.damping
+    want = float(np.sum(np.clip(lam, 0, None) / (np.clip(lam, 0, None) + delta)))
+    cond = (lam.max() + delta) / delta
+    assert op.effective_rank == pytest.approx(want, abs=tolerance(np.float64, n, cond=cond))
+    assert op.effective_rank == op.effective_rank and calls == [1]  # computed once, kept

@@ -85,6 +85,10 @@ class Method:
         d["options"] = self.opts
         return d
 
+    def build_signature(self) -> tuple:
+        """What the built (untrained) model depends on: two methods with one signature share it."""
+        return (self.kind, self.retain, tuple(kv for kv in self.options if kv[0] != "tune"))
+
 
 @dataclass
 class BuiltMethod:
@@ -125,18 +129,19 @@ def method_grid(
         methods.append(Method("LoRA@1.0", "LoRA", "lora"))
         methods.append(Method("DoRA@1.0", "DoRA", "dora"))
     for r in retains:
+        # an untuned row right after its tuned row: the runner builds the compression once
         methods.append(Method(f"JACTUS@{r}", "JACTUS", "jactus", r, tau))
+        if untuned:
+            methods.append(Method(f"JACTUS@{r} untuned", "untuned: JACTUS", "jactus", r,
+                                  (*tau, ("tune", False))))
         methods.append(
             Method(f"SVD-LLM+LoRA@{r}", "SVD-LLM+LoRA", "ctf", r, (("compression", "svd-llm"),))
         )
-        if svd_ctf:
-            methods.append(Method(f"SVD+LoRA@{r}", "SVD+LoRA", "ctf", r, (("compression", "svd"),)))
-    if untuned:
-        for r in retains:
-            methods.append(Method(f"JACTUS@{r} untuned", "untuned: JACTUS", "jactus", r,
-                                  (*tau, ("tune", False))))
+        if untuned:
             methods.append(Method(f"SVD-LLM+LoRA@{r} untuned", "untuned: SVD-LLM+LoRA", "ctf", r,
                                   (("compression", "svd-llm"), ("tune", False))))
+        if svd_ctf:
+            methods.append(Method(f"SVD+LoRA@{r}", "SVD+LoRA", "ctf", r, (("compression", "svd"),)))
     r = 0.8 if 0.8 in retains else retains[0]
     if ablations:
         methods.append(Method(f"JACTUS tau=0@{r}", "ablation: tau=0", "jactus", r,

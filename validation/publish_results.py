@@ -1,7 +1,17 @@
-"""Copy a finished run's table and plots into the docs (``docs/results/``).
+"""Copy a finished run's table, verdict and plots into the docs and the README.
 
-Usage: ``python validation/publish_results.py results/default``. The page
-keeps the run's command, date and machine, as written by ``run_paper.py``.
+Usage: ``python validation/publish_results.py results/default`` (or
+``results/full``). Writes, from the run's own files (no number is typed by
+hand):
+
+* ``docs/results/<run>.md`` (the run's ``results.md``), its plots as
+  ``docs/results/<run>-<plot>.png`` and ``docs/results/<run>.csv``;
+* the block between ``<!-- results:<run>:start -->`` and
+  ``<!-- results:<run>:end -->`` in ``README.md`` and in
+  ``docs/results/index.md``: the run's ``summary.md`` (command, date, wall
+  time, machine, the verdict on the paper's ordering with the paired
+  intervals, and the mean ± sd table of each part). A file without the
+  markers is left alone.
 """
 
 from __future__ import annotations
@@ -10,11 +20,25 @@ import shutil
 import sys
 from pathlib import Path
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "results"
+README = ROOT / "README.md"
 
 
-def publish(run: Path, dest: Path = DOCS) -> Path:
-    """Copy ``results.md``, the PNG plots and ``results.csv`` of ``run`` into ``dest``."""
+def replace_block(text: str, name: str, block: str) -> str | None:
+    """``text`` with the lines between the ``results:<name>`` markers replaced by ``block``.
+
+    Returns None when ``text`` has no such pair of markers.
+    """
+    start, end = f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        return None
+    return text[: i + len(start)] + "\n" + block.strip() + "\n" + text[j:]
+
+
+def publish(run: Path, dest: Path = DOCS, readme: Path | None = README) -> Path:
+    """Copy ``results.md``, the PNG plots and ``results.csv`` of ``run`` into ``dest``; fill the blocks."""
     if not (run / "results.md").exists():
         msg = f"{run} has no results.md: run validation/run_paper.py first"
         raise SystemExit(msg)
@@ -26,6 +50,17 @@ def publish(run: Path, dest: Path = DOCS) -> Path:
     shutil.copy2(run / "results.csv", dest / f"{run.name}.csv")
     page = dest / f"{run.name}.md"
     page.write_text(text)
+    summary = run / "summary.md"
+    if summary.exists():
+        block = summary.read_text()
+        targets = [(dest / "index.md", f"[The full page]({run.name}.md).")]
+        if readme is not None:
+            targets.append((readme, f"The full page: `docs/results/{run.name}.md`."))
+        for path, link in targets:
+            if path.exists():
+                new = replace_block(path.read_text(), run.name, block + "\n\n" + link)
+                if new is not None:
+                    path.write_text(new)
     return page
 
 

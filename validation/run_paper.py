@@ -2,10 +2,10 @@
 
 Usage
 -----
-``python validation/run_paper.py``                     the embedded default (offline, CPU, <= 30 min)
+``python validation/run_paper.py``                     the default (offline, CPU, 3 seeds, ~30 min on 2 cores)
 ``python -m validation.run_paper``                      the same, as a module
-``python validation/run_paper.py --preset full``       + language ablations and retain sweep
-``python validation/run_paper.py --preset smoke``      every method on tiny models, seconds (CI)
+``python validation/run_paper.py --preset full``       language: 300 steps, 2,283 tune items, 100 test items per task
+``python validation/run_paper.py --preset smoke``      every option on tiny models, minutes (CI)
 ``torchrun --nproc_per_node 8 validation/run_paper.py --preset paper --vit-checkpoint ... ``
                                                          paper scale (see ``--help`` and docs)
 
@@ -121,30 +121,34 @@ class Preset:
 
 
 def presets() -> dict[str, Preset]:
+    # sizes: docs/results/index.md ("Reproducing under the protocol") gives the timings
+    # behind them; n_dev items (neither tune nor test) are reserved here so that the
+    # sweep (validation/sweep.py) tunes on exactly these tune items, and only it scores them
     default = Preset(
         "default",
-        language=PartConfig(model="smollm2", n_tune=32, n_test=25, steps=20,
-                            calibration_batches=16, compress_dtype="float32",
+        language=PartConfig(model="smollm2", n_tune=32, n_test=16, n_dev=16, steps=10,
+                            calibration_batches=4, compress_dtype="float32",
                             retains=(0.8, 0.9), untuned_rows=True),
-        vision=PartConfig(model="fmnist-vit", n_tune=500, n_test=500, batch_size=32, steps=150,
-                          calibration_batches=8, retains=(0.7, 0.8, 0.9),
-                          targets=("digits", "fmnist-tops"), svd_ctf=True, base_row=True,
-                          probe_steps=100, untuned_rows=True),
+        vision=PartConfig(model="fmnist-vit", n_tune=500, n_test=500, n_dev=200, batch_size=32,
+                          steps=150, calibration_batches=8, retains=(0.8, 0.9),
+                          targets=("digits", "fmnist-tops"), base_row=True, probe_steps=100,
+                          untuned_rows=True),
     )
     full = replace(
         default, name="full",
         language=replace(default.language, n_tune=300, n_test=100, steps=300,
-                         retains=(0.6, 0.7, 0.8, 0.9), ablations=True, svd_ctf=True),
-        vision=replace(default.vision, retains=(0.6, 0.7, 0.8, 0.9), ablations=True),
+                         calibration_batches=16),
+        vision=replace(default.vision, retains=(0.6, 0.7, 0.8, 0.9), ablations=True,
+                       svd_ctf=True),
     )
     smoke = Preset(
         "smoke",
         # every option of the default and full presets, on tiny models, in a few minutes:
         # language covers retain 0.9 and the lm-eval metrics, vision two targets and the ablations
-        language=PartConfig(model="tiny", n_tune=4, n_test=3, batch_size=8, max_length=48,
+        language=PartConfig(model="tiny", n_tune=4, n_test=3, n_dev=2, batch_size=8, max_length=48,
                             eval_batch_size=16, calibration_batches=2, steps=2, lora_rank=2,
                             retains=(0.8, 0.9), untuned_rows=True),
-        vision=PartConfig(model="tiny-vit", n_tune=64, n_test=64, batch_size=32,
+        vision=PartConfig(model="tiny-vit", n_tune=64, n_test=64, n_dev=16, batch_size=32,
                           calibration_batches=1, steps=2, lora_rank=2, retains=(0.8,),
                           targets=("digits", "digits-shifted"), ablations=True, svd_ctf=True,
                           probe_steps=2, untuned_rows=True),
@@ -231,7 +235,12 @@ def build_language(cfg: PartConfig, preset: Preset, config: RunConfig,
     if cfg.model == "paper":
         from validation.paper_data import paper_language  # noqa: PLC0415
 
-        return {"language": [paper_language(cfg, seed, config.paper) for seed in preset.seeds]}
+        parts = []
+        for seed in preset.seeds:
+            part = paper_language(cfg, seed, config.paper)
+            part.seed = seed
+            parts.append(part)
+        return {"language": parts}
     if cfg.model == "smollm2":
         from validation.assets import load_smollm2  # noqa: PLC0415
 
@@ -385,7 +394,7 @@ def _mean_loss(model, batches, loss_fn) -> float:
     return total / weight
 
 
-class _Shared:
+class SeedShare:
     """What seeds of one part can share: statistics, one compressed model, base losses, evaluations."""
 
     def __init__(self):
@@ -396,10 +405,10 @@ class _Shared:
 
 
 def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress: bool,
-               shared: _Shared | None = None, stats_key: str = "",
+               shared: SeedShare | None = None, stats_key: str = "",
                save_to: Path | None = None) -> dict:
     """Build, tune (unless untuned) and evaluate one method on one seed's part."""
-    shared = shared or _Shared()
+    shared = shared or SeedShare()
     start = time.perf_counter()
     tuned = method.kind != "none" and method.opts.get("tune", True)
     invariant = getattr(part, "base_shared", False)
@@ -407,11 +416,13 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
     if not tuned and invariant and share_key in shared.untuned:
         # the same base, statistics and test items, no training: the same record
         rec = copy.deepcopy(shared.untuned[share_key])
+        rec["copied_from_seed"] = rec.pop("seed")
         rec["seed"] = seed
-        rec["copied_from_seed"] = rec.get("copied_from_seed", rec.get("_first_seed"))
+        rec.pop("saved", None)
         return rec
     measured: dict = {}
-    if shared.built is not None and shared.built[0] == share_key and method.kind in ("jactus", "ctf"):
+    build_key = (id(part.base), stats_key, method.build_signature())
+    if shared.built is not None and shared.built[0] == build_key and method.kind in ("jactus", "ctf"):
         built = copy.copy(shared.built[1])
         built.model = copy.deepcopy(shared.built[1].model)
         measured = shared.built[2]
@@ -424,7 +435,7 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
         if built.report is not None:
             measured = _measured_rise(part, built, shared)
         if method.kind in ("jactus", "ctf"):
-            shared.built = (share_key, built, measured) if invariant else None
+            shared.built = (build_key, built, measured) if invariant else None
             if invariant:
                 built = copy.copy(built)
                 built.model = copy.deepcopy(shared.built[1].model)
@@ -465,12 +476,12 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
                            "format": save_tuned(built.model, method.kind, save_to,
                                                 getattr(part, "tokenizer", None))}
     if not tuned and invariant:
-        shared.untuned[share_key] = {**record, "_first_seed": seed}
+        shared.untuned[share_key] = record
     del built
     return record
 
 
-def _measured_rise(part, built, shared: _Shared) -> dict:
+def _measured_rise(part, built, shared: SeedShare) -> dict:
     """Predicted (report, nats) and measured rise of the mean loss on the calibration batches."""
     key = id(part.base)
     if key not in shared.base_loss:
@@ -760,6 +771,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-batches", type=int, default=None)
     p.add_argument("--lora-rank", type=int, default=None, help="override the LoRA/DoRA rank")
     p.add_argument("--probe-steps", type=int, default=None, help="override the vision linear-probe steps")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="override the vision targets (validation.vision.TARGETS)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds of data order and initialisation (default: the preset's, 3)")
     p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
@@ -811,6 +824,7 @@ def configure(preset: Preset, args: argparse.Namespace) -> Preset:
                if getattr(args, arg) is not None}
     if "retains" in changes:
         changes["retains"] = tuple(changes["retains"])
+    vision_changes = {} if args.targets is None else {"targets": tuple(args.targets)}
 
     def over(cfg: PartConfig) -> PartConfig:
         return replace(cfg, **changes)
@@ -821,7 +835,7 @@ def configure(preset: Preset, args: argparse.Namespace) -> Preset:
         msg = f"--parts: unknown part(s) {sorted(unknown)}; choose from language, vision"
         raise SystemExit(msg)
     lang = replace(over(preset.language), enabled="language" in parts)
-    vis = replace(over(preset.vision), enabled="vision" in parts)
+    vis = replace(over(preset.vision), enabled="vision" in parts, **vision_changes)
     lang = with_learning_rates("language", lang) if lang.enabled else lang
     vis = with_learning_rates("vision", vis) if vis.enabled else vis
     seeds = preset.seeds if args.seeds is None else tuple(args.seeds)
@@ -843,7 +857,7 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
 
     Finished (method, seed) pairs are read back instead of rerun.
     """
-    shared = _Shared()
+    shared = SeedShare()
     records: dict[int, dict[str, dict]] = {part.seed: {} for part in parts}
     out = config.out
     name = parts[0].name

@@ -6,8 +6,9 @@ Protocol
   vision, the images after the tune images in the split permutation of
   every target (``--n-dev`` per target); language, the validation items
   after the tune items of every task (``--n-dev`` per task). Models train on
-  the same tune items, for the same steps, as the runner's preset; only the
-  scored items differ, and test items are never scored.
+  the same tune items, for the same steps, as the runner's preset (which
+  reserves the same dev items, ``n_dev``); only the scored items differ,
+  and test items are never scored.
 * **What.** Each family in its final configuration, the one the runner
   uses: JACTUS@0.8 (covariance task directions, mergeable cores on the
   layers kept dense), SVD-LLM+LoRA@0.8, LoRA@1.0 and DoRA@1.0. The ablations
@@ -117,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--families", default=",".join(FAMILY_METHODS),
                    help="comma-separated families to sweep")
     p.add_argument("--n-dev", type=int, default=None,
-                   help="dev items per target (vision, default 200) or per task (language, default 16)")
+                   help="dev items per target (vision) or per task (language); default: the "
+                        "preset's n_dev (default preset: 200 and 16)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--page", type=Path, default=None, help="default docs/results/sweep-<part>.md")
     p.add_argument("--settings", type=Path, default=run_paper.SETTINGS_FILE)
@@ -137,11 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
         msg = f"--families: unknown {sorted(unknown)}; choose from {list(FAMILY_METHODS)}"
         raise SystemExit(msg)
     preset = run_paper.presets()[args.preset]
-    n_dev = args.n_dev if args.n_dev is not None else (200 if args.part == "vision" else 16)
-    if args.preset == "smoke":
-        n_dev = min(n_dev, 16 if args.part == "vision" else 2)
-    cfg = replace(getattr(preset, args.part), n_dev=n_dev, lrs={f: 1.0 for f in FAMILY_METHODS},
-                  lr_head=1.0)
+    cfg = getattr(preset, args.part)
+    # the preset reserves its dev items, so the sweep tunes on the run's exact tune items
+    n_dev = args.n_dev if args.n_dev is not None else cfg.n_dev
+    if n_dev < 1:
+        msg = f"--n-dev: the {args.preset} preset reserves no dev items; pass --n-dev N"
+        raise SystemExit(msg)
+    cfg = replace(cfg, n_dev=n_dev, lrs={f: 1.0 for f in FAMILY_METHODS}, lr_head=1.0)
     preset = replace(preset, seeds=tuple(args.orders))
     out = args.out or Path("results") / f"sweep-{args.part}"
     out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     for family in families:
         method = FAMILY_METHODS[family]
         for name, parts in parts_by_name.items():
-            shared = run_paper._Shared()  # noqa: SLF001
+            shared = run_paper.SeedShare()
             for lr in args.lrs:
                 local = replace(cfg, lrs={f: lr for f in FAMILY_METHODS})
                 for part in parts:

@@ -1,4 +1,12 @@
-"""The paper runner end to end on tiny models (``--preset smoke``), outputs and resume."""
+"""The paper runner end to end on tiny models (``--preset smoke``), outputs and resume.
+
+The smoke preset covers every option of the default and full presets: three
+seeds, two vision targets (their average), language at retain 0.8 and 0.9
+with the lm-eval metrics, the per-family learning rates read from
+``validation/tuned_settings.json``, the head's own parameter group, the
+predicted-against-measured loss rise, ``--save-models`` and the verdict on
+the paper's ordering. Fast unit tests of the pieces come first.
+"""
 
 from __future__ import annotations
 
@@ -8,51 +16,304 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from validation import run_paper, sweep
+from validation.report import claim_lines, summarize
+from validation.train import parameter_groups, tune
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "validation" / "run_paper.py"
+SEEDS = {0, 1, 2}
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_head_has_its_own_parameter_group():
+    model = torch.nn.Sequential()
+    model.add_module("body", torch.nn.Linear(3, 3))
+    model.add_module("classifier", torch.nn.Linear(3, 2))
+    groups = parameter_groups(model, 1e-3, head=["classifier"], head_lr=1e-2)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["method"]["lr"] == 1e-3 and by_name["head"]["lr"] == 1e-2
+    assert {id(p) for p in by_name["head"]["params"]} == {id(p) for p in model.classifier.parameters()}
+    # without a head rate, one group
+    assert len(parameter_groups(model, 1e-3, head=["classifier"])) == 1
+
+
+def test_tune_moves_the_head_at_its_own_rate():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("body", torch.nn.Linear(4, 4))
+    model.add_module("classifier", torch.nn.Linear(4, 2))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+
+    def loss(m, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+    tune(model, batches, loss, steps=1, lr=1e-12, progress=False, head=["classifier"], head_lr=1e-1)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    # AdamW's first step moves each weight by about its rate
+    assert moved["body.weight"] < 1e-9 < 1e-2 < moved["classifier.weight"]
+
+
+def test_choice_metrics_follow_lm_eval_definitions():
+    from validation.commonsense import MCItem
+    from validation.parts import choice_metrics
+    from validation.scoring import ScoreResult
+
+    item = MCItem(id="t:0", task="t", context="c", choices=("a", "bbbb"), label=1)
+    # choice 0: -2 nats over 1 char / 1 token; choice 1: -4 nats over 4 chars / 2 tokens
+    res = ScoreResult([item], [np.array([-2.0, -4.0])], [np.array([1, 2])], [np.array([1, 4])])
+    m = choice_metrics(res)
+    assert not m["acc"][0]  # unnormalised: -2 > -4 picks choice 0
+    assert m["correct"][0]  # per character: -2 < -1 picks choice 1
+    assert m["answer_nll"][0] == pytest.approx(2.0)
+    assert m["margin"][0] == pytest.approx(-2.0 - (-2.0))
+
+
+def test_language_dev_items_are_outside_tune_and_test():
+    from validation.commonsense import split_task
+    from validation.parts import three_way_splits
+
+    splits = three_way_splits(("arc_c", "boolq"), n_tune=300, n_test=100, n_dev=16, seed=0)
+    for _task, s in splits.items():
+        ids = {k: {i.id for i in v} for k, v in s.items()}
+        assert ids["dev"] and not ids["dev"] & (ids["tune"] | ids["test"])
+        assert not ids["tune"] & ids["test"]
+    assert len(splits["arc_c"]["tune"]) == 299 - 100 - 16  # a short task keeps what is left
+    assert len(splits["boolq"]["tune"]) == 300
+    # tune and test are split_task's (adding dev items changes neither)
+    from validation.commonsense import load_task
+
+    plain = split_task(load_task("boolq"), 300, 100, 0)
+    assert [i.id for i in plain.tune] == [i.id for i in splits["boolq"]["tune"]]
+
+
+def test_vision_dev_items_are_outside_tune_and_test():
+    from validation.vision import digits_task, shifted_digits_task
+
+    for build in (lambda: digits_task(0, 500, 500, n_dev=200), lambda: shifted_digits_task(0, 500, 500, 200)):
+        task = build()
+        tune, test, dev = set(task.tune_ids), set(task.test_ids), set(task.dev_ids)
+        assert len(dev) == 200 and not dev & (tune | test) and not tune & test
+        assert task.with_dev_as_test().test_ids == task.dev_ids
+    assert digits_task(0, 500, 500, n_dev=200).tune_ids == digits_task(0, 500, 500).tune_ids
+
+
+def test_fmnist_tops_holds_out_the_pretraining_classes(tmp_path):
+    from validation.vision import HELDOUT_CLASSES, PRETRAIN_CLASSES, _only_classes, fmnist_tops_task
+
+    assert not set(HELDOUT_CLASSES) & set(PRETRAIN_CLASSES)
+    assert set(HELDOUT_CLASSES) | set(PRETRAIN_CLASSES) == set(range(10))
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10, dtype=np.uint8), 30)
+    images = rng.integers(0, 255, (labels.size, 28, 28), dtype=np.uint8)
+    for stem, arr, code in (("train-images-idx3-ubyte", images, 3), ("train-labels-idx1-ubyte", labels, 1)):
+        header = bytes([0, 0, 0x08, code]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+        (tmp_path / stem).write_bytes(header + arr.tobytes())
+    task = fmnist_tops_task(0, n_tune=40, n_test=40, n_dev=20, folder=tmp_path)
+    assert task.num_labels == 4 and set(task.tune_y.tolist()) <= {0, 1, 2, 3}
+    rows = [int(i.split(":")[1]) for i in task.tune_ids + task.test_ids + task.dev_ids]
+    assert set(labels[rows].tolist()) <= set(HELDOUT_CLASSES)
+    _x, y = _only_classes(torch.zeros(len(labels), 1, 2, 2), torch.from_numpy(labels.astype(np.int64)),
+                         PRETRAIN_CLASSES)
+    assert len(y) == 30 * len(PRETRAIN_CLASSES) and set(y.tolist()) == set(range(len(PRETRAIN_CLASSES)))
+
+
+def test_weights_fingerprint_is_deterministic():
+    from validation.vision import tiny_vit, weights_fingerprint
+
+    assert weights_fingerprint(tiny_vit(0)) == weights_fingerprint(tiny_vit(0))
+    assert weights_fingerprint(tiny_vit(0)) != weights_fingerprint(tiny_vit(1))
+
+
+def test_learning_rates_come_from_the_settings_file(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"vision": {"lr": {f: 0.5 for f in run_paper.FAMILIES}, "lr_head": 0.25}}))
+    cfg = run_paper.with_learning_rates("vision", run_paper.PartConfig(), path)
+    assert cfg.lrs == {f: 0.5 for f in run_paper.FAMILIES} and cfg.lr_head == 0.25
+    kept = run_paper.with_learning_rates("vision", run_paper.PartConfig(lrs={"LoRA": 0.1}), path)
+    assert kept.lrs["LoRA"] == 0.1 and kept.lrs["JACTUS"] == 0.5
+    with pytest.raises(SystemExit, match="language"):
+        run_paper.with_learning_rates("language", run_paper.PartConfig(), path)
+    # the checked-in file covers both parts and every family
+    for part in ("language", "vision"):
+        cfg = run_paper.with_learning_rates(part, run_paper.PartConfig())
+        assert set(cfg.lrs) >= set(run_paper.FAMILIES) and cfg.lr_head > 0
+
+
+def test_every_preset_runs_three_seeds_and_full_is_large_enough():
+    presets = run_paper.presets()
+    assert all(len(set(p.seeds)) >= 3 for p in presets.values())
+    full = presets["full"].language
+    assert full.steps >= 300 and full.n_test >= 100 and full.n_tune * 8 >= 2000
+    assert 0.8 in presets["default"].language.retains and 0.9 in presets["default"].language.retains
+    assert len(presets["default"].vision.targets) >= 2
+
+
+def _rec(name, family, kind, retain, correct):
+    return {"method": {"name": name, "family": family, "kind": kind, "retain": retain, "options": {}},
+            "correct": correct, "metrics": {}, "retain_achieved": retain, "trainable_params": 1,
+            "total_params": 10, "wall_time_s": 0.0}
+
+
+def test_comparisons_pool_items_over_seeds_and_verdict_follows_the_numbers():
+    rng = np.random.default_rng(0)
+    by_seed = {}
+    for seed in range(3):
+        base = rng.random(60) < 0.5
+        by_seed[seed] = {
+            "JACTUS@0.8": _rec("JACTUS@0.8", "JACTUS", "jactus", 0.8, {"t": [1] * 60}),
+            "SVD-LLM+LoRA@0.8": _rec("SVD-LLM+LoRA@0.8", "SVD-LLM+LoRA", "ctf", 0.8,
+                                     {"t": base.astype(int).tolist()}),
+            "LoRA@1.0": _rec("LoRA@1.0", "LoRA", "lora", 1.0, {"t": [1] * 60}),
+            "DoRA@1.0": _rec("DoRA@1.0", "DoRA", "dora", 1.0, {"t": [1] * 59 + [0]}),
+        }
+    comps = run_paper.comparisons(by_seed)
+    pair = {(c["a"], c["b"]): c for c in comps}
+    assert pair[("JACTUS@0.8", "SVD-LLM+LoRA@0.8")]["n_items"] == 180
+    assert pair[("JACTUS@0.8", "SVD-LLM+LoRA@0.8")]["ci_low"] > 0
+    summary = summarize(by_seed)
+    assert summary["JACTUS@0.8"]["n_seeds"] == 3 and summary["JACTUS@0.8"]["sd"] == 0.0
+    lines = claim_lines("vision", summary, comps)
+    assert len(lines) == 1 and "HOLDS" in lines[0]
+    # flip: compress-then-finetune right everywhere, JACTUS never
+    for recs in by_seed.values():
+        recs["JACTUS@0.8"]["correct"] = {"t": [0] * 60}
+    lines = claim_lines("vision", summarize(by_seed), run_paper.comparisons(by_seed))
+    assert "does NOT hold" in lines[0] and "below" in lines[0]
+
+
+def test_sweep_selects_the_best_mean_over_orders_and_flags_edges():
+    done = {f"{lr} {o}": {"family": "LoRA", "lr": lr, "score": s}
+            for lr, scores in ((1e-4, (0.5, 0.6, 0.7)), (1e-3, (0.8, 0.7, 0.9)), (1e-2, (0.1, 0.2, 0.3)))
+            for o, s in enumerate(scores)}
+    chosen = sweep.select(done, "LoRA")
+    assert chosen["lr"] == 1e-3 and not chosen["edge"]
+    assert chosen["table"][1e-3][0] == pytest.approx(0.8) and chosen["table"][1e-3][2] == 3
+    done["x"] = {"family": "LoRA", "lr": 1e-1, "score": 5.0}
+    assert sweep.select(done, "LoRA")["edge"]
+    with pytest.raises(SystemExit, match="at least 3"):
+        sweep.main(["--orders", "0", "1"])
+
+
+def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"language": {"lr": {"LoRA": 7.0}, "lr_head": 1.0}}))
+    page = tmp_path / "sweep.md"
+    chosen = sweep.main(["--part", "vision", "--preset", "smoke", "--lrs", "1e-3", "1e-2",
+                         "--families", "LoRA", "--out", str(tmp_path / "out"), "--page", str(page),
+                         "--settings", str(settings), "--no-progress"])
+    assert chosen["lr"]["LoRA"] in (1e-3, 1e-2) and chosen["lr_head"] in (1e-3, 1e-2)
+    written = json.loads(settings.read_text())
+    assert written["language"]["lr"] == {"LoRA": 7.0}  # other parts kept
+    assert written["vision"]["chosen_by_sweep"] is True
+    done = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert {v["order"] for v in done.values()} == SEEDS
+    assert {v["target"] for v in done.values()} == {"vision/digits", "vision/digits-shifted"}
+    text = page.read_text()
+    assert "dev items" in text and "test items are never scored" in text and "| LoRA |" in text
+
+
+# ----------------------------------------------------------------------------- end to end
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(RUNNER), "--preset", "smoke", "--out", str(out), "--no-progress", *extra],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True, text=True, timeout=1200, cwd=ROOT,
     )
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    done = _run(out)
+    done = _run(out, "--save-models", str(out / "models"))
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
 
+def _payload(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
 def test_smoke_writes_every_output(smoke):
     out, _ = smoke
-    for name in ("results.json", "results.csv", "results.md", "accuracy_vs_retain_language.png",
-                 "accuracy_vs_retain_vision.png", "ranks_language.png", "predicted_loss_vision.png"):
+    for name in ("results.json", "results.csv", "results.md", "summary.md",
+                 "accuracy_vs_retain_language.png", "accuracy_vs_retain_vision.png",
+                 "ranks_language.png", "predicted_loss_vision.png",
+                 "predicted_vs_measured_language.png", "predicted_vs_measured_vision.png"):
         assert (out / name).stat().st_size > 0, name
-    payload = json.loads((out / "results.json").read_text())
-    methods = {r["method"] for r in payload["rows"]}
-    for expected in ("JACTUS@0.8", "SVD-LLM+LoRA@0.8", "LoRA@1.0", "DoRA@1.0", "JACTUS@0.6",
-                     "JACTUS tau=0@0.8", "JACTUS no-Cg@0.8", "JACTUS uniform@0.8", "JACTUS no-dense@0.8"):
-        assert expected in methods
+    payload = _payload(out)
+    lang = {r["method"] for r in payload["rows"] if r["part"] == "language"}
+    vis = {r["method"] for r in payload["rows"] if r["part"] == "vision"}
+    for expected in ("JACTUS@0.8", "JACTUS@0.9", "SVD-LLM+LoRA@0.9", "LoRA@1.0", "DoRA@1.0"):
+        assert expected in lang
+    for expected in ("JACTUS@0.8", "SVD+LoRA@0.8", "JACTUS tau=0@0.8", "JACTUS gradient-directions@0.8",
+                     "JACTUS no-Cg@0.8", "JACTUS uniform@0.8"):
+        assert expected in vis
     tasks = {r["task"] for r in payload["rows"] if r["part"] == "language"}
     assert tasks == {"boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa", "average"}
+    assert {r["task"] for r in payload["rows"] if r["part"] == "vision"} == {"digits", "digits-shifted",
+                                                                             "average"}
     with (out / "results.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(payload["rows"])
-    assert all(r["seed"] == "0" and float(r["wall_time_s"]) >= 0 for r in rows)
+    assert {int(r["seed"]) for r in rows} == SEEDS
+
+
+def test_tables_show_mean_and_sd_over_seeds(smoke):
+    out, _ = smoke
+    payload = _payload(out)
+    for part in ("language", "vision"):
+        for name, entry in payload["summary"][part].items():
+            assert entry["n_seeds"] == 3, (part, name)
+            assert entry["mean"] == pytest.approx(np.mean(entry["per_seed"]))
+    lang = payload["summary"]["language"]["LoRA@1.0"]
+    assert set(lang["metrics"]) == {"acc", "correct", "answer_nll", "margin"}
+    assert "without_boolq" in lang
+    text = (out / "results.md").read_text()
+    assert "avg ± sd (seeds)" in text and "avg w/o boolq" in text and "answer NLL" in text
+
+
+def test_learning_rates_and_head_rate_are_the_files(smoke):
+    out, _ = smoke
+    chosen = run_paper.tuned_settings()
+    for r in _payload(out)["rows"]:
+        family = {"jactus": "JACTUS", "ctf": "SVD-LLM+LoRA", "lora": "LoRA", "dora": "DoRA"}.get(
+            r["settings"]["kind"])
+        if family is None or r["trainable_params"] == 0:
+            continue
+        assert r["settings"]["lr"] == chosen[r["part"]]["lr"][family]
+        if r["part"] == "vision":
+            assert r["settings"]["lr_head"] == chosen["vision"]["lr_head"]
+
+
+def test_seeds_change_order_and_initialisation_and_vit_fingerprints_are_recorded(smoke):
+    out, _ = smoke
+    payload = _payload(out)
+    prints = payload["pretrained_fingerprints"]["vision"]
+    assert set(map(int, prints)) == SEEDS and len(set(prints.values())) == 3
+    losses = {}
+    for path in (out / "methods").glob("language__seed*__LoRA_1.0__*.json"):
+        rec = json.loads(path.read_text())
+        losses[rec["seed"]] = tuple(rec["train_losses"])
+    assert set(losses) == SEEDS and len(set(losses.values())) == 3
 
 
 def test_untuned_rows_are_evaluated_before_any_step(smoke):
     out, _ = smoke
-    payload = json.loads((out / "results.json").read_text())
-    untuned = [r for r in payload["rows"] if r["method"].endswith(" untuned")]
-    assert {r["method"] for r in untuned} == {"JACTUS@0.8 untuned", "SVD-LLM+LoRA@0.8 untuned"}
-    assert all(r["trainable_params"] == 0 for r in untuned)
+    payload = _payload(out)
+    untuned = {r["method"] for r in payload["rows"] if r["method"].endswith(" untuned")
+               and r["part"] == "language"}
+    assert untuned == {"JACTUS@0.8 untuned", "SVD-LLM+LoRA@0.8 untuned", "JACTUS@0.9 untuned",
+                       "SVD-LLM+LoRA@0.9 untuned"}
+    assert all(r["trainable_params"] == 0 for r in payload["rows"] if r["method"].endswith(" untuned"))
     for path in (out / "methods").glob("*untuned*.json"):
         assert json.loads(path.read_text())["train_losses"] == []
     pairs = {(c["a"], c["b"]) for c in payload["paired_comparisons"]["vision"]}
@@ -61,11 +322,22 @@ def test_untuned_rows_are_evaluated_before_any_step(smoke):
     assert ("JACTUS@0.8", "SVD-LLM+LoRA@0.8 untuned") not in pairs
 
 
+def test_predicted_and_measured_loss_rise_are_recorded(smoke):
+    out, _ = smoke
+    for path in (out / "methods").glob("language__seed0__*JACTUS_0.8*.json"):
+        rec = json.loads(path.read_text())
+        assert rec["predicted_loss_increase"] >= 0
+        assert rec["measured_loss_increase"] == pytest.approx(
+            rec["calibration_loss_compressed"] - rec["calibration_loss_base"])
+
+
 def test_splits_are_recorded_and_disjoint(smoke):
     out, _ = smoke
-    splits = json.loads((out / "results.json").read_text())["splits"]
-    per_task = [*splits["language"]["tasks"].values(), splits["vision"]["digits"]]
-    assert len(per_task) == 9
+    splits = _payload(out)["splits"]
+    per_task = [*splits["language"]["language"]["tasks"].values(),
+                splits["vision"]["vision/digits"]["digits"],
+                splits["vision"]["vision/digits-shifted"]["digits-shifted"]]
+    assert len(per_task) == 10
     for ids in per_task:
         tune, test = set(ids["tune"]), set(ids["test"])
         assert tune and test and not tune & test
@@ -73,19 +345,77 @@ def test_splits_are_recorded_and_disjoint(smoke):
 
 def test_budgets_and_intervals(smoke):
     out, _ = smoke
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    rows = _payload(out)["rows"]
     for r in rows:
         if r["settings"]["kind"] in ("jactus", "ctf"):
             assert r["retain_achieved"] <= r["retain_target"] + 1e-9
             assert r["retain_achieved"] > r["retain_target"] - 0.02
         if r["task"] == "average":
             assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
-    comps = json.loads((out / "results.json").read_text())["paired_comparisons"]
-    assert any(c["a"] == "JACTUS@0.8" and c["b"] == "SVD-LLM+LoRA@0.8" for c in comps["language"])
+    comps = _payload(out)["paired_comparisons"]
+    pooled = [c for c in comps["language"] if c["a"] == "JACTUS@0.8" and c["b"] == "SVD-LLM+LoRA@0.8"]
+    assert pooled and pooled[0]["n_items"] == 3 * 8 * 3  # items x tasks x seeds
+
+
+def test_verdict_is_written_from_the_results(smoke):
+    out, _ = smoke
+    text = (out / "summary.md").read_text()
+    for part in ("language", "vision"):
+        assert f"**{part}.**" in text
+    assert "Retain 0.8: the paper's ordering" in text and "Retain 0.9: the paper's ordering" in text
+
+
+def test_saved_models_evaluate_again_without_tuning(smoke):
+    from transformers import ViTForImageClassification
+
+    from jactus_linalg.torch import load_compressed
+    from validation import vision
+
+    out, _ = smoke
+    models = out / "models"
+    folder = models / "vision-digits" / "seed1" / "JACTUS_0.8"
+    assert (folder / "jactus.json").is_file()
+    task = vision.digits_task(0, 64, 64)
+    recorded = {}
+    for path in (out / "methods").glob("vision-digits__seed1__*.json"):
+        rec = json.loads(path.read_text())
+        recorded[rec["method"]["name"]] = rec["correct"]["digits"]
+    for name, loader in (("JACTUS_0.8", load_compressed),
+                         ("LoRA_1.0", ViTForImageClassification.from_pretrained)):
+        model = loader(models / "vision-digits" / "seed1" / name).eval()
+        with torch.no_grad():
+            pred = model(pixel_values=task.test_x).logits.argmax(-1)
+        again = (pred == task.test_y).int().tolist()
+        assert again == recorded[name.replace("_", "@")], name
+    lang = models / "language" / "seed0" / "JACTUS_0.9"
+    assert (lang / "jactus.json").is_file() and (lang / "tokenizer_config.json").is_file()
 
 
 def test_rerun_resumes_from_finished_methods(smoke):
     out, _ = smoke
     done = _run(out)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("already done") == 30  # 15 methods x 2 parts
+    # language: 11 methods, vision: 12 methods x 2 targets; 3 seeds each
+    assert done.stdout.count("already done") == 3 * (11 + 24)
+
+
+def test_publish_fills_the_marked_blocks_from_the_run(tmp_path):
+    from validation.publish_results import publish, replace_block
+
+    assert replace_block("no markers", "default", "x") is None
+    run = tmp_path / "default"
+    run.mkdir()
+    (run / "results.md").write_text("table ![p](plot.png)")
+    (run / "results.csv").write_text("a,b\n")
+    (run / "plot.png").write_bytes(b"png")
+    (run / "summary.md").write_text("- Retain 0.8: the paper's ordering HOLDS on vision.")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:default:start -->\nold\n<!-- results:default:end -->\ntail\n")
+    dest = tmp_path / "docs"
+    dest.mkdir()
+    (dest / "index.md").write_text("<!-- results:full:start -->\nkeep\n<!-- results:full:end -->\n")
+    page = publish(run, dest, readme)
+    assert page.read_text() == "table ![p](default-plot.png)"
+    text = readme.read_text()
+    assert "old" not in text and "HOLDS on vision" in text and text.endswith("tail\n")
+    assert "keep" in (dest / "index.md").read_text()  # another preset's block is left alone

@@ -419,3 +419,12 @@ def test_publish_fills_the_marked_blocks_from_the_run(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "HOLDS on vision" in text and text.endswith("tail\n")
     assert "keep" in (dest / "index.md").read_text()  # another preset's block is left alone
+
+
+def test_sweep_scores_language_by_answer_nll_and_vision_by_accuracy():
+    rec = {"correct": {"a": [1, 0], "b": [1, 1]},
+           "metrics": {"answer_nll": {"a": [2.0, 4.0], "b": [1.0, 1.0]}}}
+    score, acc = sweep.dev_score("language", rec)
+    assert score == pytest.approx(-(3.0 + 1.0) / 2) and acc == pytest.approx(0.75)
+    score, acc = sweep.dev_score("vision", rec)
+    assert score == acc == pytest.approx(0.75)

@@ -75,6 +75,7 @@ from .whitening import (
     DEFAULT_DAMPING,
     WhiteningOperator,
     factor_transpose_times,
+    svd_dtype,
     whitened_gradient,
     whitened_weight,
 )
@@ -206,6 +207,11 @@ class LayerPlan(NamedTuple):
     task_notes : tuple of str
         How the task directions were found (exact or randomized, with the
         accuracy bound of the randomized eigensolver).
+    svd_dtype : dtype or None
+        The dtype the SVDs of :math:`M` (and :math:`\Gamma`) ran in when it
+        is below the working dtype (``svd_precision="weight"`` with a
+        float32 weight and float64 statistics); ``None``: the working dtype.
+        The plan's accuracy is this dtype's.
     """
 
     left_basis: Array
@@ -225,6 +231,7 @@ class LayerPlan(NamedTuple):
     weight_dtype: Any
     task_source: str = DEFAULT_TASK_DIRECTIONS
     task_notes: tuple[str, ...] = ()
+    svd_dtype: Any = None
 
     @property
     def max_rank(self) -> int:
@@ -308,8 +315,14 @@ OVERSAMPLE = 10
 POWER_ITERS = 2
 
 
-def top_singular(a: Array, k: int, svd: str) -> tuple[Array, Array, Array]:
-    """Top-``k`` (at least) singular triplets ``(U, s, Vh)`` of ``a``, exact or randomized."""
+def top_singular(
+    a: Array, k: int, svd: str, *, dtype: Any = None
+) -> tuple[Array, Array, Array]:
+    """Top-``k`` (at least) singular triplets ``(U, s, Vh)`` of ``a``, exact or randomized.
+
+    ``dtype``: decompose in that dtype (see :func:`~jactus_linalg.whitening.svd_dtype`);
+    the triplets come back in ``a``'s dtype.
+    """
     if svd not in ("auto", "exact", "randomized"):
         msg = f"`svd` must be 'auto', 'exact' or 'randomized'; got {svd!r}"
         raise ValueError(msg)
@@ -319,9 +332,13 @@ def top_singular(a: Array, k: int, svd: str) -> tuple[Array, Array, Array]:
         svd == "auto" and k + OVERSAMPLE <= RANDOMIZED_FRACTION * small
     )
     if not randomized or k >= small:
-        return svd_reduced(xp, a)
-    res = randomized_svd(a, k, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
-    return res.left, res.values, res.right.T
+        return svd_reduced(xp, a, dtype=dtype)
+    low = a if dtype is None else astype(xp, a, dtype)
+    res = randomized_svd(low, k, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
+    return (
+        astype(xp, res.left, a.dtype), astype(xp, res.values, a.dtype),
+        astype(xp, res.right.T, a.dtype),
+    )
 
 
 def _tail_energy(sigma: np.ndarray, total: float, r_max: int, full: int) -> np.ndarray:
@@ -349,6 +366,7 @@ def plan_layer(
     svd: str = "auto",
     xp: ModuleType | None = None,
     task_grad_cov: WhiteningOperator | None = None,
+    svd_precision: str = "weight",
 ) -> LayerPlan:
     r"""Decompose one layer once, for every rank up to ``max_rank``.
 
@@ -393,6 +411,13 @@ def plan_layer(
         Ablation without gradient whitening (``grad_cov=None``): the factored
         :math:`C_g` whose eigenvectors still give :math:`E_g` (then
         :math:`S_g = I` in the union).
+    svd_precision : {"weight", "working"}, optional
+        dtype of the SVDs of :math:`M` and :math:`\Gamma`: the weight's
+        precision when it is below the working dtype (default; a float32
+        weight with float64 statistics decomposes in float32, whitening
+        stays float64), or the working dtype. The rank cut-offs use the
+        epsilon of the dtype the SVD ran in. See
+        :func:`~jactus_linalg.whitening.svd_dtype`.
 
     Returns
     -------
@@ -428,6 +453,7 @@ def plan_layer(
     uses_gradient = task_directions == "gradient" and tau > 0
     check_same_library(xp, input_cov=input_cov, grad_cov=grad_cov, grad_mean=grad_mean)
     work = working_dtype(xp, weight, input_cov, grad_cov, grad_mean if uses_gradient else None)
+    svd_dt = svd_dtype(xp, weight.dtype, work, svd_precision)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     source = _check_task_inputs(
         tau, task_directions, input_cov, grad_cov if task_grad_cov is None else task_grad_cov,
@@ -436,7 +462,7 @@ def plan_layer(
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
     check_no_overflow(xp, whitened, "whitened weight S_g^T W S_x")
     total = float(xp.sum(whitened * whitened))
-    p, s, qh = top_singular(whitened, r_max, svd)
+    p, s, qh = top_singular(whitened, r_max, svd, dtype=svd_dt)
     sigma = as_numpy(s).astype(np.float64)
     notes: tuple[str, ...] = ()
     task_rank, left_task, right_task = 0, p[:, :0], qh[:0, :].T
@@ -445,8 +471,8 @@ def plan_layer(
         if source == "gradient":
             gamma = whitened_gradient(astype(xp, grad_mean, work), grad_op, input_op)
             check_no_overflow(xp, gamma, "whitened gradient S_g^-1 G S_x^-T")
-            pt, st, qth = top_singular(gamma, j_max, svd)
-            rcond = eps(xp, work) * max(m, n)
+            pt, st, qth = top_singular(gamma, j_max, svd, dtype=svd_dt)
+            rcond = eps(xp, work if svd_dt is None else svd_dt) * max(m, n)
             task_rank = min(numerical_rank(as_numpy(st).astype(np.float64), rcond), j_max)
             left_task, right_task = pt, qth.T
         else:
@@ -483,6 +509,7 @@ def plan_layer(
         weight_dtype=weight.dtype,
         task_source=source,
         task_notes=notes,
+        svd_dtype=svd_dt,
     )
 
 
@@ -557,6 +584,7 @@ def jactus_layer(
     max_rank: int | None = None,
     whitening: str = "cholesky",
     svd: str = "auto",
+    svd_precision: str = "weight",
     xp: ModuleType | None = None,
 ) -> JactusLayer:
     r"""JACTUS factorization of one layer at ``rank``, with its allocation gains.
@@ -574,7 +602,7 @@ def jactus_layer(
     weight : (m, n) array_like
     rank : int
         :math:`r`, with ``1 <= rank <= max_rank``.
-    input_cov, grad_cov, grad_mean, task_fraction, task_directions, damping, max_rank, whitening, svd, xp
+    input_cov, grad_cov, grad_mean, task_fraction, task_directions, damping, max_rank, whitening, svd, svd_precision, xp
         As in :func:`plan_layer`; ``max_rank`` defaults to
         ``max(rank, break-even rank)``.
 
@@ -619,6 +647,6 @@ def jactus_layer(
         weight, input_cov=input_cov, grad_cov=grad_cov, grad_mean=grad_mean,
         task_fraction=task_fraction, task_directions=task_directions, damping=damping,
         max_rank=max_rank,
-        whitening=whitening, svd=svd, xp=xp,
+        whitening=whitening, svd=svd, svd_precision=svd_precision, xp=xp,
     )
     return plan.factorize(rank)

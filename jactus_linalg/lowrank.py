@@ -52,11 +52,13 @@ from .whitening import (
     WhiteningOperator,
     factor_transpose_times,
     inverse_transpose_times,
+    svd_dtype,
     whitened_weight,
     whitening_operator,
 )
 
 __all__ = [
+    "DeferredRank",
     "Factors",
     "LowRankResult",
     "ProjectedCore",
@@ -74,7 +76,58 @@ __all__ = [
 ]
 
 
-class WhiteningInfo(NamedTuple):
+class DeferredRank:
+    r"""The effective rank of a whitening operator, computed on first use.
+
+    For a Cholesky factor :math:`\operatorname{tr}\, C (C + \delta I)^{-1}`
+    costs a triangular inversion, as much as the factorization itself (1.1 s
+    at n = 3072 on 2 cores), so a :class:`WhiteningInfo` holds this
+    placeholder and reads the value only when ``info.effective_rank`` is
+    asked for. A deep copy (``dataclasses.asdict`` of a compression report)
+    resolves it to a float.
+    """
+
+    __slots__ = ("_op",)
+
+    def __init__(self, op: WhiteningOperator) -> None:
+        self._op = op
+
+    @property
+    def resolved(self) -> bool:
+        """True once the operator has computed (and kept) its effective rank."""
+        return self._op.method != "cholesky" or self._op.rank_cache[0] is not None
+
+    def value(self) -> float:
+        return float(self._op.effective_rank)
+
+    def __float__(self) -> float:
+        return self.value()
+
+    def __deepcopy__(self, memo: dict) -> float:
+        return self.value()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DeferredRank):
+            return self.value() == other.value()
+        return self.value() == other
+
+    def __hash__(self) -> int:
+        return hash(self.value())
+
+    def __repr__(self) -> str:
+        return repr(self.value()) if self.resolved else "<computed on access>"
+
+
+class _WhiteningFields(NamedTuple):
+    method: str
+    damping: float
+    relative_damping: float
+    numerical_rank: int | None
+    notes: tuple[str, ...]
+    effective_rank: float | DeferredRank | None = None
+
+
+class WhiteningInfo(_WhiteningFields):
     r"""What whitening did to one side of a layer (reported, never silent).
 
     Attributes
@@ -92,14 +145,22 @@ class WhiteningInfo(NamedTuple):
     effective_rank : float or None
         :math:`\operatorname{tr}\, C (C + \delta I)^{-1}`, the number of
         directions the data resolve above the damping (both methods).
+        Computed when first read (a triangular inversion for a Cholesky
+        factor), never while the info is built.
     """
 
-    method: str
-    damping: float
-    relative_damping: float
-    numerical_rank: int | None
-    notes: tuple[str, ...]
-    effective_rank: float | None = None
+    __slots__ = ()
+
+    @property  # type: ignore[misc]  # the field, resolved on access
+    def effective_rank(self) -> float | None:
+        value = self[5]
+        return value.value() if isinstance(value, DeferredRank) else value
+
+    def _asdict(self) -> dict[str, Any]:
+        """The fields as a dict, the effective rank resolved to a float."""
+        out = dict(zip(self._fields, self, strict=True))
+        out["effective_rank"] = self.effective_rank
+        return out
 
 
 class LowRankResult(NamedTuple):
@@ -150,7 +211,7 @@ def info_of(op: WhiteningOperator | None) -> WhiteningInfo | None:
         return None
     return WhiteningInfo(
         op.method, op.damping, op.relative_damping, op.numerical_rank, op.notes,
-        op.effective_rank,
+        DeferredRank(op),
     )
 
 
@@ -259,7 +320,12 @@ class ProjectedCore(NamedTuple):
 
 
 def project_to_core(
-    whitened: Array, left: Array | None, right: Array | None, rank: int | None = None
+    whitened: Array,
+    left: Array | None,
+    right: Array | None,
+    rank: int | None = None,
+    *,
+    svd_dtype: Any = None,
 ) -> ProjectedCore:
     r"""The best core of ``whitened`` between two orthonormal bases, truncated inside them.
 
@@ -278,7 +344,14 @@ def project_to_core(
     rank : int, optional
         Keep at most this rank. Without it, the full projected core (with no
         basis at all: the numerical rank of :math:`M`, at least 1, at
-        ``rcond = eps · max(m, n)``).
+        ``rcond = eps · max(m, n)``, with the epsilon of the dtype the SVD
+        ran in).
+    svd_dtype : dtype, optional
+        Run every SVD of the kernel in this dtype (e.g. float32 for a
+        float64 ``whitened`` made from a float32 weight, see
+        :func:`jactus_linalg.whitening.svd_dtype`); the factors come back in
+        ``whitened``'s dtype, accurate to this dtype's epsilon. ``None``:
+        ``whitened``'s own dtype.
 
     Returns
     -------
@@ -299,26 +372,28 @@ def project_to_core(
     subspaces (Eckart-Young inside the union).
     """
     xp = namespace(whitened)
+    dt = svd_dtype
     if left is not None and right is not None:
         core = left.T @ whitened @ right
         a, b = int(core.shape[0]), int(core.shape[1])
         if rank is None or rank >= min(a, b):
             return ProjectedCore(left, core, right)
-        y, s, zh = svd_reduced(xp, core)
+        y, s, zh = svd_reduced(xp, core, dtype=dt)
         return ProjectedCore(left @ y[:, :rank], _diag(xp, s[:rank]), right @ zh[:rank, :].T)
     if left is not None:
-        y, s, zh = svd_reduced(xp, left.T @ whitened)  # best right side given U
+        y, s, zh = svd_reduced(xp, left.T @ whitened, dtype=dt)  # best right side given U
         keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
         return ProjectedCore(left @ y[:, :keep], _diag(xp, s[:keep]), zh[:keep, :].T)
     if right is not None:
-        y, s, zh = svd_reduced(xp, whitened @ right)  # best left side given V
+        y, s, zh = svd_reduced(xp, whitened @ right, dtype=dt)  # best left side given V
         keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
         return ProjectedCore(y[:, :keep], _diag(xp, s[:keep]), right @ zh[:keep, :].T)
-    y, s, zh = svd_reduced(xp, whitened)
+    y, s, zh = svd_reduced(xp, whitened, dtype=dt)
     sigma = as_numpy(s).astype(np.float64)
     if rank is None:  # at least 1, so that a zero weight still has factors
         m, n = (int(d) for d in whitened.shape)
-        rank = max(numerical_rank(sigma, eps(xp, whitened.dtype) * max(m, n)), 1)
+        rcond = eps(xp, whitened.dtype if dt is None else dt) * max(m, n)
+        rank = max(numerical_rank(sigma, rcond), 1)
     keep = min(rank, int(s.shape[0]))
     return ProjectedCore(y[:, :keep], _diag(xp, s[:keep]), zh[:keep, :].T, sigma)
 
@@ -376,6 +451,7 @@ def projected_lowrank(
     damping: float | tuple[float, float] = DEFAULT_DAMPING,
     whitening: str = "cholesky",
     bounds: bool = True,
+    svd_precision: str = "weight",
     xp: ModuleType | None = None,
 ) -> LowRankResult:
     r"""Best approximation of ``weight`` with factors in given subspaces, in the curvature norm.
@@ -410,6 +486,13 @@ def projected_lowrank(
     bounds : bool, optional
         Compute :math:`\sigma(M)` for the Eckart-Young bound (one extra SVD
         when bases are given). Default ``True``.
+    svd_precision : {"weight", "working"}, optional
+        dtype of the SVDs of the whitened weight. ``"weight"`` (default):
+        the weight's precision when it is below the working dtype (a
+        float32 weight with float64 statistics: whitening in float64, SVD in
+        float32, about twice as fast; the rank cut-off and the accuracy are
+        then float32's). ``"working"``: the working dtype (float64 SVD).
+        See :func:`jactus_linalg.whitening.svd_dtype`.
     xp : namespace, optional
         Array namespace; inferred from ``weight`` by default.
 
@@ -462,6 +545,7 @@ def projected_lowrank(
         check_matrix(xp, right, "right", rows=n)
     check_same_library(xp, input_cov=input_cov, grad_cov=grad_cov)
     work = working_dtype(xp, weight, input_cov, grad_cov, left, right)
+    svd_dt = svd_dtype(xp, weight.dtype, work, svd_precision)
     input_op, grad_op = whitening_operators((m, n), input_cov, grad_cov, damping, whitening, work)
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
     check_no_overflow(xp, whitened, "whitened weight S_g^T W S_x")
@@ -474,8 +558,8 @@ def projected_lowrank(
         if right is not None:
             right_basis = _whiten_basis(xp, astype(xp, right, work), input_op, "right", n)
         if bounds:
-            sigma = as_numpy(svd_reduced(xp, whitened)[1]).astype(np.float64)
-    projected = project_to_core(whitened, left_basis, right_basis, rank)
+            sigma = as_numpy(svd_reduced(xp, whitened, dtype=svd_dt)[1]).astype(np.float64)
+    projected = project_to_core(whitened, left_basis, right_basis, rank, svd_dtype=svd_dt)
     if projected.singular_values is not None:
         sigma = projected.singular_values
     core = projected.core

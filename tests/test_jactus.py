@@ -440,3 +440,35 @@ def test_identities_on_every_backend(backend, source, method):
             for deployed, cov in ((left, cg), (right, cx)):
                 eig = _descending_eigh(cov)[1][:, :3]
                 assert np.max(np.asarray(jl.principal_angles(orth(deployed), eig))) <= angle_tol
+
+
+@given(
+    prob=layer_problems(max_cond=1e6), tau=taus, method=methods, source=sources,
+    precision=st.sampled_from(["weight", "working"]),
+)
+def test_float32_weight_bounds_in_the_svd_dtype(prob, tau, method, source, precision):
+    """Pythagoras, Eckart-Young and the weight bound with a float32 weight and float64
+    statistics, tolerances from the dtype the SVD of M ran in (float32 by default)."""
+    w = prob["W"].astype(np.float32)
+    cx, cg, g, r = prob["Cx"], prob["Cg"], prob["G"], prob["rank"]
+    plan = jl.plan_layer(
+        w, input_cov=cx, grad_cov=cg, grad_mean=g, task_fraction=tau, whitening=method,
+        task_directions=source, max_rank=r, svd_precision=precision,
+    )
+    svd_dt = np.float32 if precision == "weight" else np.float64
+    assert plan.svd_dtype == (np.float32 if precision == "weight" else None)
+    assert plan.core.dtype == np.float64  # whitening and core stay in the working dtype
+    layer = plan.factorize(r, dtype=plan.core.dtype)
+    ref = Reference(w, cx, cg)
+    tol = tolerance(svd_dt, ref.dims) * ref.energy + ref.energy_tol()
+    direct = ref.error(layer.left, layer.core, layer.right) ** 2
+    k = layer.weight_directions
+    upper, lower = tail_energy(ref.sigma, k), tail_energy(ref.sigma, r)
+    assert abs(direct - layer.error**2) <= tol  # Pythagoras
+    assert lower - tol <= direct <= upper + tol  # Eckart-Young, weight bound
+    assert abs(layer.weight_bound**2 - upper) <= tol
+    assert abs(layer.eckart_young**2 - lower) <= tol
+    if tau == 0.0:
+        assert abs(direct - lower) <= tol  # optimal rank r
+    stored = plan.factorize(r)  # in the weight's dtype
+    assert stored.left.dtype == np.float32 and stored.core.dtype == np.float32

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import jactus_linalg as jl
 
 from .numerics import (
+    covariance_with_spectrum,
     factor_condition,
     orthonormal,
     reference_factor,
@@ -374,3 +375,124 @@ def test_separate_dampings_per_side(rng):
     ref_g = reference_factor(cg, 0.01, 6)
     direct = np.linalg.norm(ref_g.T @ (w - res.left @ res.core @ res.right.T) @ ref_x)
     assert abs(direct**2 - res.error**2) <= tolerance(np.float64, 11, cond=1e4) * res.total_energy
+
+
+# --- float32 weight, float64 statistics: SVD in float32 (default) or float64 -------------
+
+svd_precisions = st.sampled_from(["weight", "working"])
+
+
+def _svd_eps_dtype(precision: str):
+    """The dtype the SVD of M runs in for a float32 weight with float64 statistics."""
+    return np.float32 if precision == "weight" else np.float64
+
+
+def _svd_energy_tol(ref: Reference, precision: str) -> float:
+    """Squared-error tolerance: the SVD's rounding (its dtype, no κ: M is orthogonally
+    decomposed) plus the float64 whitening's (times κ)."""
+    return tolerance(_svd_eps_dtype(precision), ref.dims) * ref.energy + ref.energy_tol()
+
+
+@given(prob=layer_problems(max_cond=1e6), method=methods, precision=svd_precisions, seed=seeds,
+       use_bases=st.booleans())
+def test_float32_weight_identities_in_the_svd_dtype(prob, method, precision, seed, use_bases):
+    """Pythagoras and Eckart-Young with tolerances from the dtype the SVD actually ran in."""
+    w = prob["W"].astype(np.float32)
+    cx, cg, r = prob["Cx"], prob["Cg"], prob["rank"]
+    m, n = w.shape
+    kwargs = {}
+    if use_bases:
+        rng = np.random.default_rng(seed)
+        kwargs = {"left": rng.standard_normal((m, r)), "right": rng.standard_normal((n, r))}
+    res = jl.projected_lowrank(
+        w, r, input_cov=cx, grad_cov=cg, whitening=method, svd_precision=precision, **kwargs
+    )
+    ref = Reference(w, cx, cg)  # the float32 weight, exactly, in float64
+    tol = _svd_energy_tol(ref, precision)
+    assert res.left.dtype == np.float32 and res.core.dtype == np.float32
+    # σ(M) to the SVD dtype's rounding, relative to σ_1
+    sigma_tol = tolerance(_svd_eps_dtype(precision), ref.dims) + tolerance(
+        np.float64, ref.dims, cond=ref.kappa
+    )
+    assert np.max(np.abs(res.singular_values - ref.sigma)) <= sigma_tol * ref.sigma[0]
+    rank = min(res.core.shape)
+    floor = tail_energy(ref.sigma, rank)
+    assert abs(res.eckart_young**2 - floor) <= tol
+    assert res.error**2 >= floor - tol  # Eckart-Young lower bound
+    assert abs(res.error**2 - (res.total_energy - res.preserved_energy)) <= tol  # Pythagoras
+    if not use_bases:  # the optimal subspaces reach the bound
+        assert abs(res.error**2 - floor) <= tol
+    # the residual of the deployed float32 factors, measured directly: their
+    # rounding to float32 is amplified by κ(S_x) κ(S_g)
+    direct = ref.error(res.left, res.core, res.right)
+    stored_tol = tolerance(np.float32, ref.dims, cond=ref.kappa) * ref.energy
+    assert abs(direct**2 - res.error**2) <= tol + stored_tol
+
+
+def test_svd_precision_picks_the_dtype_and_its_rank_cutoff(rng):
+    """float32 weight + float64 statistics: the default SVD runs in float32, so a
+    singular value below float32's rcond (but above float64's) is cut; 'working' keeps it."""
+    m, n = 12, 10
+    eps32, eps64 = np.finfo(np.float32).eps, np.finfo(np.float64).eps
+    tiny = 2.0**-30  # exactly representable; eps64·12 < tiny < eps32·12
+    assert eps64 * max(m, n) < tiny < eps32 * max(m, n)
+    w32 = np.zeros((m, n), dtype=np.float32)
+    rows, cols = rng.permutation(m)[:4], rng.permutation(n)[:4]
+    w32[rows, cols] = [1.0, -0.5, 0.25, tiny]  # singular values 1, 0.5, 0.25, tiny exactly
+    eye_x, eye_g = np.eye(n), np.eye(m)  # float64 statistics, exact (identity) whitening
+    low = jl.projected_lowrank(w32, input_cov=eye_x, grad_cov=eye_g, damping=0.0)
+    high = jl.projected_lowrank(
+        w32, input_cov=eye_x, grad_cov=eye_g, damping=0.0, svd_precision="working"
+    )
+    assert low.core.shape == (3, 3)
+    assert high.core.shape == (4, 4)
+    # err² = ‖M‖² - ‖C‖² = tiny² is below float64 rounding of ‖M‖² here: both report ~0
+    assert low.error**2 <= tolerance(np.float64, m + n) * low.total_energy
+    assert high.error**2 <= tolerance(np.float64, m + n) * high.total_energy
+    with pytest.raises(ValueError, match="svd_precision"):
+        jl.projected_lowrank(w32, 2, input_cov=eye_x, svd_precision="float16")
+
+
+def test_whitening_info_defers_the_effective_rank(rng, monkeypatch):
+    """Building a result's WhiteningInfo never runs the triangular inversion behind a
+    Cholesky factor's effective rank; reading the field (or a report's deep copy) does,
+    once, and gives tr C (C + δI)^{-1}."""
+    import copy
+    import dataclasses
+
+    import jactus_linalg.whitening as whitening
+
+    calls = []
+    real = whitening.inverse_frobenius_squared
+
+    def counted(xp, lower):
+        calls.append(1)
+        return real(xp, lower)
+
+    monkeypatch.setattr(whitening, "inverse_frobenius_squared", counted)
+    m, n = 14, 12
+    lam = np.concatenate([np.geomspace(4.0, 1e-2, 9), np.zeros(3)])
+    cx = covariance_with_spectrum(rng, lam)
+    w = with_spectrum(rng, m, n, np.geomspace(1.0, 1e-2, n))
+    res = jl.projected_lowrank(w, 4, input_cov=cx, whitening="cholesky")
+    plan = jl.plan_layer(w, input_cov=cx, task_fraction=0.0)
+    layer = plan.factorize(3)
+    infos = (res.input_whitening, layer.input_whitening)
+    assert calls == [], "constructing the info must not invert the factor"
+    assert all(i.method == "cholesky" and "computed on access" in repr(i) for i in infos)
+    delta = res.input_whitening.damping
+    want = float(np.sum(lam / (lam + delta)))
+    cond = (lam.max() + delta) / delta
+    assert res.input_whitening.effective_rank == pytest.approx(
+        want, abs=tolerance(np.float64, n, cond=cond)
+    )
+    assert calls == [1]
+    # a report's deep copy (dataclasses.asdict) holds a plain float
+    @dataclasses.dataclass
+    class Report:
+        info: jl.WhiteningInfo
+
+    copied = dataclasses.asdict(Report(layer.input_whitening))["info"]
+    assert isinstance(copied[5], float) and isinstance(copy.deepcopy(infos[1])[5], float)
+    assert copied[5] == pytest.approx(want, abs=tolerance(np.float64, n, cond=cond))
+    assert isinstance(infos[1]._asdict()["effective_rank"], float)

@@ -210,3 +210,30 @@ def test_numpy_and_torch_mixed_in_one_call_name_the_argument(case):
     name, call, seen, works_on = _mixed_library_cases()[case]
     with pytest.raises(TypeError, match=rf"`{name}` is a {seen}.*works on {works_on} arrays.*pass every array as"):
         call()
+
+
+@pytest.mark.parametrize("where", ["diagonal tile", "off-diagonal tile", "ragged edge tile"])
+def test_symmetry_check_is_exact_at_the_tolerance_boundary(backend, where):
+    """The tiled check finds max |C - Cᵀ| exactly wherever it is (n = 300: tiles of 128
+    and a ragged edge): 5% above 10 n eps max|C| is refused naming the argument, 5% below
+    is accepted."""
+    from jactus_linalg._checks import SYMMETRY_TILE
+
+    n = 300
+    assert n > 2 * SYMMETRY_TILE and n % SYMMETRY_TILE
+    a = np.random.default_rng(3).standard_normal((n, 40))
+    c = a @ a.T / 40
+    c = (c + c.T) / 2  # exactly symmetric
+    scale = float(np.abs(c).max())
+    boundary = 10 * n * np.finfo(np.float64).eps * scale
+    i, j = {"diagonal tile": (3, 70), "off-diagonal tile": (20, 200),
+            "ragged edge tile": (299, 150)}[where]
+    for factor, refused in ((1.05, True), (0.95, False)):
+        bad = c.copy()
+        bad[i, j] += factor * boundary
+        if refused:
+            with pytest.raises(ValueError, match=r"`input_cov` must be symmetric; max \|C - C\^T\|"):
+                jl.projected_lowrank(backend.asarray(np.ones((5, n))), 2,
+                                     input_cov=backend.asarray(bad))
+        else:
+            jl.whiten(backend.asarray(bad), method="cholesky")

@@ -148,7 +148,10 @@ class WhiteningOperator(NamedTuple):
     (``dim`` when :math:`\delta = 0`). For a Cholesky factor it costs a
     triangular inversion, as much as the factorization, so it is computed on
     first access and kept (``rank_cache``), never on the way to a low-rank
-    factorization that does not ask for it.
+    factorization that does not ask for it. ``eigen_cache`` keeps the top
+    eigenpairs :func:`~jactus_linalg.spectral.top_eigenvectors` computed, so
+    the layers that share one input (q, k, v; gate, up) and so one operator
+    decompose their :math:`C_x` once.
     """
 
     method: str
@@ -163,6 +166,7 @@ class WhiteningOperator(NamedTuple):
     spectrum: Array
     notes: tuple[str, ...]
     rank_cache: list  # [effective rank], [None] until first asked for
+    eigen_cache: dict  # top eigenpairs of C, kept by jactus_linalg.spectral.top_eigenvectors
 
     @property
     def effective_rank(self) -> float:
@@ -242,7 +246,7 @@ def _eigh_operator(
     effective = float(n) if delta == 0.0 else float(xp.sum(lam / (lam + delta)))
     return WhiteningOperator(
         "eigh", n, None, vecs, roots, math.sqrt(delta), delta, relative, rank, lam,
-        tuple(notes), [effective],
+        tuple(notes), [effective], {},
     )
 
 
@@ -287,7 +291,7 @@ def _cholesky_operator(
     pivots = xp.linalg.diagonal(lower) ** 2
     return WhiteningOperator(
         "cholesky", n, lower, None, None, math.sqrt(delta), delta, relative, None,
-        pivots, tuple(notes), [None],
+        pivots, tuple(notes), [None], {},
     )
 
 
@@ -381,7 +385,7 @@ def _svd_llm_operator(xp: ModuleType, cov: Array, name: str, notes: list[str]) -
     if lower is not None:
         return WhiteningOperator(
             "cholesky", n, lower, None, None, 0.0, 0.0, 0.0, None,
-            xp.linalg.diagonal(lower) ** 2, tuple(notes), [float(n)],
+            xp.linalg.diagonal(lower) ** 2, tuple(notes), [float(n)], {},
         )
     lam = eigvalsh(xp, cov)
     lam_min, lam_max = float(lam[0]), float(lam[-1])
@@ -412,7 +416,7 @@ def _svd_llm_operator(xp: ModuleType, cov: Array, name: str, notes: list[str]) -
     return WhiteningOperator(
         "cholesky", n, lower, None, None, math.sqrt(shift), shift, shift / mean_diag, rank,
         xp.linalg.diagonal(lower) ** 2, tuple(notes),
-        [float(xp.sum(clipped / (clipped + shift)))],
+        [float(xp.sum(clipped / (clipped + shift)))], {},
     )
 
 
@@ -506,7 +510,7 @@ def _root_operator(
             raise ValueError(msg)
         return WhiteningOperator(
             "cholesky", n, upper.T, None, None, math.sqrt(delta), delta, relative,
-            None, diag**2, tuple(notes), [None],
+            None, diag**2, tuple(notes), [None], {},
         )
     _, sing, vh = svd_reduced(xp, root)
     lam_top = sing**2
@@ -528,7 +532,7 @@ def _root_operator(
     effective = float(n) if delta == 0.0 else float(xp.sum(lam_top / (lam_top + delta)))
     return WhiteningOperator(
         "eigh", n, None, vh.T, xp.sqrt(lam_top + delta), math.sqrt(delta), delta,
-        relative, rank, spectrum, tuple(notes), [effective],
+        relative, rank, spectrum, tuple(notes), [effective], {},
     )
 
 

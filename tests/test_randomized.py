@@ -140,3 +140,62 @@ def test_top_eigenvectors_of_a_whitening_factor(seed, j, method):
     assert top_eigenvectors(op, j, method="exact").method == (
         "exact" if method == "cholesky" else "eigh-factor"
     )
+
+
+@pytest.mark.parametrize("j", [3, 20, 39, 60])
+def test_exact_top_eigenvectors_from_the_index_range(backend, j):
+    """Exact top-j eigenpairs of a Cholesky-whitened covariance (syevr on the index range
+    for numpy when j <= n/2, the full eigh otherwise and on other backends) agree with a
+    float64 numpy eigh; a later, smaller j is a slice of what was kept on the operator."""
+    from jactus_linalg.spectral import top_eigenvectors
+    from jactus_linalg.whitening import whitening_operator
+
+    from .numerics import covariance_with_spectrum, subspace_distance
+
+    rng = np.random.default_rng(j)
+    n = 80
+    lam = np.concatenate([np.geomspace(100.0, 20.0, j), np.geomspace(2.0, 1e-4, n - j)])
+    cov = covariance_with_spectrum(rng, lam)
+    op = whitening_operator(backend.asarray(cov), method="cholesky", name="cov")
+    top = top_eigenvectors(op, j, method="exact")
+    vectors = backend.to_numpy(top.vectors)
+    exact = np.linalg.eigh(cov)[1][:, ::-1][:, :j]
+    gap = (lam[j - 1] - lam[j]) / lam[0]
+    assert top.method == "exact" and vectors.shape == (n, j) and top.rank == j
+    assert np.linalg.norm(vectors.T @ vectors - np.eye(j)) <= tolerance(np.float64, n)
+    # eigenvalues of C + δI from L Lᵀ: rounding of order n eps λ_max, and δ removed
+    assert np.max(np.abs(top.values - lam[:j])) <= tolerance(np.float64, n, cond=10) * lam[0]
+    assert subspace_distance(vectors, exact) <= tolerance(np.float64, n, cond=1 / gap)
+    smaller = top_eigenvectors(op, max(j // 2, 1), method="exact")
+    np.testing.assert_array_equal(backend.to_numpy(smaller.vectors), vectors[:, : max(j // 2, 1)])
+
+
+def test_layers_sharing_an_input_decompose_its_covariance_once(rng, monkeypatch):
+    """plan_layer with one shared input WhiteningOperator (q/k/v, gate/up in compress):
+    one eigendecomposition of C_x for the group, one of each layer's own C_g."""
+    import jactus_linalg.spectral as spectral
+    from jactus_linalg.whitening import whitening_operator
+
+    from .numerics import covariance_with_spectrum
+
+    sizes = []
+    real = spectral.eigh_top
+
+    def counted(xp, a, j):
+        sizes.append(int(a.shape[0]))
+        return real(xp, a, j)
+
+    monkeypatch.setattr(spectral, "eigh_top", counted)
+    m, n = 30, 24
+    cx = covariance_with_spectrum(rng, np.geomspace(10.0, 1e-3, n))
+    shared = whitening_operator(cx, method="cholesky", name="input_cov")
+    plans = []
+    for _ in range(3):  # q, k, v
+        cg = covariance_with_spectrum(rng, np.geomspace(5.0, 1e-3, m))
+        w = with_spectrum(rng, m, n, np.geomspace(1.0, 1e-3, n))
+        plans.append(plan_layer(w, input_cov=shared, grad_cov=cg, task_fraction=0.5, svd="exact"))
+    assert sorted(sizes) == [n, m, m, m], "C_x once for the group, each C_g once"
+    # the shared directions are the same for every layer, and equal a fresh decomposition
+    alone = whitening_operator(cx, method="cholesky", name="input_cov")
+    fresh = plan_layer(w, input_cov=alone, grad_cov=cg, task_fraction=0.5, svd="exact")
+    assert np.array_equal(fresh.right_basis, plans[-1].right_basis)

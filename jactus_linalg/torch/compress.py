@@ -274,7 +274,9 @@ def plan_compression(
 
     ``task_directions="covariance"`` (default) takes the task directions from
     the top eigenvectors of each layer's :math:`C_g` and its shared
-    :math:`C_x` (read off their factors, which are computed once);
+    :math:`C_x` (read off their factors, which are computed once; the
+    shared operator keeps its eigenvectors, so :math:`C_x` is decomposed once
+    per input group: q/k/v, gate/up);
     ``"gradient"`` from the whitened mean gradient (ablation).
     """
     if dtype not in (None, "float32", "float64"):

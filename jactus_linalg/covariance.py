@@ -32,13 +32,17 @@ from ._backend import (
     Array,
     astype,
     count_nonfinite,
+    decomposition_dtype,
     device_of,
     is_torch,
+    library_name,
     namespace,
     qr_r,
+    same_library,
 )
 
 __all__ = [
+    "PRODUCTS",
     "CovarianceRoot",
     "CrossMomentAccumulator",
     "LayerStatistics",
@@ -46,6 +50,10 @@ __all__ = [
 ]
 
 _MODES = ("gram", "qr")
+
+#: Where a batch's Gram product :math:`X^\top X` is computed: in the accumulation
+#: dtype (default), or in the batch's own (compute) dtype, at least float32.
+PRODUCTS = ("accumulation", "compute")
 
 
 class CovarianceRoot(NamedTuple):
@@ -112,6 +120,28 @@ def _as_rows(x: Array, dim: int, name: str, arg: str) -> Array:
     return xp.reshape(x, (-1, dim))
 
 
+def _product_dtype(xp: ModuleType, batch: Any, accumulation: Any, products: str) -> Any:
+    """dtype of a batch's Gram product: its own (at least float32, at most ``accumulation``)."""
+    if products == "accumulation":
+        return accumulation
+    own = decomposition_dtype(xp, batch)  # half precision: float32
+    return own if xp.result_type(own, accumulation) == accumulation else accumulation
+
+
+def _check_library(total: Array | None, batch: Array, name: str, arg: str) -> None:
+    """Refuse a batch from another array library than the batches already absorbed."""
+    if total is None or same_library(namespace(total), batch):
+        return
+    seen = f"{type(batch).__module__}.{type(batch).__name__}"
+    held = library_name(namespace(total))
+    msg = (
+        f"`{arg}` for statistic `{name}` is a {seen}, but the earlier batches were "
+        f"{held} arrays: feed every batch of one statistic from one library (convert "
+        f"with .numpy() or torch.from_numpy); the statistic was not updated"
+    )
+    raise TypeError(msg)
+
+
 def _check_batch_finite(xp: ModuleType, rows: Array, name: str, arg: str) -> None:
     if bool(xp.all(xp.isfinite(rows))):
         return
@@ -138,6 +168,17 @@ class MomentAccumulator:
         factor of a streamed QR, :math:`R^\top R = X^\top X`.
     dtype : {"float64", "float32"} or None, optional
         Accumulation dtype. ``None`` means float64 on CPU and float32 on CUDA.
+    products : {"accumulation", "compute"}, optional
+        dtype of each batch's product :math:`X^\top X` (``"gram"`` mode).
+        ``"accumulation"`` (default): the accumulation dtype (all float64 on
+        CPU). ``"compute"``: the batch's own dtype, at least float32 and at
+        most the accumulation dtype (a float32 model on CPU: float32
+        products, about twice as fast, summed in float64 across batches).
+        The result then holds float32 rounding in a float64 array: a
+        rank-deficient :math:`C` can show negative eigenvalues of order
+        :math:`n \epsilon_{32} \lambda_\max`, which whitening (tolerance
+        :math:`10 n \epsilon_{64} \lambda_\max`) refuses as indefinite. The
+        accuracy cost is measured on the Numerics page.
 
     Raises
     ------
@@ -160,6 +201,7 @@ class MomentAccumulator:
         name: str = "cov",
         mode: str = "gram",
         dtype: str | None = None,
+        products: str = "accumulation",
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             msg = f"`dim` must be a positive integer; got {dim!r}"
@@ -168,24 +210,31 @@ class MomentAccumulator:
             msg = f"`mode` must be one of {_MODES}; got {mode!r}"
             raise ValueError(msg)
         _check_dtype_name(dtype)
+        if products not in PRODUCTS:
+            msg = f"`products` must be one of {PRODUCTS}; got {products!r}"
+            raise ValueError(msg)
         self.dim = dim
         self.name = name
         self.mode = mode
         self.dtype_name = dtype
+        self.products = products
         self.total: Array | None = None  # sum X^T X (gram) or R (qr)
         self.count = 0
 
     def update(self, x: Array) -> None:
-        """Absorb a batch ``x`` of shape ``(..., dim)``."""
+        """Absorb a batch ``x`` of shape ``(..., dim)`` (of the earlier batches' library)."""
+        _check_library(self.total, x, self.name, "x")
         xp = namespace(x)
         rows = _as_rows(x, self.dim, self.name, "x")
         _check_batch_finite(xp, rows, self.name, "x")
         dtype = _resolve_dtype(xp, x, self.dtype_name)
-        rows = astype(xp, rows, dtype)
         if self.mode == "gram":
-            contrib = rows.T @ rows
+            low = _product_dtype(xp, rows.dtype, dtype, self.products)
+            rows = astype(xp, rows, low)
+            contrib = astype(xp, rows.T @ rows, dtype)
             self.total = contrib if self.total is None else self.total + contrib
         else:
+            rows = astype(xp, rows, dtype)
             stacked = rows if self.total is None else xp.concat([self.total, rows], axis=0)
             self.total = qr_r(xp, stacked)
         self.count += int(rows.shape[0])
@@ -202,7 +251,8 @@ class MomentAccumulator:
             )
             raise ValueError(msg)
         merged = MomentAccumulator(
-            self.dim, name=self.name, mode=self.mode, dtype=self.dtype_name
+            self.dim, name=self.name, mode=self.mode, dtype=self.dtype_name,
+            products=self.products,
         )
         merged.count = self.count + other.count
         parts = [t for t in (self.total, other.total) if t is not None]
@@ -261,6 +311,8 @@ class CrossMomentAccumulator:
 
     def update(self, g: Array, x: Array) -> None:
         """Absorb paired batches ``g`` of shape ``(..., rows)`` and ``x`` of ``(..., cols)``."""
+        _check_library(self.total, g, self.name, "g")
+        _check_library(self.total, x, self.name, "x")
         xp = namespace(g, x)
         if tuple(g.shape[:-1]) != tuple(x.shape[:-1]):
             msg = (

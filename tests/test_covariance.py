@@ -248,3 +248,32 @@ def test_wrong_last_dimension_names_statistic(rng):
     cross = jl.CrossMomentAccumulator(3, 4, name="fc2:grad_mean")
     with pytest.raises(ValueError, match="leading"):
         cross.update(rng.standard_normal((2, 3)), rng.standard_normal((3, 4)))
+
+
+def test_gram_products_in_the_compute_dtype(rng):
+    """products="compute": float32 batches multiply in float32 and sum in float64; the
+    result is float64 and within float32's rounding of the all-float64 moment
+    (|ΔC_ij| <= c N eps32 mean(|x_i||x_j|) per batch product, bounded here by the
+    diagonal); "accumulation" (default) is the float64 product itself."""
+    from jactus_linalg.covariance import MomentAccumulator
+
+    n, rows, batches = 24, 50, 4
+    data = [rng.standard_normal((rows, n)).astype(np.float32) * np.geomspace(1, 1e-3, n).astype(np.float32)
+            for _ in range(batches)]
+    exact = sum(b.astype(np.float64).T @ b.astype(np.float64) for b in data) / (rows * batches)
+    results = {}
+    for products in ("accumulation", "compute"):
+        acc = MomentAccumulator(n, dtype="float64", products=products)
+        for b in data:
+            acc.update(b)
+        results[products] = acc.result()
+        assert results[products].dtype == np.float64
+        merged = acc.merge(MomentAccumulator(n, dtype="float64", products=products))
+        assert merged.products == products
+    bound = np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
+    assert np.max(np.abs(results["accumulation"] - exact) / bound) <= tolerance(np.float64, rows)
+    error = np.max(np.abs(results["compute"] - exact) / bound)
+    assert error <= tolerance(np.float32, rows)
+    assert error > tolerance(np.float64, rows), "the products did run in float32"
+    with pytest.raises(ValueError, match="`products` must be one of"):
+        MomentAccumulator(n, products="float16")

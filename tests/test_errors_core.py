@@ -237,3 +237,26 @@ def test_symmetry_check_is_exact_at_the_tolerance_boundary(backend, where):
                                      input_cov=backend.asarray(bad))
         else:
             jl.whiten(backend.asarray(bad), method="cholesky")
+
+
+def test_moment_accumulators_name_a_batch_from_another_library():
+    """A torch batch after numpy ones (or the reverse) is a TypeError naming the argument
+    and the statistic, not numpy's concatenation error; nothing is absorbed."""
+    torch = pytest.importorskip("torch")
+    from jactus_linalg.covariance import CrossMomentAccumulator, MomentAccumulator
+
+    for mode in ("gram", "qr"):
+        acc = MomentAccumulator(3, name="layer:input_cov", mode=mode)
+        acc.update(np.ones((4, 3)))
+        with pytest.raises(TypeError, match=r"`x` for statistic `layer:input_cov` is a torch\.Tensor.*numpy"):
+            acc.update(torch.ones(2, 3, dtype=torch.float64))
+        assert acc.count == 4
+        back = MomentAccumulator(3, mode=mode)
+        back.update(torch.ones(2, 3))
+        with pytest.raises(TypeError, match=r"`x` .* numpy\.ndarray, but the earlier batches were torch"):
+            back.update(np.ones((2, 3)))
+    cross = CrossMomentAccumulator(2, 3, name="layer:grad_mean")
+    cross.update(np.ones((4, 2)), np.ones((4, 3)))
+    with pytest.raises(TypeError, match=r"`g` for statistic `layer:grad_mean`"):
+        cross.update(torch.ones(4, 2, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64))
+    assert cross.count == 4

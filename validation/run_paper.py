@@ -399,7 +399,9 @@ class SeedShare:
 
     def __init__(self):
         self.stats: dict[str, CalibrationStats] = {}
-        self.built: tuple | None = None  # (key, BuiltMethod, measured dict)
+        # (base, statistics, build signature) -> (BuiltMethod, measured dict), untrained; only
+        # the current signature is kept (one compressed model per seed's base)
+        self.built: dict[tuple, tuple] = {}
         self.base_loss: dict[int, float] = {}
         self.untuned: dict[tuple, dict] = {}
 
@@ -422,10 +424,11 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
         return rec
     measured: dict = {}
     build_key = (id(part.base), stats_key, method.build_signature())
-    if shared.built is not None and shared.built[0] == build_key and method.kind in ("jactus", "ctf"):
-        built = copy.copy(shared.built[1])
-        built.model = copy.deepcopy(shared.built[1].model)
-        measured = shared.built[2]
+    reusable = method.kind in ("jactus", "ctf")
+    if reusable and build_key in shared.built:
+        cached, measured = shared.built[build_key]
+        built = copy.copy(cached)
+        built.model = copy.deepcopy(cached.model)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # LoRA / DoRA initialisation
@@ -434,11 +437,14 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
                                  dtype=cfg.compress_dtype, progress=progress)
         if built.report is not None:
             measured = _measured_rise(part, built, shared)
-        if method.kind in ("jactus", "ctf"):
-            shared.built = (build_key, built, measured) if invariant else None
-            if invariant:
-                built = copy.copy(built)
-                built.model = copy.deepcopy(shared.built[1].model)
+        if reusable:
+            # an untuned row follows its tuned row: keep this compression for it (and,
+            # with one base for every seed, for the other seeds)
+            signature = method.build_signature()
+            shared.built = {k: v for k, v in shared.built.items() if k[2] == signature}
+            shared.built[build_key] = (built, measured)
+            built = copy.copy(built)
+            built.model = copy.deepcopy(shared.built[build_key][0].model)
     if method.kind == "ctf":
         reseed_adapters(built.model, seed)
     losses: list[float] = []

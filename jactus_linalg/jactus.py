@@ -63,6 +63,7 @@ from .lowrank import (
     deployable_factors,
     info_of,
     numerical_rank,
+    orthonormal_columns,
     project_to_core,
     pythagoras_error,
     whitening_operators,
@@ -485,8 +486,10 @@ def plan_layer(
         left = union_of_subspaces(_interleave(p, left_task, is_task), nested=True)
         right = union_of_subspaces(_interleave(qh.T, right_task, is_task), nested=True)
         u, v, left_ok, right_ok = left.basis, right.basis, left.accepted, right.accepted
-    else:  # singular vectors are already nested and orthonormal
+    else:  # singular vectors are already nested and orthonormal (to the SVD's dtype)
         u, v = p[:, :r_max], qh[:r_max, :].T
+        if svd_dt is not None:  # to the working dtype: Pythagoras at its rounding
+            u, v = orthonormal_columns(u), orthonormal_columns(v)
         left_ok = right_ok = np.ones(r_max, dtype=bool)
     core = project_to_core(whitened, u, v).core
     left_counts = np.concatenate([[0], np.cumsum(left_ok)])

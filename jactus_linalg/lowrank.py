@@ -350,8 +350,9 @@ def project_to_core(
         Run every SVD of the kernel in this dtype (e.g. float32 for a
         float64 ``whitened`` made from a float32 weight, see
         :func:`jactus_linalg.whitening.svd_dtype`); the factors come back in
-        ``whitened``'s dtype, accurate to this dtype's epsilon. ``None``:
-        ``whitened``'s own dtype.
+        ``whitened``'s dtype, re-orthonormalized there (a QR), with the core
+        formed there too: the subspaces are this dtype's, Pythagoras holds to
+        ``whitened``'s rounding. ``None``: ``whitened``'s own dtype.
 
     Returns
     -------
@@ -371,8 +372,29 @@ def project_to_core(
     SVD of :math:`C` minimises it over cores of rank ``rank`` in the
     subspaces (Eckart-Young inside the union).
     """
+    projected = _project_to_core(whitened, left, right, rank, svd_dtype)
+    if svd_dtype is None or (left is not None and right is not None and rank is None):
+        return projected
+    # bases from a lower-precision SVD are orthonormal to its epsilon only:
+    # re-orthonormalize them in the working dtype and form the core there, so
+    # that Pythagoras (err² = ‖M‖² - ‖C‖²) holds to the working dtype's rounding
+    u, v = orthonormal_columns(projected.left), orthonormal_columns(projected.right)
+    return ProjectedCore(u, u.T @ whitened @ v, v, projected.singular_values)
+
+
+def orthonormal_columns(q: Array) -> Array:
+    """``q`` re-orthonormalized by a Householder QR, column signs kept (``diag R > 0``)."""
+    xp = namespace(q)
+    basis, r = qr_reduced(xp, q)
+    diag = xp.linalg.diagonal(r)
+    ones = xp.ones_like(diag)
+    return basis * xp.where(diag < 0, -ones, ones)[None, :]
+
+
+def _project_to_core(
+    whitened: Array, left: Array | None, right: Array | None, rank: int | None, dt: Any
+) -> ProjectedCore:
     xp = namespace(whitened)
-    dt = svd_dtype
     if left is not None and right is not None:
         core = left.T @ whitened @ right
         a, b = int(core.shape[0]), int(core.shape[1])

@@ -458,6 +458,9 @@ def test_float32_weight_bounds_in_the_svd_dtype(prob, tau, method, source, preci
     svd_dt = np.float32 if precision == "weight" else np.float64
     assert plan.svd_dtype == (np.float32 if precision == "weight" else None)
     assert plan.core.dtype == np.float64  # whitening and core stay in the working dtype
+    for basis in (plan.left_basis, plan.right_basis):  # re-orthonormalized in float64
+        q = np.asarray(basis)
+        assert np.linalg.norm(q.T @ q - np.eye(q.shape[1])) <= tolerance(np.float64, sum(w.shape))
     layer = plan.factorize(r, dtype=plan.core.dtype)
     ref = Reference(w, cx, cg)
     tol = tolerance(svd_dt, ref.dims) * ref.energy + ref.energy_tol()

@@ -496,3 +496,24 @@ def test_whitening_info_defers_the_effective_rank(rng, monkeypatch):
     assert isinstance(copied[5], float) and isinstance(copy.deepcopy(infos[1])[5], float)
     assert copied[5] == pytest.approx(want, abs=tolerance(np.float64, n, cond=cond))
     assert isinstance(infos[1]._asdict()["effective_rank"], float)
+
+
+def test_float32_svd_bases_are_orthonormal_in_the_working_dtype(rng):
+    """project_to_core(svd_dtype=float32) finds the subspaces in float32, then
+    re-orthonormalizes them and forms the core in float64: Pythagoras holds to
+    float64's rounding, and the subspaces agree with float64's to float32's."""
+    from jactus_linalg.lowrank import project_to_core
+
+    m, n, r = 40, 30, 6
+    sigma = np.concatenate([np.geomspace(10.0, 5.0, r), np.geomspace(1.0, 1e-3, n - r)])
+    mat = with_spectrum(rng, m, n, sigma)
+    low = project_to_core(mat, None, None, r, svd_dtype=np.float32)
+    full = project_to_core(mat, None, None, r)
+    for q in (low.left, low.right):
+        assert np.linalg.norm(q.T @ q - np.eye(r)) <= tolerance(np.float64, m + n)
+    energy = float(np.sum(mat**2))
+    residual = mat - low.left @ low.core @ low.right.T
+    assert abs(np.sum(residual**2) - (energy - np.sum(low.core**2))) <= tolerance(np.float64, m + n) * energy
+    gap = (sigma[r - 1] - sigma[r]) / sigma[0]
+    assert subspace_distance(low.left, full.left) <= tolerance(np.float32, m + n, cond=1 / gap)
+    assert abs(np.sum(low.core**2) - np.sum(full.core**2)) <= tolerance(np.float32, m + n) * energy

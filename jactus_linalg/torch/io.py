@@ -127,9 +127,6 @@ def save_compressed(
         weight, as :func:`~jactus_linalg.torch.merge` would; ``model`` itself
         is left as it is. Default ``False``: such a model is refused.
 
-    ``model.jactus_config`` (set by ``compress``) is saved in ``jactus.json``
-    and :func:`load_compressed` attaches it to the loaded model.
-
     Returns
     -------
     Path
@@ -144,6 +141,11 @@ def save_compressed(
         ``folder`` is an existing file, a symbolic link, or a folder holding
         other files (without ``overwrite=True``), or the working directory
         or one of its parents.
+
+    Notes
+    -----
+    ``model.jactus_config`` (set by ``compress``) is saved in ``jactus.json``
+    and :func:`load_compressed` attaches it to the loaded model.
     """
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         msg = (

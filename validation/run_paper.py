@@ -420,6 +420,7 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
         rec = copy.deepcopy(shared.untuned[share_key])
         rec["copied_from_seed"] = rec.pop("seed")
         rec["seed"] = seed
+        rec["wall_time_s"] = time.perf_counter() - start
         rec.pop("saved", None)
         return rec
     measured: dict = {}

@@ -316,6 +316,11 @@ def test_untuned_rows_are_evaluated_before_any_step(smoke):
     assert all(r["trainable_params"] == 0 for r in payload["rows"] if r["method"].endswith(" untuned"))
     for path in (out / "methods").glob("*untuned*.json"):
         assert json.loads(path.read_text())["train_losses"] == []
+    # language: one base model and one calibration for every seed, so seeds 1 and 2
+    # reuse seed 0's untuned evaluation (and say so) instead of recomputing it
+    for path in (out / "methods").glob("language__seed[12]__*untuned*.json"):
+        rec = json.loads(path.read_text())
+        assert rec["copied_from_seed"] == 0 and rec["wall_time_s"] < 5
     pairs = {(c["a"], c["b"]) for c in payload["paired_comparisons"]["vision"]}
     assert ("JACTUS@0.8 untuned", "SVD-LLM+LoRA@0.8 untuned") in pairs
     assert ("JACTUS@0.8", "JACTUS@0.8 untuned") in pairs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -68,7 +69,7 @@ def lora_model(
     names = list(find_targets(model, targets))
     config = LoraConfig(
         r=rank,
-        lora_alpha=2 * rank if alpha is None else alpha,
+        lora_alpha=2 * rank if alpha is None else alpha,  # type: ignore[arg-type]  # peft scales by alpha / r: a float works
         lora_dropout=dropout,
         target_modules=names,
         use_dora=dora,
@@ -87,7 +88,7 @@ def lora_adapter_params(shapes: Sequence[tuple[int, int]], rank: int, *, dora: b
 
 def _adapted_shapes(plan_shapes: dict[str, tuple[int, int]], ranks: dict) -> list[tuple[int, int]]:
     """Linear maps LoRA will wrap: both factors of a compressed layer, or the dense layer."""
-    out = []
+    out: list[tuple[int, int]] = []
     for name, rank in ranks.items():
         m, n = plan_shapes[name]
         out.extend([(m, n)] if rank is None else [(m, rank), (rank, n)])
@@ -137,7 +138,7 @@ def compress_then_lora(
     """
     _check_model_and_stats(model, stats)
     retain = JactusConfig(retain=retain).retain  # numpy and 0-d torch scalars too; checked
-    kwargs = {} if damping is None else {"damping": damping}
+    kwargs: dict[str, Any] = {} if damping is None else {"damping": damping}
     plan = plan_compression(model, stats, method=method, dtype=dtype, progress=progress, **kwargs)
     shapes = {n: p.shape for n, p in plan.plans.items()}
     total = plan.total_params

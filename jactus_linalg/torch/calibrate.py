@@ -128,7 +128,7 @@ class _Collector:
         self._handles.clear()
 
     def _input_hook(self, name: str) -> Callable:
-        def hook(mod: nn.Module, args: tuple) -> None:
+        def hook(mod: nn.Linear, args: tuple) -> None:
             x = args[0].detach()
             key = id(args[0])
             group = self._seen.get(key)
@@ -161,7 +161,7 @@ class _Collector:
         return hook
 
     def _output_hook(self, name: str) -> Callable:
-        def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def hook(mod: nn.Linear, args: tuple, output: torch.Tensor) -> None:
             if not output.requires_grad:
                 return
             acc = self.stats.grads.get(name)

@@ -210,7 +210,7 @@ def test_bf16_model_compresses_and_stays_bf16():
 
 def test_keep_dense_is_gone_with_a_clear_error(calibrated):
     model, stats, _, _ = calibrated["vit"]
-    with pytest.raises(TypeError, match="keep_dense.*mergeable core"):
+    with pytest.raises(TypeError, match=r"keep_dense.*mergeable core"):
         compress(copy.deepcopy(model), stats, retain=0.8, keep_dense=False, progress=False)
 
 

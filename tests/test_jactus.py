@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 import jactus_linalg as jl
@@ -28,6 +28,9 @@ taus = st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
 methods = st.sampled_from(["cholesky", "eigh"])
 sources = st.sampled_from(["covariance", "gradient"])
 EPS = float(np.finfo(np.float64).eps)
+#: Above this forward-error bound (cond * eps) fewer than three quarters of
+#: float64's digits survive, too few to compare two ways of forming the products.
+ILL_POSED = EPS**0.25
 
 
 def _split(r: int, tau: float, task_rank: int) -> tuple[int, int]:
@@ -176,9 +179,11 @@ def test_plan_matches_direct_projection(prob, tau, method, source, data):
             sv = np.linalg.svd(stacked, compute_uv=False)
             sens.append(sv[basis.shape[1] - 1] if basis.shape[1] else 1.0)
         if min(sens) <= 0:
+            event("rank skipped: its subspaces are not unique (no gap)")
             continue
         cond = ref.kappa**2 / min(sens)
-        if cond * EPS > 1e-4:  # pragma: no cover - too ill-posed to compare products
+        if cond * EPS > ILL_POSED:
+            event("rank skipped: forward error bound cond*eps above eps**(1/4)")
             continue
         direct = jl.projected_lowrank(
             w,

@@ -56,6 +56,16 @@ class Part(ABC):
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return hf_loss(model, batch)
 
+    def loss_terms(self, batch: Any) -> float:
+        """How many terms ``loss`` averages over in ``batch`` (``calibrate``'s ``grad_scale``).
+
+        A causal LM's loss is the mean over the shifted labels that are not
+        ``-100``; the statistics then carry DESIGN's per-token scale of
+        :math:`C_g`, so the predicted loss rise is in nats per token.
+        """
+        labels = batch["labels"]
+        return float((labels[..., 1:] != -100).sum()) if labels.ndim >= 2 else float(labels.shape[0])
+
     @abstractmethod
     def evaluate(self, model: nn.Module, progress: bool = False) -> dict[str, np.ndarray]:
         """Per task, one boolean per test item: was the model right."""

@@ -365,7 +365,8 @@ def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[Calibrati
         return CalibrationStats.load(path), 0.0
     start = time.perf_counter()
     batches = this_process_batches(part.calibration_batches)
-    stats = calibrate(part.base, batches, part.loss, progress=progress, total=len(batches))
+    stats = calibrate(part.base, batches, part.loss, progress=progress, total=len(batches),
+                      grad_scale=part.loss_terms)
     elapsed = time.perf_counter() - start
     if is_main_process():
         stats.save(path)

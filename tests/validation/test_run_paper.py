@@ -433,3 +433,47 @@ def test_sweep_scores_language_by_answer_nll_and_vision_by_accuracy():
     assert score == pytest.approx(-(3.0 + 1.0) / 2) and acc == pytest.approx(0.75)
     score, acc = sweep.dev_score("vision", rec)
     assert score == acc == pytest.approx(0.75)
+
+
+def test_loss_terms_give_calibrate_the_per_example_and_per_token_scale():
+    """Vision losses average over images (not the 197 patch rows each layer sees); a causal
+    LM's over the shifted labels that are not -100 (DESIGN: Cg on the per-term scale)."""
+    import torch  # noqa: PLC0415
+
+    from validation.parts import Part  # noqa: PLC0415
+
+    images = {"pixel_values": torch.zeros(5, 1, 8, 8), "labels": torch.tensor([0, 1, 2, 3, 4])}
+    assert Part.loss_terms(None, images) == 5.0
+    labels = torch.tensor([[1, 2, 3, -100], [-100, 5, -100, -100]])
+    text = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": labels}
+    assert Part.loss_terms(None, text) == 3.0  # shifted: [2, 3, -100] and [5, -100, -100]
+
+
+def test_runner_calibrates_with_the_parts_loss_terms(monkeypatch, tmp_path):
+    import validation.run_paper as rp  # noqa: PLC0415
+
+    seen = {}
+
+    class FakeStats:
+        def save(self, path):
+            seen["saved"] = path
+
+    def fake_calibrate(model, batches, loss, **kw):
+        seen.update(kw)
+        return FakeStats()
+
+    class FakePart:
+        name = "p"
+        base = None
+        calibration_batches = ({"labels": None},)
+
+        def loss(self, model, batch):
+            return 0.0
+
+        def loss_terms(self, batch):
+            return 7.0
+
+    part = FakePart()
+    monkeypatch.setattr(rp, "calibrate", fake_calibrate)
+    rp.statistics_for(part, tmp_path, "k", progress=False)
+    assert seen["grad_scale"] == part.loss_terms

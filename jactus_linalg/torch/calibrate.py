@@ -15,6 +15,8 @@ CUDA by default). No linear algebra happens here.
 
 from __future__ import annotations
 
+import math
+
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -185,12 +187,21 @@ class _Collector:
         return hook
 
     def _per_token_scale(self, rows: torch.Tensor) -> float:
-        """``T``, the loss terms the batch's loss averages (1 for ``grad_scale="none"``)."""
+        r"""The factor on the hooked gradients: :math:`\sqrt{T R}` (1 for ``grad_scale="none"``).
+
+        With the loss a mean over :math:`T` terms and :math:`R` rows of this
+        layer's output, :math:`T\,g` is the gradient of the summed loss, and a
+        loss term spans :math:`R/T` rows; K-FAC's rise per loss term is then
+        :math:`\tfrac{R}{T}\cdot\tfrac12 E_{\text{rows}}[((T g)^\top \Delta W x)^2]`,
+        which is :math:`\tfrac12\lVert S_g^\top \Delta W S_x\rVert^2` when the
+        gradients carry :math:`\sqrt{TR}`. For ``"tokens"`` :math:`T = R`.
+        """
         if self.grad_scale == "none":
             return 1.0
+        rows_seen = float(rows.shape[0])
         if self.terms is not None:
-            return self.terms
-        return float(rows.shape[0])  # "tokens": the positions this layer's output has
+            return math.sqrt(self.terms * rows_seen)
+        return rows_seen  # "tokens": one loss term per position of this layer's output
 
     def absorb_weight_grads(self) -> None:
         r""":math:`\sum_t g_t x_t^\top` of this batch is the weight's ``.grad`` (times ``T``)."""
@@ -343,7 +354,11 @@ def calibrate(
         losses; the gradients are used as hooked. A callable ``batch ->
         T`` gives the number of terms the loss averages when it is not the
         number of positions (e.g. ``(labels != -100).sum()`` for a causal
-        LM's shifted labels, or the batch size for a loss per example).
+        LM's shifted labels, or the batch size for a loss per example); a
+        layer whose output has :math:`R` rows in the batch then scales its
+        gradients by :math:`\sqrt{T R}`, so that the prediction is the rise
+        per loss term (a ViT's per-image loss spans :math:`R/T` = 197 rows;
+        K-FAC sums their contributions and ignores their correlation).
 
     Returns
     -------

@@ -67,12 +67,13 @@ def test_tokens_scale_multiplies_gradients_by_the_batch_tokens():
     assert torch.allclose(b.grad_cov, t**2 * a.grad_cov, rtol=tol, atol=0)
     assert torch.allclose(b.grad_mean, t * a.grad_mean, rtol=tol, atol=tol * float(b.grad_mean.abs().max()))
     assert torch.equal(a.input_cov, b.input_cov)
-    # a callable gives the number of loss terms explicitly
+    # a callable gives the number of loss terms T explicitly: a loss term then spans R/T of
+    # the layer's R rows, and the gradients carry sqrt(T R) (C_g scales by T R)
     terms = calibrate(
         copy.deepcopy(model), batches, lambda m, b: m(**b).loss, grad_scale=lambda batch: 7.0,
         progress=False,
     )
-    assert torch.allclose(terms.layer(name).grad_cov, 49.0 * a.grad_cov, rtol=tol, atol=0)
+    assert torch.allclose(terms.layer(name).grad_cov, 7.0 * t * a.grad_cov, rtol=tol, atol=0)
 
 
 def test_grad_scale_is_checked():

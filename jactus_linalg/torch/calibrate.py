@@ -16,7 +16,6 @@ CUDA by default). No linear algebra happens here.
 from __future__ import annotations
 
 import math
-
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager

@@ -207,6 +207,21 @@ def _singular_error(name: str, rank: int, n: int) -> ValueError:
     return ValueError(msg)
 
 
+def check_not_indefinite(name: str, lam_min: float, lam_max: float, n: int, unit: float) -> None:
+    r"""Refuse a covariance whose smallest eigenvalue is below rounding.
+
+    The tolerance is :math:`10\, n\, \epsilon\, \max(\lambda_{\max}, 0)`.
+    """
+    tol = INDEFINITE_SLACK * n * unit * max(lam_max, 0.0)
+    if lam_min < -tol:
+        msg = (
+            f"`{name}` is indefinite: smallest eigenvalue {lam_min:.3g} is below "
+            f"the rounding tolerance -{tol:.3g} (10 n eps lambda_max); a "
+            "covariance must be positive semidefinite"
+        )
+        raise ValueError(msg)
+
+
 def _eigh_operator(
     xp: ModuleType, cov: Array, relative: float, name: str, notes: list[str]
 ) -> WhiteningOperator:
@@ -216,14 +231,7 @@ def _eigh_operator(
     lam, vecs = eigh(xp, cov)
     lam_max = float(lam[-1])
     lam_min = float(lam[0])
-    tol = INDEFINITE_SLACK * n * eps(xp, cov.dtype) * max(lam_max, 0.0)
-    if lam_min < -tol:
-        msg = (
-            f"`{name}` is indefinite: smallest eigenvalue {lam_min:.3g} is below "
-            f"the rounding tolerance -{tol:.3g} (10 n eps lambda_max); a "
-            "covariance must be positive semidefinite"
-        )
-        raise ValueError(msg)
+    check_not_indefinite(name, lam_min, lam_max, n, eps(xp, cov.dtype))
     n_negative = int(xp.sum(xp.astype(lam < 0, xp.int64)))
     if n_negative:
         notes.append(
@@ -389,14 +397,7 @@ def _svd_llm_operator(xp: ModuleType, cov: Array, name: str, notes: list[str]) -
         )
     lam = eigvalsh(xp, cov)
     lam_min, lam_max = float(lam[0]), float(lam[-1])
-    tol = INDEFINITE_SLACK * n * eps(xp, cov.dtype) * max(lam_max, 0.0)
-    if lam_min < -tol:
-        msg = (
-            f"`{name}` is indefinite: smallest eigenvalue {lam_min:.3g} is below "
-            f"the rounding tolerance -{tol:.3g} (10 n eps lambda_max); a "
-            "covariance must be positive semidefinite"
-        )
-        raise ValueError(msg)
+    check_not_indefinite(name, lam_min, lam_max, n, eps(xp, cov.dtype))
     shift = -lam_min + SVD_LLM_FLOOR
     lower = cholesky_lower(xp, plus_diagonal(xp, cov, shift))
     if lower is None:

@@ -38,15 +38,11 @@ def check_materialized(model: nn.Module, action: str) -> None:
 def _head_names(model: nn.Module) -> set[str]:
     names = {n for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
     get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            out = get_out()
-        except (NotImplementedError, AttributeError):
-            # transformers' base class raises NotImplementedError for models
-            # without an output embedding (ViT, encoders); they have no such head
-            out = None
-        if out is not None:
-            names.update(n for n, mod in model.named_modules() if mod is out)
+    # transformers' PreTrainedModel returns None for models without an output
+    # embedding (ViT, encoders): they have no such head
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        names.update(n for n, mod in model.named_modules() if mod is out)
     return names
 
 

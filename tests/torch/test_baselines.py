@@ -17,6 +17,7 @@ from jactus_linalg.torch import (
 )
 from jactus_linalg.torch.baselines import lora_adapter_params
 
+from ..numerics import tolerance
 from .models import hf_loss, llama_batches, tiny_llama, tiny_vit
 
 
@@ -28,8 +29,12 @@ def test_lora_and_dora_start_at_the_dense_model(dora):
         ref = model(**batch).logits
     wrapped = lora_model(copy.deepcopy(model), rank=4, dora=dora)
     assert isinstance(wrapped, PeftModel)
+    # LoRA's B = 0 adds exactly nothing; DoRA rescales W by m / ‖W‖ = 1, one float32 rounding
+    # per weight entry, carried through the model's hidden width and its layers
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    tol = tolerance(torch.float32, hidden * layers) * ref.abs().max().item()
     with torch.no_grad():
-        assert torch.allclose(wrapped(**batch).logits, ref, atol=1e-5, rtol=0)
+        assert (wrapped(**batch).logits - ref).abs().max().item() <= tol
     trainable, _ = count_parameters(wrapped)
     shapes = [(m.out_features, m.in_features) for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and n != "lm_head"]
@@ -56,9 +61,11 @@ def test_compress_then_lora_meets_the_same_budget():
     _, wrapped_total = count_parameters(result.model)
     assert wrapped_total == result.report.params_after + result.adapter_params
     assert wrapped_total / total == pytest.approx(result.total_retain)
-    assert 0.8 - result.total_retain < 0.02
+    # greedy allocation stops short of the budget by at most two rank units (as in test_compress)
+    unit = 2 * max(m + n + 2 * min(m, n) + 1 for m, n in (r.shape for r in result.report.layers)) / total
+    assert 0.8 - result.total_retain <= unit
     jactus = compress(copy.deepcopy(model), stats, retain=0.8, progress=False)
-    assert abs(jactus.retain_achieved - result.total_retain) < 0.02
+    assert abs(jactus.retain_achieved - result.total_retain) <= unit
     # adapters start at zero: the wrapped model computes the compressed model
     loss = result.model(**batches[0]).loss
     loss.backward()

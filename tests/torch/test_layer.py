@@ -1,112 +1,112 @@
-"""The layers on their own: MergeableLinear (dense weight + core in a frozen subspace), merge."""
+"""torch/layer.py: JactusLinear, a linear layer stored as frozen factors around a trainable core.
+
+:math:`y = A C B^\\top x + b`: the forward pass, the dense weight it stands
+for, what it stores and what trains, shapes and dtypes. (``MergeableLinear``,
+the core kept beside a dense weight, is tested in ``test_merge.py``.)
+"""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from jactus_linalg.torch import merge
-from jactus_linalg.torch.merge import MergeableLinear, has_unmerged_cores, merged_state_dict
+from jactus_linalg.torch import JactusLinear
 
 from ..numerics import orthonormal, tolerance
 
-M, N, A, B = 12, 9, 4, 3
+M, N, A, B = 16, 12, 4, 3  # out, in, left rank, right rank
 
 
-def _layer(dtype=torch.float64, bias: bool = True, seed: int = 0):
-    torch.manual_seed(seed)
-    dense = nn.Linear(N, M, bias=bias).to(dtype)
+def _factors(dtype=torch.float64, seed: int = 0):
     rng = np.random.default_rng(seed)
     left = torch.as_tensor(orthonormal(rng, M, A), dtype=dtype)
     right = torch.as_tensor(orthonormal(rng, N, B), dtype=dtype)
-    return dense, MergeableLinear.from_linear(dense, left, right), left, right
+    core = torch.as_tensor(rng.standard_normal((A, B)), dtype=dtype)
+    bias = torch.as_tensor(rng.standard_normal(M), dtype=dtype)
+    return left, core, right, bias
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_shares_the_dense_parameters_and_starts_at_zero(bias):
-    dense, layer, left, right = _layer(bias=bias)
-    assert layer.weight is dense.weight and layer.bias is dense.bias  # no copy
-    assert isinstance(layer, nn.Linear) and layer.rank == (A, B)
-    assert torch.count_nonzero(layer.core.weight) == 0 and layer.core.weight.requires_grad
-    assert not layer.left_proj.weight.requires_grad and not layer.right_proj.weight.requires_grad
-    assert layer.left_proj.bias is None and layer.right_proj.bias is None
-    assert torch.equal(layer.left_proj.weight, left) and torch.equal(layer.right_proj.weight, right.T)
-    x = torch.randn(5, 2, N, dtype=torch.float64)
-    assert torch.equal(layer(x), dense(x))
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_forward_is_a_core_b_transposed_plus_bias(with_bias):
+    left, core, right, bias = _factors()
+    bias = bias if with_bias else None
+    layer = JactusLinear.from_factors(left, core, right, bias)
+    x = torch.randn(5, 2, N, dtype=torch.float64)  # any leading dimensions, like nn.Linear
+    dense = left @ core @ right.T
+    expected = x @ dense.T + (0 if bias is None else bias)
+    got = layer(x)
+    assert got.shape == (5, 2, M)
+    # three products of length <= max(M, N); orthonormal factors keep the scale of the core
+    tol = tolerance(torch.float64, max(M, N)) * expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= tol
+    assert (layer.weight - dense).abs().max().item() <= tolerance(torch.float64, A) * dense.abs().max().item()
+    assert (layer.bias is None) == (bias is None)
 
 
-def test_forward_is_w_plus_a_core_b():
-    dense, layer, left, right = _layer()
-    core = torch.randn(A, B, dtype=torch.float64)
+def test_only_the_core_trains_and_the_storage_is_am_plus_bn_plus_ab():
+    left, core, right, bias = _factors()
+    layer = JactusLinear.from_factors(left, core, right, bias)
+    assert layer.rank == (A, B) and (layer.in_features, layer.out_features) == (N, M)
+    assert layer.n_params() == A * M + B * N + A * B + M < M * N + M
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"core.weight"}
+    assert set(layer.state_dict()) == {"right_proj.weight", "core.weight", "left_proj.weight", "left_proj.bias"}
+    # each piece is a plain nn.Linear (PEFT can wrap the frozen factors)
+    assert all(type(p) is nn.Linear for p in (layer.right_proj, layer.core, layer.left_proj))
+    layer(torch.randn(3, N, dtype=torch.float64)).sum().backward()
+    assert layer.core.weight.grad is not None and layer.left_proj.weight.grad is None
+
+
+def test_the_factors_are_copied_not_shared():
+    left, core, right, bias = _factors()
+    layer = JactusLinear.from_factors(left, core, right, bias)
     with torch.no_grad():
-        layer.core.weight.copy_(core)
-    x = torch.randn(7, N, dtype=torch.float64)
-    expected = x @ (dense.weight + left @ core @ right.T).T + dense.bias
-    tol = tolerance(torch.float64, N) * expected.abs().max().item()
-    assert (layer(x) - expected).abs().max().item() <= tol
-    delta = layer.delta_weight()
-    assert (delta - left @ core @ right.T).abs().max().item() <= tolerance(torch.float64, A)
-    # an isometric step: ||A dC Bᵀ||_F = ||dC||_F for orthonormal A, B
-    assert abs(delta.norm().item() - core.norm().item()) <= tolerance(torch.float64, M) * core.norm().item()
+        layer.core.weight.zero_()
+    assert core.abs().max().item() > 0  # the caller's tensor is untouched
+    assert torch.equal(layer(torch.randn(2, N, dtype=torch.float64)), bias.expand(2, M))
 
 
-def test_merged_is_a_plain_linear_with_the_folded_weight():
-    _dense, layer, _, _ = _layer()
-    with torch.no_grad():
-        layer.core.weight.normal_()
-    merged = layer.merged()
-    assert type(merged) is nn.Linear and merged.bias is layer.bias
-    assert merged.weight.requires_grad == layer.weight.requires_grad
-    x = torch.randn(6, N, dtype=torch.float64)
-    tol = tolerance(torch.float64, N) * layer(x).abs().max().item()
-    assert (merged(x) - layer(x)).abs().max().item() <= tol
-
-
-def test_merge_in_a_model_and_the_state_dict_without_merging():
-    _dense, layer, _, _ = _layer()
-    with torch.no_grad():
-        layer.core.weight.normal_()
-    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(M, 2).double())
-    assert has_unmerged_cores(model) == ["0"]
-    state = merged_state_dict(model)
-    assert has_unmerged_cores(model) == ["0"]  # not changed
-    assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    x = torch.randn(4, N, dtype=torch.float64)
-    before = model(x)
-    assert merge(model) is model and has_unmerged_cores(model) == []
-    assert type(model[0]) is nn.Linear
-    assert torch.equal(model[0].weight, state["0.weight"])
-    assert (model(x) - before).abs().max().item() <= tolerance(torch.float64, N) * before.abs().max().item()
-
-
-def test_the_model_itself_can_be_a_mergeable_layer():
-    _, layer, _, _ = _layer()
-    state = merged_state_dict(layer)
-    assert set(state) == {"weight", "bias"}
-
-
-def test_float32_core_on_a_bfloat16_layer():
-    _dense, layer, _, _ = _layer(dtype=torch.bfloat16)
+def test_float32_core_between_bfloat16_factors():
+    """``mark_trainable(core_dtype=float32)``: the core in float32, the frozen factors in bf16."""
+    left, core, right, bias = _factors(dtype=torch.bfloat16)
+    layer = JactusLinear.from_factors(left, core, right, bias)
     layer.core.to(torch.float32)
-    with torch.no_grad():
-        layer.core.weight.fill_(1e-3)  # below bf16's resolution next to 1: kept in float32
-    y = layer(torch.randn(3, N, dtype=torch.bfloat16))
+    x = torch.randn(4, N, dtype=torch.bfloat16)
+    y = layer(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
-    merged = layer.merged()
-    assert merged.weight.dtype == torch.bfloat16
-    assert layer.delta_weight().dtype == torch.float32
+    ref = x.double() @ (left.double() @ core.double() @ right.double().T).T + bias.double()
+    # three bf16 roundings of the inputs to each product, through max(M, N) terms
+    tol = tolerance(torch.bfloat16, max(M, N)) * ref.abs().max().item()
+    assert (y.double() - ref).abs().max().item() <= tol
 
 
-def test_bad_bases_are_refused():
-    dense = nn.Linear(N, M).double()
-    good_left = torch.zeros(M, A, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"`left` must be \(12, a\) and `right` \(9, b\)"):
-        MergeableLinear.from_linear(dense, good_left, torch.zeros(N + 1, B, dtype=torch.float64))
-    with pytest.raises(ValueError, match="`left` basis contains non-finite values"):
-        MergeableLinear.from_linear(
-            dense, torch.full((M, A), float("nan"), dtype=torch.float64),
-            torch.zeros(N, B, dtype=torch.float64),
-        )
-    assert type(dense) is nn.Linear and not hasattr(dense, "core")  # untouched by the refusals
+def test_factor_shapes_that_do_not_chain_are_refused():
+    left, core, right, bias = _factors()
+    with pytest.raises(ValueError, match=r"factor shapes do not chain: left \(16, 4\), core \(3, 3\)"):
+        JactusLinear.from_factors(left, core[:3], right, bias)
+    with pytest.raises(ValueError, match=r"factor shapes do not chain"):
+        JactusLinear.from_factors(left, core, right[:, :2], bias)
+
+
+@pytest.mark.parametrize(
+    "bias", [torch.ones(1), torch.tensor(1.0), torch.ones(6), torch.ones(5, 1)],
+    ids=["1 element", "0-d", "too long", "2-D"],
+)
+def test_from_factors_refuses_a_bias_of_the_wrong_shape(bias):
+    """Before: a 1-element or 0-d bias was broadcast to five ones."""
+    left, core, right = torch.randn(5, 2), torch.randn(2, 3), torch.randn(4, 3)
+    shape = re.escape(str(tuple(bias.shape)))
+    with pytest.raises(ValueError, match=rf"`bias` must have shape \(5,\).*got {shape}"):
+        JactusLinear.from_factors(left, core, right, bias)
+    layer = JactusLinear.from_factors(left, core, right, torch.arange(5.0))
+    assert torch.equal(layer.bias, torch.arange(5.0))
+
+
+def test_repr_shows_the_shape_and_the_core():
+    layer = JactusLinear(N, M, A, B, bias=False, dtype=torch.float64)
+    assert f"in_features={N}, out_features={M}, core={A}x{B}" in repr(layer)
+    assert layer.bias is None and layer.core.weight.dtype == torch.float64

@@ -1,4 +1,4 @@
-"""The ``jactus`` command line: calibrate, compress, merge statistics and evaluate, from local files.
+"""The ``jactus`` command line: calibrate, compress, merge, evaluate, from local files.
 
 Installed as the console script ``jactus`` (``pyproject.toml``,
 ``[project.scripts]``) and runnable as ``python -m jactus_linalg``. It works
@@ -7,6 +7,7 @@ folder (``save_pretrained``), with calibration text or images read from
 local files; nothing is downloaded. Each subcommand calls the public torch
 adapter (:func:`~jactus_linalg.torch.calibrate`,
 :func:`~jactus_linalg.torch.compress`, :func:`~jactus_linalg.torch.save_compressed`,
+:func:`~jactus_linalg.torch.merge`, :meth:`~jactus_linalg.torch.JactusLinear.dense`,
 :meth:`~jactus_linalg.torch.CalibrationStats.save`) and holds no numerics of
 its own; every file it writes is written atomically.
 
@@ -39,8 +40,9 @@ NAME
 SYNOPSIS
     jactus calibrate MODEL (--text FILE... | --images FOLDER) -o STATS.safetensors
     jactus compress  MODEL --stats STATS.safetensors -o FOLDER [--retain 0.8]
-    jactus merge     STATS.safetensors STATS.safetensors... -o STATS.safetensors
+    jactus merge     FOLDER -o PLAIN_FOLDER [--tokenizer MODEL]
     jactus eval      MODEL (--text FILE... | --images FOLDER) [--tokenizer FOLDER]
+    jactus merge-stats STATS.safetensors STATS.safetensors... -o STATS.safetensors
 
 DESCRIPTION
     JACTUS compresses a pretrained model to a parameter budget with a
@@ -56,7 +58,10 @@ DESCRIPTION
     The usual sequence is: `calibrate` (statistics of the dense model),
     `compress` (ranks allocated globally, factors written), `eval` (held-out
     perplexity or accuracy of the dense and the compressed model). `merge`
-    adds up statistics collected in several runs on the same model.
+    folds a compressed model's factors and cores into plain weights and
+    writes an ordinary Hugging Face folder, for tools that do not know this
+    package (lm-evaluation-harness, serving stacks). `merge-stats` adds up
+    statistics collected in several runs on the same model.
 
     Run `jactus COMMAND --help` for the options of one command.
 
@@ -64,6 +69,8 @@ FILES
     STATS.safetensors   calibration statistics (CalibrationStats.save)
     FOLDER/jactus.json  compressed model config, with model.safetensors
                         beside it (save_compressed; load_compressed reads it)
+    PLAIN_FOLDER        config.json and model.safetensors (save_pretrained):
+                        the merged model, read by from_pretrained
 
 EXIT STATUS
     0 on success, 1 when the command fails (the message says why), 2 on a
@@ -110,6 +117,29 @@ EXAMPLES
 
 MERGE_EPILOG = """\
 DESCRIPTION
+    Loads FOLDER (written by `jactus compress` or save_compressed), folds
+    every mergeable core into its weight (jactus_linalg.torch.merge: W + A dC
+    B^T) and multiplies every factored layer out into a plain nn.Linear
+    (weight A C B^T, formed in at least float32 and rounded to the model's
+    dtype once; JactusLinear.dense), then writes the model with
+    save_pretrained. The result loads with
+    AutoModelForCausalLM.from_pretrained (or AutoModelForImageClassification)
+    without this package, and computes what the compressed model computes,
+    up to that one rounding. It stores the dense number of parameters: keep
+    FOLDER to deploy the compressed size.
+
+    A compressed folder holds no tokenizer: pass --tokenizer with the
+    original model's folder to copy its tokenizer (or image processor) in,
+    so the merged folder is complete. PLAIN_FOLDER must be new or empty
+    (--overwrite replaces any folder).
+
+EXAMPLES
+    jactus compress ./SmolLM2-135M --stats stats.safetensors -o smollm2-80
+    jactus merge smollm2-80 --tokenizer ./SmolLM2-135M -o smollm2-80-plain
+"""
+
+MERGE_STATS_EPILOG = """\
+DESCRIPTION
     Adds up calibration statistics of the same model collected in separate
     runs (other text files, other machines): the second moments, the
     gradient sums, the token and batch counts. The result is what one
@@ -118,7 +148,7 @@ DESCRIPTION
 EXAMPLES
     jactus calibrate ./model --text part1.txt -o s1.safetensors
     jactus calibrate ./model --text part2.txt -o s2.safetensors
-    jactus merge s1.safetensors s2.safetensors -o stats.safetensors
+    jactus merge-stats s1.safetensors s2.safetensors -o stats.safetensors
 """
 
 EVAL_EPILOG = """\
@@ -173,35 +203,45 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
 
+def _subcommand(sub, name: str, *, summary: str, description: str, epilog: str, run,
+                model: str | None, output: tuple[str, str, bool], quiet: str) -> argparse.ArgumentParser:
+    """One subcommand with what every command shares: the MODEL argument, ``-o`` and ``-q``."""
+    p = sub.add_parser(name, help=summary, description=description, epilog=epilog, formatter_class=_formatter)
+    if model is not None:
+        p.add_argument("model", type=Path, metavar="MODEL" if name != "merge" else "FOLDER", help=model)
+    metavar, help_text, required = output
+    p.add_argument("-o", "--output", type=Path, required=required, default=None, metavar=metavar, help=help_text)
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet)
+    p.set_defaults(run=run)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``jactus`` parser with its four subcommands (nothing heavy is imported)."""
+    """The ``jactus`` parser with its subcommands (nothing heavy is imported)."""
     parser = argparse.ArgumentParser(prog=PROG, description=OVERVIEW, formatter_class=_formatter,
                                      usage="%(prog)s [-h] [--version] COMMAND ...")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    stats_file = "STATS.safetensors"
 
-    cal = sub.add_parser("calibrate", help="collect calibration statistics of a dense model",
-                         description="Collect the calibration statistics (Cx, Cg, G) of every target linear layer.",
-                         epilog=CALIBRATE_EPILOG, formatter_class=_formatter)
-    cal.add_argument("model", type=Path, metavar="MODEL", help="a save_pretrained folder")
-    cal.add_argument("-o", "--output", type=Path, required=True, metavar="STATS.safetensors",
-                     help="where to write the statistics")
+    cal = _subcommand(
+        sub, "calibrate", summary="collect calibration statistics of a dense model",
+        description="Collect the calibration statistics (Cx, Cg, G) of every target linear layer.",
+        epilog=CALIBRATE_EPILOG, run=cmd_calibrate, model="a save_pretrained folder",
+        output=(stats_file, "where to write the statistics", True), quiet="no progress bars or summary")
     _add_data_options(cal, samples=128)
     _add_model_options(cal)
     cal.add_argument("--targets", nargs="+", default=None, metavar="NAME",
                      help="layers to calibrate: names or one regex (default: every linear layer but the output head)")
     cal.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="layers to leave out")
-    cal.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
-    cal.set_defaults(run=cmd_calibrate)
 
-    com = sub.add_parser("compress", help="compress a model to a parameter budget and save it",
-                         description="Compress MODEL with its calibration statistics and save the result.",
-                         epilog=COMPRESS_EPILOG, formatter_class=_formatter)
-    com.add_argument("model", type=Path, metavar="MODEL", help="the save_pretrained folder that was calibrated")
-    com.add_argument("--stats", type=Path, required=True, metavar="STATS.safetensors",
-                     help="statistics from `jactus calibrate` (or `jactus merge`)")
-    com.add_argument("-o", "--output", type=Path, required=True, metavar="FOLDER",
-                     help="where to write the compressed model")
+    com = _subcommand(
+        sub, "compress", summary="compress a model to a parameter budget and save it",
+        description="Compress MODEL with its calibration statistics and save the result.",
+        epilog=COMPRESS_EPILOG, run=cmd_compress, model="the save_pretrained folder that was calibrated",
+        output=("FOLDER", "where to write the compressed model", True), quiet="no progress bars or table")
+    com.add_argument("--stats", type=Path, required=True, metavar=stats_file,
+                     help="statistics from `jactus calibrate` (or `jactus merge-stats`)")
     how = com.add_argument_group("compression (JactusConfig fields)")
     how.add_argument("--retain", type=float, default=0.8, help="parameters after / before, whole model (default 0.8)")
     how.add_argument("--method", choices=("jactus", "kfac", "svd-llm", "svd"), default="jactus",
@@ -221,30 +261,36 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--report", type=Path, default=None, metavar="FILE.json", help="also write the report as JSON")
     com.add_argument("--overwrite", action="store_true",
                      help="replace FOLDER even if it holds files `jactus compress` did not write")
-    com.add_argument("-q", "--quiet", action="store_true", help="no progress bars or table")
-    com.set_defaults(run=cmd_compress)
 
-    mer = sub.add_parser("merge", help="add up statistics from several calibration runs",
-                         description="Add up calibration statistics of one model collected in several runs.",
-                         epilog=MERGE_EPILOG, formatter_class=_formatter)
-    mer.add_argument("inputs", type=Path, nargs="+", metavar="STATS.safetensors", help="two or more statistics files")
-    mer.add_argument("-o", "--output", type=Path, required=True, metavar="STATS.safetensors",
-                     help="where to write the sum")
-    mer.add_argument("-q", "--quiet", action="store_true", help="no summary")
-    mer.set_defaults(run=cmd_merge)
+    mer = _subcommand(
+        sub, "merge", summary="fold a compressed model into plain weights (a from_pretrained folder)",
+        description="Fold the factors and cores of a compressed model into plain nn.Linear weights and "
+                    "save it with save_pretrained.",
+        epilog=MERGE_EPILOG, run=cmd_merge, model="a folder written by `jactus compress` (save_compressed)",
+        output=("PLAIN_FOLDER", "where to write the merged model", True), quiet="no summary")
+    mer.add_argument("--tokenizer", type=Path, default=None, metavar="MODEL",
+                     help="copy the tokenizer or image processor of this folder (the original model) in")
+    mer.add_argument("--dtype", choices=DTYPES, default=None,
+                     help="save the merged weights in this dtype (default: the compressed model's)")
+    mer.add_argument("--overwrite", action="store_true", help="replace PLAIN_FOLDER even if it holds files")
 
-    ev = sub.add_parser("eval", help="held-out perplexity or accuracy of a model",
-                        description="Score MODEL on held-out text (perplexity) or images (accuracy).",
-                        epilog=EVAL_EPILOG, formatter_class=_formatter)
-    ev.add_argument("model", type=Path, metavar="MODEL", help="a save_pretrained folder or a `jactus compress` folder")
+    ev = _subcommand(
+        sub, "eval", summary="held-out perplexity or accuracy of a model",
+        description="Score MODEL on held-out text (perplexity) or images (accuracy).",
+        epilog=EVAL_EPILOG, run=cmd_eval, model="a save_pretrained folder or a `jactus compress` folder",
+        output=("FILE.json", "also write the result here", False), quiet="no progress bars")
     ev.add_argument("--tokenizer", type=Path, default=None, metavar="FOLDER",
                     help="folder with the tokenizer or image processor (default MODEL; "
                          "needed for a compressed language model)")
-    ev.add_argument("-o", "--output", type=Path, default=None, metavar="FILE.json", help="also write the result here")
     _add_data_options(ev, samples=64)
     _add_model_options(ev)
-    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    ev.set_defaults(run=cmd_eval)
+
+    ms = _subcommand(
+        sub, "merge-stats", summary="add up statistics from several calibration runs",
+        description="Add up calibration statistics of one model collected in several runs.",
+        epilog=MERGE_STATS_EPILOG, run=cmd_merge_stats, model=None,
+        output=(stats_file, "where to write the sum", True), quiet="no summary")
+    ms.add_argument("inputs", type=Path, nargs="+", metavar=stats_file, help="two or more statistics files")
     return parser
 
 
@@ -616,7 +662,7 @@ def _merged(accumulators: Sequence[Any]):
     return out
 
 
-def cmd_merge(args) -> None:
+def cmd_merge_stats(args) -> None:
     from jactus_linalg.torch import CalibrationStats  # noqa: PLC0415
 
     if len(args.inputs) < 2:
@@ -631,6 +677,81 @@ def cmd_merge(args) -> None:
     total = merge_statistics(parts)
     path = total.save(args.output)
     _say(args, f"{len(parts)} files, {total.n_batches} batches, {len(total)} layers -> {path}")
+
+
+def _check_new_folder(folder: Path, *, overwrite: bool) -> None:
+    """``-o`` of `jactus merge`: a new or empty folder, or any folder with --overwrite (never the cwd)."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        msg = f"--output {folder} is {'a symbolic link' if folder.is_symlink() else 'a file'}; pass a new folder"
+        raise CommandError(msg)
+    if not folder.exists():
+        return
+    resolved, cwd = folder.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        msg = f"--output {folder} is the working directory or one of its parents; pass a new folder"
+        raise CommandError(msg)
+    entries = sorted(p.name for p in folder.iterdir())
+    if entries and not overwrite:
+        msg = (f"--output {folder} holds {len(entries)} entries (e.g. {entries[:3]}); pass a new or empty "
+               "folder, or --overwrite to replace the whole folder")
+        raise CommandError(msg)
+
+
+def merged_model(model):
+    """``model`` with every mergeable core folded in and every factored layer multiplied out, in place.
+
+    Returns ``(model, factored)``: the model, now built of plain ``nn.Linear``
+    layers, and the names of the layers that were factored.
+    """
+    from jactus_linalg.torch import JactusLinear, merge  # noqa: PLC0415
+
+    merge(model)  # W + A dC B^T for every layer kept dense with a core
+    factored = [name for name, mod in model.named_modules() if isinstance(mod, JactusLinear)]
+    for name in factored:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).dense())
+    return model, factored
+
+
+def cmd_merge(args) -> None:
+    import torch  # noqa: PLC0415
+
+    from jactus_linalg._files import replace_folder  # noqa: PLC0415
+
+    folder = _require_folder(args.model, "FOLDER")
+    if not (folder / "jactus.json").is_file():
+        msg = (f"FOLDER {folder} has no jactus.json: not written by `jactus compress`; a save_pretrained "
+               "folder is already plain and has nothing to merge")
+        raise CommandError(msg)
+    _check_new_folder(args.output, overwrite=args.overwrite)
+    if args.tokenizer is not None:
+        _require_folder(args.tokenizer, "--tokenizer")
+    loaded = load_model(folder, device="cpu")
+    stored = sum(p.numel() for p in loaded.model.parameters())
+    model, factored = merged_model(loaded.model)
+    if args.dtype is not None:
+        model = model.to(getattr(torch, args.dtype))
+    if hasattr(model, "jactus_config"):
+        del model.jactus_config
+    processor = None
+    if args.tokenizer is not None:
+        if loaded.task == "causal-lm":
+            processor = load_tokenizer(args.tokenizer)
+        elif (args.tokenizer / "preprocessor_config.json").is_file():
+            from transformers import AutoImageProcessor  # noqa: PLC0415
+
+            processor = AutoImageProcessor.from_pretrained(args.tokenizer, local_files_only=True)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+
+    out = replace_folder(args.output, fill)
+    dense = sum(p.numel() for p in model.parameters())
+    _say(args, f"{len(factored)} factored layers multiplied out ({stored} -> {dense} parameters stored) -> {out} "
+               "(load it with from_pretrained)")
 
 
 def evaluate(loaded: Loaded, batches: Sequence[dict], *, progress: bool = True) -> dict[str, float | int]:

@@ -1,4 +1,4 @@
-"""The ``jactus`` command line on tiny local models: calibrate, compress, merge, eval, help and errors.
+"""The ``jactus`` command line on tiny local models: calibrate, compress, merge, eval, merge-stats, help, errors.
 
 A tiny random Llama (``tests/torch/models.py``) with a word-level tokenizer,
 and a tiny ViT with an image folder, are written with ``save_pretrained``
@@ -25,6 +25,7 @@ pytest.importorskip("transformers")
 from jactus_linalg.cli import main  # noqa: E402
 from jactus_linalg.torch import CalibrationStats, load_compressed  # noqa: E402
 
+from .numerics import tolerance  # noqa: E402
 from .torch.models import tiny_llama, tiny_vit  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(90)]
@@ -124,12 +125,12 @@ def test_eval_equals_the_models_own_loss(llama_dir, texts, tmp_path, capsys):
     assert printed["nll"] == pytest.approx(expected, abs=tol)
 
 
-def test_merge_adds_up_two_calibration_runs(llama_dir, texts, llama_stats, tmp_path):
+def test_merge_stats_adds_up_two_calibration_runs(llama_dir, texts, llama_stats, tmp_path):
     second = tmp_path / "b.safetensors"
     merged = tmp_path / "merged.safetensors"
     assert main(["calibrate", str(llama_dir), "--text", str(texts["b"]), "--seq-len", str(SEQ_LEN),
                  "--samples", "8", "--device", "cpu", "-q", "-o", str(second)]) == 0
-    assert main(["merge", str(llama_stats), str(second), "-o", str(merged), "-q"]) == 0
+    assert main(["merge-stats", str(llama_stats), str(second), "-o", str(merged), "-q"]) == 0
     a, b, total = (CalibrationStats.load(p) for p in (llama_stats, second, merged))
     assert total.n_batches == a.n_batches + b.n_batches
     for name in a:
@@ -140,6 +141,43 @@ def test_merge_adds_up_two_calibration_runs(llama_dir, texts, llama_stats, tmp_p
             got = getattr(lt, field)
             tol = 8 * lt.n_samples * torch.finfo(got.dtype).eps * float(expected.abs().max())
             assert float((got - expected).abs().max()) <= tol, (name, field)
+
+
+def test_merge_writes_a_plain_model_that_computes_the_compressed_one(llama_dir, llama_stats, texts, tmp_path,
+                                                                    capsys):
+    """`jactus merge`: every factored layer multiplied out, saved with save_pretrained, read by from_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jactus_linalg.torch import JactusLinear
+
+    compressed, plain = tmp_path / "compressed", tmp_path / "plain"
+    assert main(["compress", str(llama_dir), "--stats", str(llama_stats), "--retain", "0.7", "--device", "cpu",
+                 "-q", "-o", str(compressed)]) == 0
+    assert main(["merge", str(compressed), "--tokenizer", str(llama_dir), "-o", str(plain)]) == 0
+    summary = capsys.readouterr().out
+    assert f"-> {plain}" in summary and "factored layers multiplied out" in summary
+    assert not (plain / "jactus.json").exists() and (plain / "config.json").is_file()
+    reference = load_compressed(compressed)
+    factored = [m for m in reference.modules() if isinstance(m, JactusLinear)]
+    assert factored  # there was something to multiply out
+    model = AutoModelForCausalLM.from_pretrained(plain, local_files_only=True)
+    assert type(model) is type(reference)
+    assert not any(isinstance(m, JactusLinear) for m in model.modules())
+    dense = tiny_llama(seed=0)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in dense.parameters())
+    ids = AutoTokenizer.from_pretrained(plain)(texts["held"].read_text(), add_special_tokens=False)["input_ids"]
+    batch = torch.tensor(ids[: 2 * SEQ_LEN]).reshape(2, SEQ_LEN)
+    with torch.no_grad():
+        want, got = reference(input_ids=batch).logits, model(input_ids=batch).logits
+    # A C Bᵀ rounded to float32 once per weight, through the hidden width and the layers
+    config = dense.config
+    tol = tolerance(torch.float32, config.intermediate_size * config.num_hidden_layers) * want.abs().max().item()
+    assert (got - want).abs().max().item() <= tol
+    # the merged folder is complete: `jactus eval` needs no --tokenizer
+    assert main(["eval", str(plain), "--text", str(texts["held"]), "--seq-len", str(SEQ_LEN), "--device", "cpu",
+                 "-q"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["compressed"] is False and math.isfinite(result["nll"])
 
 
 def _image_folder(root: Path, labels: list[str], per_class: int) -> None:
@@ -175,9 +213,12 @@ def test_image_classifier_end_to_end(tmp_path, capsys):
     (["calibrate", "{llama}", "--images", "{tmp}", "-o", "{tmp}/s.safetensors"], "give it --text"),
     (["calibrate", "{llama}", "--text", "{text}", "--seq-len", "100000", "-o", "{tmp}/s.safetensors"],
      "fewer than one sequence"),
-    (["merge", "{stats}", "-o", "{tmp}/m.safetensors"], "two or more"),
+    (["merge-stats", "{stats}", "-o", "{tmp}/m.safetensors"], "two or more"),
     (["eval", "{compressed}", "--text", "{text}"], "pass --tokenizer"),
-], ids=["missing-model", "missing-stats", "bad-retain", "wrong-data", "short-text", "one-file", "no-tokenizer"])
+    (["merge", "{llama}", "-o", "{tmp}/plain"], "has nothing to merge"),
+    (["merge", "{compressed}", "-o", "{llama}"], "pass a new or empty folder, or --overwrite"),
+], ids=["missing-model", "missing-stats", "bad-retain", "wrong-data", "short-text", "one-file", "no-tokenizer",
+        "merge-a-plain-folder", "merge-into-a-full-folder"])
 def test_clear_errors(args, expected, llama_dir, llama_stats, texts, tmp_path, capsys):
     compressed = tmp_path / "compressed"
     if "{compressed}" in args:
@@ -204,7 +245,7 @@ def test_help_reads_like_a_man_page_and_imports_no_torch():
     probe = (
         "import sys\n"
         "from jactus_linalg import cli\n"
-        "for argv in ([], ['calibrate'], ['compress'], ['merge'], ['eval']):\n"
+        "for argv in ([], ['calibrate'], ['compress'], ['merge'], ['eval'], ['merge-stats']):\n"
         "    try:\n"
         "        cli.main([*argv, '--help'])\n"
         "    except SystemExit as e:\n"
@@ -240,12 +281,14 @@ def test_every_command_in_the_shell_tutorial_parses():
 
     page = Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "cli.md"
     lines = [line.strip() for line in page.read_text(encoding="utf-8").splitlines()]
-    for epilog in (cli.CALIBRATE_EPILOG, cli.COMPRESS_EPILOG, cli.MERGE_EPILOG, cli.EVAL_EPILOG):
+    for epilog in (cli.CALIBRATE_EPILOG, cli.COMPRESS_EPILOG, cli.MERGE_EPILOG, cli.EVAL_EPILOG,
+                   cli.MERGE_STATS_EPILOG):
         lines += [line.strip() for line in epilog.splitlines()]
     commands = [line.split("#")[0] for line in lines if line.split(" ", 2)[:2] in (
-        ["jactus", "calibrate"], ["jactus", "compress"], ["jactus", "merge"], ["jactus", "eval"])]
+        ["jactus", "calibrate"], ["jactus", "compress"], ["jactus", "merge"], ["jactus", "eval"],
+        ["jactus", "merge-stats"])]
     assert len(commands) >= 12, commands
     parser = cli.build_parser()
     for command in commands:
         args = parser.parse_args(shlex.split(command.replace("$MODEL", "model"))[1:])
-        assert args.command in ("calibrate", "compress", "merge", "eval"), command
+        assert args.command in ("calibrate", "compress", "merge", "eval", "merge-stats"), command

@@ -109,6 +109,26 @@ class JactusLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.left_proj.bias
 
+    def dense(self) -> nn.Linear:
+        r"""A plain ``nn.Linear`` with weight :math:`A\,C\,B^\top` and this layer's bias.
+
+        The product is formed in at least float32 (a float32 core between
+        half-precision factors included) and rounded to the factors' dtype
+        once; this layer is left as it is. The result stores :math:`mn`
+        numbers: it is for tools that read only standard ``nn.Linear``
+        checkpoints (``jactus merge`` writes such a model).
+        """
+        dtype = self.left_proj.weight.dtype
+        work = torch.promote_types(torch.promote_types(dtype, self.core.weight.dtype), torch.float32)
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.core.weight.device, dtype=dtype)
+        with torch.no_grad():
+            product = self.left_proj.weight.to(work) @ self.core.weight.to(work) @ self.right_proj.weight.to(work)
+            out.weight.copy_(product.to(dtype))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
     def n_params(self) -> int:
         """Stored numbers: ``am + bn + ab`` plus the bias."""
         return sum(p.numel() for p in self.parameters())

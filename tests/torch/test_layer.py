@@ -110,3 +110,23 @@ def test_repr_shows_the_shape_and_the_core():
     layer = JactusLinear(N, M, A, B, bias=False, dtype=torch.float64)
     assert f"in_features={N}, out_features={M}, core={A}x{B}" in repr(layer)
     assert layer.bias is None and layer.core.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dense_is_a_plain_linear_computing_the_same_map(dtype):
+    """``dense()``: weight A C Bᵀ formed in at least float32 and rounded to the factors' dtype once."""
+    left, core, right, bias = _factors(dtype=dtype)
+    layer = JactusLinear.from_factors(left, core, right, bias)
+    if dtype == torch.bfloat16:
+        layer.core.to(torch.float32)  # a float32 core between half-precision factors
+    plain = layer.dense()
+    assert type(plain) is nn.Linear and plain.weight.dtype == dtype
+    assert (plain.in_features, plain.out_features) == (N, M)
+    assert torch.equal(plain.bias, layer.bias) and plain.bias is not layer.bias  # copied
+    exact = left.double() @ layer.core.weight.double() @ right.double().T
+    # one rounding to `dtype` after a product accurate to float32 (or float64) over A terms
+    tol = (tolerance(dtype, 1, c=1.0) + tolerance(torch.float32, A)) * exact.abs().max().item()
+    assert (plain.weight.double() - exact).abs().max().item() <= tol
+    assert layer.core.weight.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)  # left as it was
+    x = torch.randn(3, N, dtype=dtype)
+    assert torch.isfinite(plain(x).float()).all()

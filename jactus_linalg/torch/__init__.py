@@ -9,6 +9,12 @@ What a user calls::
     save_compressed(model, "folder")
     model = load_compressed("folder")
 
+One decomposition, several budgets::
+
+    prepared = prepare_compression(model, stats, JactusConfig())
+    report = prepared.compress(copy.deepcopy(model), retain=0.7)  # per retain: cheap
+    # or: compress_many(model, stats, [0.6, 0.7, 0.8, 0.9]) -> [(model, report), ...]
+
 It holds no numerics of its own: statistics go through
 :mod:`jactus_linalg.covariance`, factorizations through
 :func:`jactus_linalg.plan_layer`, and allocation through the core's budget
@@ -18,7 +24,7 @@ solver. Helpers (``plan_compression``, ``allocate``, ``replace_layers``,
 
 from .baselines import compress_then_lora, lora_model
 from .calibrate import calibrate
-from .compress import compress
+from .compress import PreparedCompression, compress, compress_many, prepare_compression
 from .config import JactusConfig
 from .io import load_compressed, save_compressed
 from .layer import JactusLinear
@@ -30,8 +36,10 @@ __all__ = [
     "CalibrationStats",
     "JactusConfig",
     "JactusLinear",
+    "PreparedCompression",
     "calibrate",
     "compress",
+    "compress_many",
     "compress_then_lora",
     "core_parameters",
     "count_parameters",
@@ -39,5 +47,6 @@ __all__ = [
     "lora_model",
     "mark_trainable",
     "merge",
+    "prepare_compression",
     "save_compressed",
 ]

@@ -20,6 +20,7 @@ from torch import nn
 from ..allocation import bisect_budget, factor_params
 from .compress import (
     CompressionReport,
+    PreparedCompression,
     _check_model_and_stats,
     allocate,
     plan_compression,
@@ -117,6 +118,7 @@ def compress_then_lora(
     modules_to_save: Sequence[str] | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    prepared: PreparedCompression | None = None,
 ) -> CompressThenLoRA:
     """Compress, then add LoRA on the factors, within ``retain`` of the original parameters.
 
@@ -127,6 +129,11 @@ def compress_then_lora(
     head in ``modules_to_save`` is trained in full and counted like the
     head of every other method (it is part of the model either way).
 
+    ``prepared`` (from :func:`~jactus_linalg.torch.prepare_compression` of
+    this model, or of the model it was copied from, with the same
+    ``method``, ``dtype`` and ``damping``) skips the decomposition: one
+    decomposition serves every retain, with the same result.
+
     Raises
     ------
     TypeError
@@ -134,12 +141,18 @@ def compress_then_lora(
         real number.
     ValueError
         If ``retain`` is outside (0, 1], or even the smallest compression
-        leaves no room for the adapters.
+        leaves no room for the adapters; or if ``prepared`` was prepared
+        with another ``method``, ``dtype`` or ``damping``, or from another
+        model.
     """
     _check_model_and_stats(model, stats)
     retain = JactusConfig(retain=retain).retain  # numpy and 0-d torch scalars too; checked
     kwargs: dict[str, Any] = {} if damping is None else {"damping": damping}
-    plan = plan_compression(model, stats, method=method, dtype=dtype, progress=progress, **kwargs)
+    if prepared is None:
+        plan = plan_compression(model, stats, method=method, dtype=dtype, progress=progress,
+                                **kwargs)
+    else:
+        plan = prepared.plan_for(model, method=method, dtype=dtype, damping=damping)
     shapes = {n: p.shape for n, p in plan.plans.items()}
     total = plan.total_params
     fixed = total - plan.target_dense_params

@@ -16,6 +16,13 @@ reusable on their own:
    and :func:`~jactus_linalg.torch.mark_trainable` leaves only the cores
    trainable (``trainable="cores"``), as PEFT's ``get_peft_model`` does.
 
+Step 1 is the cost; steps 2-4 are cheap. To compress one model at several
+budgets, decompose it once with :func:`prepare_compression` and compress a
+copy per retain with :meth:`PreparedCompression.compress` (or
+:func:`compress_many`, which does both): the same ranks and factors as
+:func:`compress` at each retain, which is itself
+``prepare_compression(model, stats, config).compress(model)``.
+
 The budget counts the whole model: ``retain = parameters after / parameters
 before``, counted as deployed (after :func:`~jactus_linalg.torch.merge`).
 Parameters outside the targets (embeddings, norms, head, biases) are kept
@@ -28,7 +35,7 @@ keeps every layer dense.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,13 +56,17 @@ from .tuning import core_parameters, mark_trainable
 
 __all__ = [
     "METHODS",
+    "PLAN_FIELDS",
     "CompressionPlan",
     "CompressionReport",
     "LayerReport",
+    "PreparedCompression",
     "add_dense_cores",
     "allocate",
     "compress",
+    "compress_many",
     "plan_compression",
+    "prepare_compression",
     "replace_layers",
 ]
 
@@ -328,13 +339,13 @@ def plan_compression(
             if group not in input_ops:  # one factorization per shared input
                 input_ops[group] = whitening_operator(
                     _to(layer.input_cov, weight.device, work), damping=damp_x,
-                    method=whitening, name="input_cov",
+                    method=whitening, name="input_cov", products=layer.input_products,
                 )
             grad_op = None
             if layer.grad_cov is not None:
                 grad_op = whitening_operator(
                     _to(layer.grad_cov, weight.device, work), damping=damp_g,
-                    method=whitening, name="grad_cov",
+                    method=whitening, name="grad_cov", products=layer.grad_products,
                 )
             plans[name] = plan_layer(
                 weight,
@@ -759,26 +770,331 @@ def compress(
     least float32) and rounded to the model's dtype once.
     """
     config = _resolve_config(config, fields)
+    return prepare_compression(model, stats, config, progress=progress).compress(model)
+
+
+#: :class:`JactusConfig` fields that the decomposition depends on. A
+#: :class:`PreparedCompression` fixes them; every other field (``retain``,
+#: ``allocation``, ``min_rank``, ``rank_pattern``, ``basis``, ``dense_cores``,
+#: ``trainable``, ``core_dtype``, ``modules_to_save``) may change from one
+#: :meth:`PreparedCompression.compress` call to the next.
+PLAN_FIELDS = (
+    "method", "task_fraction", "task_directions", "damping", "target_modules",
+    "exclude_modules", "grad_whitening", "whitening", "dtype",
+)
+
+
+@dataclass
+class PreparedCompression:
+    r"""One model decomposed once: every target layer planned, ready to compress at any retain.
+
+    Made by :func:`prepare_compression`. Each layer's plan
+    (:class:`~jactus_linalg.LayerPlan`: whitening factors, the SVD of the
+    whitened weight :math:`M = S_g^\top W S_x` in its union subspaces, the
+    gains :math:`E(r) - E(r-1)` up to the break-even rank) holds every rank
+    at once, so a budget costs only the allocation and the factor
+    extraction :math:`A = S_g^{-\top} U_{:a}`, :math:`B = S_x^{-\top} V_{:b}`
+    of the ranks it gets.
+
+    Attributes
+    ----------
+    config : JactusConfig
+        The configuration it was prepared with. Its :data:`PLAN_FIELDS` are
+        fixed; the others are the defaults of :meth:`compress`.
+    plan : CompressionPlan
+        The per-layer plans, whitening operators and parameter counts.
+    weights : dict of str -> (Tensor, Tensor or None)
+        The prepared model's weight and bias of every planned layer.
+
+    Notes
+    -----
+    It keeps references to the planned weights and biases (not copies), to
+    check in :meth:`compress` that the model handed over holds the same
+    values: a copy of the prepared model, or that model itself.
+    """
+
+    config: JactusConfig
+    plan: CompressionPlan
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(repr=False)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model other than the prepared one (or a copy of it), naming what differs.
+
+        Raises
+        ------
+        TypeError
+            If ``model`` is not an ``nn.Module``.
+        ValueError
+            If ``model`` is already compressed, has another parameter count,
+            or a planned layer whose weight or bias is missing, of another
+            shape, dtype or device, or holds other values.
+        """
+        if not isinstance(model, nn.Module):
+            msg = f"`model` must be a torch nn.Module; got {type(model).__name__}"
+            raise TypeError(msg)
+        _check_not_compressed(model)
+        cored = [n for n, m in model.named_modules() if isinstance(m, MergeableLinear)]
+        if cored:
+            msg = (
+                f"`model` is already compressed (it holds mergeable cores, e.g. `{cored[0]}`); "
+                "hand over a fresh copy of the prepared dense model"
+            )
+            raise ValueError(msg)
+        total = _model_params(model)
+        if total != self.plan.total_params:
+            msg = (
+                f"`model` has {total} parameters, the prepared model {self.plan.total_params}: "
+                "not the model that was prepared; compress a copy of that model, or prepare "
+                "this one"
+            )
+            raise ValueError(msg)
+        modules = dict(model.named_modules())
+        for name, (weight, bias) in self.weights.items():
+            mod = modules.get(name)
+            if type(mod) is not nn.Linear:
+                msg = (
+                    f"`model` has no nn.Linear `{name}` (the prepared model has one): not the "
+                    "model that was prepared"
+                )
+                raise ValueError(msg)
+            for label, ours, theirs in (("weight", weight, mod.weight), ("bias", bias, mod.bias)):
+                if ours is theirs:
+                    continue
+                if ours is None or theirs is None or not _same_tensor(ours, theirs):
+                    msg = (
+                        f"layer `{name}`: its {label} differs from the prepared model's (values, "
+                        "shape, dtype or device): the plan would not describe it; compress a "
+                        "copy of the prepared model, or prepare this one"
+                    )
+                    raise ValueError(msg)
+
+    def ranks(self, retain: float | None = None, **fields: Any) -> dict[str, int | None]:
+        """The ranks :meth:`compress` would give at ``retain`` (``None``: kept dense), without compressing.
+
+        ``fields`` as in :meth:`compress`.
+        """
+        config = self._config(retain, fields)
+        return allocate(
+            self.plan, config.retain, allocation=config.allocation, min_rank=config.min_rank,
+            fixed_ranks=_fixed_ranks(self.plan, config.rank_pattern),
+        )
+
+    def compress(
+        self, model: nn.Module, retain: float | None = None, **fields: Any
+    ) -> CompressionReport:
+        """Compress ``model`` (the prepared model or a copy of it) in place at ``retain``.
+
+        Parameters
+        ----------
+        model : nn.Module
+            The model that was prepared, or a copy (``copy.deepcopy``) of it
+            holding the same weights; it is changed in place, as by
+            :func:`compress`.
+        retain : float in (0, 1], optional
+            Parameters after / parameters before; default ``config.retain``.
+        **fields
+            Other :class:`JactusConfig` fields that do not change the
+            decomposition (``allocation``, ``min_rank``, ``rank_pattern``,
+            ``basis``, ``dense_cores``, ``trainable``, ``core_dtype``,
+            ``modules_to_save``).
+
+        Returns
+        -------
+        CompressionReport
+            What :func:`compress` returns with the same configuration: the
+            same ranks and factors.
+
+        Raises
+        ------
+        ValueError
+            If a field of :data:`PLAN_FIELDS` asks for another value than the
+            prepared one (prepare again), on a bad field value, or if
+            ``model`` is not the prepared model (:meth:`check_model`).
+        TypeError
+            If a field is unknown or of the wrong type.
+        """
+        config = self._config(retain, fields)
+        self.check_model(model)
+        if config.rank_pattern != self.config.rank_pattern or (
+            config.modules_to_save != self.config.modules_to_save
+        ):
+            _check_names_before_planning(model, list(self.plan.plans) + self.plan.fixed_dense, config)
+        plan = self.plan
+        ranks = allocate(
+            plan, config.retain, allocation=config.allocation, min_rank=config.min_rank,
+            fixed_ranks=_fixed_ranks(plan, config.rank_pattern),
+        )
+        report = replace_layers(
+            model, plan, ranks, retain=config.retain, allocation=config.allocation,
+            basis=config.basis,
+        )
+        report.config = config
+        if config.dense_cores:
+            add_dense_cores(model, plan, report)
+        if config.trainable == "cores":
+            if core_parameters(model):
+                core_dtype = None if config.core_dtype is None else getattr(torch, config.core_dtype)
+                mark_trainable(model, extra=config.modules_to_save, core_dtype=core_dtype)
+            else:
+                report.notes.append("no layer has a core: nothing was marked trainable")
+        model.jactus_config = config  # type: ignore[assignment]  # a plain attribute, like peft_config
+        return report
+
+    def plan_for(self, model: nn.Module, **plan_fields: Any) -> CompressionPlan:
+        """The plan, after checking ``model`` and that ``plan_fields`` are the prepared ones.
+
+        For callers that allocate on their own
+        (:func:`~jactus_linalg.torch.compress_then_lora`).
+        """
+        self._config(None, plan_fields)  # refuses a plan field other than the prepared one
+        self.check_model(model)
+        return self.plan
+
+    def _config(self, retain: float | None, fields: dict[str, Any]) -> JactusConfig:
+        """``config`` with ``retain`` and ``fields`` applied; plan fields must not change."""
+        check_field_names(fields)
+        if "retain" in fields:
+            msg = "pass `retain` once, as the argument"
+            raise TypeError(msg)
+        if retain is not None:
+            fields = {**fields, "retain": retain}
+        config = self.config.replace(**fields) if fields else self.config
+        for key in PLAN_FIELDS:
+            if getattr(config, key) != getattr(self.config, key):
+                msg = (
+                    f"`{key}`={getattr(config, key)!r} changes the decomposition, prepared with "
+                    f"{key}={getattr(self.config, key)!r}; prepare_compression again with it"
+                )
+                raise ValueError(msg)
+        return config
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+        and bool(torch.equal(a.detach(), b.detach()))
+    )
+
+
+def prepare_compression(
+    model: nn.Module,
+    stats: CalibrationStats,
+    config: JactusConfig | None = None,
+    *,
+    progress: bool = True,
+    **fields: Any,
+) -> PreparedCompression:
+    r"""Decompose every target layer of ``model`` once, to compress it at any retain afterwards.
+
+    The expensive step of :func:`compress` on its own: per input group the
+    factor :math:`S_x` of :math:`C_x`, per layer :math:`S_g`, the whitened
+    weight :math:`M = S_g^\top W S_x` and its SVD in the union subspaces
+    (:func:`plan_compression`). ``model`` is not changed.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The dense model that ``stats`` were collected on.
+    stats : CalibrationStats
+        From :func:`jactus_linalg.torch.calibrate`.
+    config : JactusConfig, optional
+        As for :func:`compress`. Its :data:`PLAN_FIELDS` fix the
+        decomposition; ``retain`` and the other fields are only defaults of
+        :meth:`PreparedCompression.compress`.
+    progress : bool, optional
+        Show a progress bar while decomposing.
+    **fields
+        :class:`JactusConfig` fields that build the config or override those
+        of ``config``.
+
+    Returns
+    -------
+    PreparedCompression
+        ``prepared.compress(copy.deepcopy(model), retain=r)`` compresses a
+        copy at ``r``, with the ranks and factors of ``compress(copy, stats,
+        config, retain=r)``, at the cost of the allocation and the factor
+        extraction alone.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`compress`, before any decomposition where it can.
+
+    Examples
+    --------
+    >>> prepared = prepare_compression(model, stats, JactusConfig())  # doctest: +SKIP
+    >>> for retain in (0.6, 0.7, 0.8, 0.9):  # doctest: +SKIP
+    ...     student = copy.deepcopy(model)
+    ...     report = prepared.compress(student, retain=retain)
+    """
+    config = _resolve_config(config, fields)
     _check_model_and_stats(model, stats)
     selected = _selected_stats(model, stats, config)
     _check_names_before_planning(model, list(selected.layers), config)
     plan = plan_compression(model, selected, progress=progress, **_plan_options(config))
-    ranks = allocate(
-        plan, config.retain, allocation=config.allocation, min_rank=config.min_rank,
-        fixed_ranks=_fixed_ranks(plan, config.rank_pattern),
-    )
-    report = replace_layers(
-        model, plan, ranks, retain=config.retain, allocation=config.allocation,
-        basis=config.basis,
-    )
-    report.config = config
-    if config.dense_cores:
-        add_dense_cores(model, plan, report)
-    if config.trainable == "cores":
-        if core_parameters(model):
-            core_dtype = None if config.core_dtype is None else getattr(torch, config.core_dtype)
-            mark_trainable(model, extra=config.modules_to_save, core_dtype=core_dtype)
-        else:
-            report.notes.append("no layer has a core: nothing was marked trainable")
-    model.jactus_config = config  # type: ignore[assignment]  # a plain attribute, like peft_config
-    return report
+    modules = dict(model.named_modules())
+    weights = {}
+    for name in plan.plans:
+        mod = modules[name]
+        weights[name] = (mod.weight, mod.bias)
+    return PreparedCompression(config, plan, weights)
+
+
+def compress_many(
+    model: nn.Module,
+    stats: CalibrationStats,
+    retains: Sequence[float],
+    config: JactusConfig | None = None,
+    *,
+    progress: bool = True,
+    **fields: Any,
+) -> list[tuple[nn.Module, CompressionReport]]:
+    r"""Compress copies of ``model`` at each of ``retains`` from one decomposition per layer.
+
+    :func:`prepare_compression` once, then for each retain a
+    ``copy.deepcopy(model)`` compressed by
+    :meth:`PreparedCompression.compress`. ``model`` is not changed.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The dense model that ``stats`` were collected on.
+    stats : CalibrationStats
+        From :func:`jactus_linalg.torch.calibrate`.
+    retains : sequence of float in (0, 1]
+        The budgets, in the order of the result.
+    config : JactusConfig, optional
+        As for :func:`compress` (its ``retain`` is not used).
+    progress : bool, optional
+        Show a progress bar while decomposing.
+    **fields
+        :class:`JactusConfig` fields, as for :func:`compress`.
+
+    Returns
+    -------
+    list of (nn.Module, CompressionReport)
+        One compressed copy and its report per retain, equal (ranks and
+        factors) to ``compress(copy.deepcopy(model), stats, config,
+        retain=r)``. Each copy holds the model's uncompressed parameters
+        too, so memory grows with ``len(retains)``.
+
+    Raises
+    ------
+    ValueError
+        If ``retains`` is empty, or as :func:`compress`.
+    """
+    import copy  # noqa: PLC0415
+
+    retains = list(retains)
+    if not retains:
+        msg = "`retains` is empty: give at least one retain fraction in (0, 1]"
+        raise ValueError(msg)
+    config = _resolve_config(config, fields)
+    for retain in retains:
+        config.replace(retain=retain)  # every budget checked before the decomposition
+    prepared = prepare_compression(model, stats, config, progress=progress)
+    out = []
+    for retain in retains:
+        student = copy.deepcopy(model)
+        out.append((student, prepared.compress(student, retain=retain)))
+    return out

@@ -18,15 +18,17 @@ from torch import nn
 
 from jactus_linalg.torch import (
     CalibrationStats,
-    compress,
+    JactusConfig,
+    PreparedCompression,
     compress_then_lora,
     count_parameters,
     lora_model,
     mark_trainable,
+    prepare_compression,
 )
 
-__all__ = ["BuiltMethod", "Method", "build_method", "lr_family", "method_grid", "reseed_adapters",
-           "save_tuned"]
+__all__ = ["BuiltMethod", "Method", "build_method", "lr_family", "method_grid", "prepare_method",
+           "reseed_adapters", "save_tuned"]
 
 KINDS = ("jactus", "ctf", "lora", "dora", "none")
 
@@ -88,6 +90,18 @@ class Method:
     def build_signature(self) -> tuple:
         """What the built (untrained) model depends on: two methods with one signature share it."""
         return (self.kind, self.retain, tuple(kv for kv in self.options if kv[0] != "tune"))
+
+    def plan_signature(self) -> tuple | None:
+        """What the decomposition depends on (``None``: nothing to decompose).
+
+        Methods with one signature (one family at several retains, and the
+        uniform-allocation ablation beside JACTUS) can share one
+        :func:`prepare_method` of a base model.
+        """
+        if self.kind not in ("jactus", "ctf"):
+            return None
+        skip = ("tune", "allocation")
+        return (self.kind, tuple(kv for kv in self.options if kv[0] not in skip))
 
 
 @dataclass
@@ -169,20 +183,24 @@ def build_method(
     damping: float | tuple[float, float] | None = None,
     dtype: str | None = None,
     progress: bool = False,
+    prepared: PreparedCompression | None = None,
 ) -> BuiltMethod:
-    """A fresh copy of ``base`` prepared for ``method``: compressed and/or wrapped, trainables set."""
+    """A fresh copy of ``base`` prepared for ``method``: compressed and/or wrapped, trainables set.
+
+    ``prepared`` (:func:`prepare_method` of ``base`` for a method with the
+    same :meth:`Method.plan_signature`) skips the decomposition; the result
+    is the same.
+    """
     model = copy.deepcopy(base)
     total_before = count_parameters(model)[1]
     opts = method.opts
     damp = {} if damping is None else {"damping": damping}
     if method.kind == "jactus":
-        report = compress(
-            model, stats, retain=method.retain, method="jactus", progress=progress,
-            task_fraction=opts.get("task_fraction", _default_tau()),
-            task_directions=opts.get("task_directions", "covariance"),
-            grad_whitening=opts.get("grad_whitening", True),
-            allocation=opts.get("allocation", "global"), dtype=dtype, **damp,
-        )
+        if prepared is None:
+            prepared = prepare_method(method, model, stats, damping=damping, dtype=dtype,
+                                      progress=progress)
+        report = prepared.compress(model, retain=method.retain,
+                                   allocation=opts.get("allocation", "global"))
         half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
         # float32 cores on a half-precision model, like peft's float32 adapters
         mark_trainable(model, extra=head, core_dtype=torch.float32 if half else None)
@@ -194,7 +212,7 @@ def build_method(
         res = compress_then_lora(
             model, stats, retain=method.retain, lora_rank=lora_rank,
             method=opts.get("compression", "svd-llm"), modules_to_save=head or None,
-            dtype=dtype, progress=progress, **damp,
+            dtype=dtype, progress=progress, prepared=prepared, **damp,
         )
         trainable, total = count_parameters(res.model)
         total = _count_peft_total(res.model)
@@ -212,6 +230,37 @@ def build_method(
         return BuiltMethod(model, 0, total_before, 1.0)
     msg = f"unknown method kind {method.kind!r}; expected one of {KINDS}"
     raise ValueError(msg)
+
+
+def prepare_method(
+    method: Method,
+    base: nn.Module,
+    stats: CalibrationStats,
+    *,
+    damping: float | tuple[float, float] | None = None,
+    dtype: str | None = None,
+    progress: bool = False,
+) -> PreparedCompression:
+    """Decompose ``base`` once for ``method`` (a ``jactus`` or ``ctf`` kind), at any retain.
+
+    :func:`build_method` with the result as ``prepared`` builds any method of
+    the same :meth:`Method.plan_signature` at its own retain without
+    decomposing again (:func:`~jactus_linalg.torch.prepare_compression`).
+    """
+    opts = method.opts
+    damp = {} if damping is None else {"damping": damping}
+    if method.kind == "jactus":
+        config = JactusConfig(
+            method="jactus", task_fraction=opts.get("task_fraction", _default_tau()),
+            task_directions=opts.get("task_directions", "covariance"),
+            grad_whitening=opts.get("grad_whitening", True), dtype=dtype, **damp,
+        )
+    elif method.kind == "ctf":
+        config = JactusConfig(method=opts.get("compression", "svd-llm"), dtype=dtype, **damp)
+    else:
+        msg = f"method kind {method.kind!r} decomposes nothing; expected 'jactus' or 'ctf'"
+        raise ValueError(msg)
+    return prepare_compression(base, stats, config, progress=progress)
 
 
 def reseed_adapters(model: nn.Module, seed: int) -> int:

@@ -52,7 +52,15 @@ import torch
 
 from jactus_linalg import DEFAULT_DAMPING, DEFAULT_TASK_FRACTION
 from jactus_linalg.torch import CalibrationStats, calibrate
-from validation.methods import Method, build_method, lr_family, method_grid, reseed_adapters, save_tuned
+from validation.methods import (
+    Method,
+    build_method,
+    lr_family,
+    method_grid,
+    prepare_method,
+    reseed_adapters,
+    save_tuned,
+)
 from validation.report import (
     ResultRow,
     bootstrap_macro_ci,
@@ -405,6 +413,15 @@ class SeedShare:
         self.built: dict[tuple, tuple] = {}
         self.base_loss: dict[int, float] = {}
         self.untuned: dict[tuple, dict] = {}
+        # (base, statistics, plan signature) -> PreparedCompression: one decomposition per
+        # seed's base serves every retain of a family; kept only for the plan signatures in
+        # keep_plans (run_part: those of the methods still to run)
+        self.prepared: dict[tuple, object] = {}
+        self.keep_plans: set = set()
+
+    def release_plans(self) -> None:
+        """Drop the decompositions that no method still to run shares."""
+        self.prepared = {k: v for k, v in self.prepared.items() if k[2] in self.keep_plans}
 
 
 def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress: bool,
@@ -432,11 +449,19 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
         built = copy.copy(cached)
         built.model = copy.deepcopy(cached.model)
     else:
+        signature = method.plan_signature()
+        plan_key = (id(part.base), stats_key, signature)
+        prepared = shared.prepared.get(plan_key)
+        if prepared is None and signature is not None and signature in shared.keep_plans:
+            # a later method (this family at another retain) decomposes the same base
+            prepared = shared.prepared[plan_key] = prepare_method(
+                method, part.base, stats, damping=cfg.damping, dtype=cfg.compress_dtype,
+                progress=progress)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # LoRA / DoRA initialisation
             built = build_method(method, part.base, stats, head=part.head,
                                  lora_rank=cfg.lora_rank, damping=cfg.damping,
-                                 dtype=cfg.compress_dtype, progress=progress)
+                                 dtype=cfg.compress_dtype, progress=progress, prepared=prepared)
         if built.report is not None:
             measured = _measured_rise(part, built, shared)
         if reusable:
@@ -870,7 +895,10 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
     out = config.out
     name = parts[0].name
     safe = name.replace("/", "-")
-    for method in methods_for(cfg, config.method_filter):
+    methods = methods_for(cfg, config.method_filter)
+    for index, method in enumerate(methods):
+        # one decomposition per seed's base, kept while a later method shares it
+        shared.keep_plans = {m.plan_signature() for m in methods[index + 1:]} - {None}
         for part in parts:
             seed = part.seed
             part_key = fingerprint({"cfg": asdict(cfg), "split": preset.split_seed, "seed": seed,
@@ -910,6 +938,7 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
                 f"{rec['wall_time_s']:.0f} s")
             if is_main_process():
                 atomic_json(path, rec)
+        shared.release_plans()
     return records
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "PRODUCTS",
     "CovarianceRoot",
     "CrossMomentAccumulator",
+    "GramProducts",
     "LayerStatistics",
     "MomentAccumulator",
 ]
@@ -54,6 +55,74 @@ _MODES = ("gram", "qr")
 #: Where a batch's Gram product :math:`X^\top X` is computed: in the accumulation
 #: dtype (default), or in the batch's own (compute) dtype, at least float32.
 PRODUCTS = ("accumulation", "compute")
+
+#: Unit roundoff :math:`u = \epsilon / 2` of the dtypes a Gram product runs in.
+_UNIT_ROUNDOFF = {"float32": 2.0**-24, "float64": 2.0**-53}
+
+
+class GramProducts(NamedTuple):
+    r"""How a Gram moment :math:`C = \frac1N \sum_b X_b^\top X_b` was formed.
+
+    Each batch's product :math:`X_b^\top X_b` ran in ``dtype`` over at most
+    ``rows`` rows (its inner dimension :math:`k`), and the products were
+    summed in the accumulation dtype. The whitening's indefiniteness check
+    uses :meth:`tolerance` as the rounding level of :math:`C`.
+
+    Attributes
+    ----------
+    dtype : {"float32", "float64"}
+        The coarsest dtype any product ran in.
+    rows : int
+        The most rows in one product.
+    """
+
+    dtype: str
+    rows: int
+
+    @property
+    def unit(self) -> float:
+        """Unit roundoff :math:`u` of ``dtype`` (:math:`2^{-24}` for float32)."""
+        return _UNIT_ROUNDOFF[self.dtype]
+
+    def tolerance(self, trace: float) -> float:
+        r"""Rounding level :math:`\sqrt{k}\, u \operatorname{tr} C` of the formed moment.
+
+        A product :math:`\widehat{X^\top X} = X^\top X + E` summed over
+        :math:`k` rows has :math:`|E| \le \gamma |X|^\top |X|` entrywise,
+        with :math:`\gamma = k u` in the worst case and :math:`\gamma =
+        \lambda \sqrt{k}\, u` with high probability for a moderate
+        :math:`\lambda` (Higham and Mary's probabilistic analysis, rounding
+        errors independent and of mean zero). So :math:`\lVert E \rVert_2
+        \le \lVert E \rVert_F \le \gamma \lVert X \rVert_F^2 = \gamma
+        \operatorname{tr}(X^\top X)`, and summing batches (each with at most
+        ``rows`` rows) and dividing by :math:`N` gives :math:`\lVert E
+        \rVert_2 \le \gamma \operatorname{tr} C`. The tolerance takes
+        :math:`\lambda = 1`: the eigenvalues that float32 products actually
+        push below zero stay under 1% of it in every case measured on the
+        Numerics page (``validation/bench_products.py``), while an
+        eigenvalue of :math:`-10^{-2} \lambda_\max` is still refused
+        whenever :math:`\sqrt{k}\, u \operatorname{tr} C < 10^{-2}
+        \lambda_\max` (float32, :math:`k = 1576` rows: whenever
+        :math:`\operatorname{tr} C / \lambda_\max < 4200`).
+
+        Parameters
+        ----------
+        trace : float
+            :math:`\operatorname{tr} C` of the (mean) moment.
+
+        References
+        ----------
+        .. [1] N. J. Higham, T. Mary, "A New Approach to Probabilistic
+           Rounding Error Analysis", SIAM J. Sci. Comput. 41(5), 2019.
+        """
+        return math.sqrt(self.rows) * self.unit * max(trace, 0.0)
+
+    def combine(self, other: GramProducts | None) -> GramProducts:
+        """The coarser dtype and the larger row count of the two."""
+        if other is None:
+            return self
+        dtype = "float32" if "float32" in (self.dtype, other.dtype) else "float64"
+        return GramProducts(dtype, max(self.rows, other.rows))
 
 
 class CovarianceRoot(NamedTuple):
@@ -85,12 +154,17 @@ class LayerStatistics(NamedTuple):
         :math:`G = E[g x^T]`, the mean weight gradient.
     n_samples : int
         Number of calibration tokens.
+    input_products, grad_products : GramProducts or None
+        How ``input_cov`` and ``grad_cov`` were formed (Gram mode), for the
+        whitening's rounding tolerance; ``None``: all in their own dtype.
     """
 
     input_cov: Any
     grad_cov: Any
     grad_mean: Any
     n_samples: int
+    input_products: GramProducts | None = None
+    grad_products: GramProducts | None = None
 
 
 def _check_dtype_name(dtype: object) -> None:
@@ -175,10 +249,13 @@ class MomentAccumulator:
         most the accumulation dtype (a float32 model on CPU: float32
         products, about twice as fast, summed in float64 across batches).
         The result then holds float32 rounding in a float64 array: a
-        rank-deficient :math:`C` can show negative eigenvalues of order
-        :math:`n \epsilon_{32} \lambda_\max`, which whitening (tolerance
-        :math:`10 n \epsilon_{64} \lambda_\max`) refuses as indefinite. The
-        accuracy cost is measured on the Numerics page.
+        rank-deficient :math:`C` shows negative eigenvalues of order
+        :math:`\epsilon_{32} \lambda_\max`. :attr:`gram_products` records
+        how :math:`C` was formed; pass it to the whitening
+        (``whitening_operator(C, products=...)``, or through
+        :class:`LayerStatistics`) so that its indefiniteness check uses the
+        matching tolerance (:meth:`GramProducts.tolerance`). The accuracy
+        cost is measured on the Numerics page.
 
     Raises
     ------
@@ -220,9 +297,20 @@ class MomentAccumulator:
         self.products = products
         self.total: Array | None = None  # sum X^T X (gram) or R (qr)
         self.count = 0
+        self.formed: GramProducts | None = None  # products so far (gram mode)
 
-    def update(self, x: Array) -> None:
-        """Absorb a batch ``x`` of shape ``(..., dim)`` (of the earlier batches' library)."""
+    @property
+    def gram_products(self) -> GramProducts | None:
+        """How the Gram sum was formed (dtype, most rows per product); ``None`` in QR mode."""
+        return self.formed if self.mode == "gram" else None
+
+    def update(self, x: Array, *, scale: float = 1.0) -> None:
+        r"""Absorb a batch ``x`` of shape ``(..., dim)`` (of the earlier batches' library).
+
+        ``scale`` multiplies every row: the batch adds :math:`s^2 X^\top X`,
+        the factor applied after the product, in the accumulation dtype (so a
+        float32 product is not rescaled in float32).
+        """
         _check_library(self.total, x, self.name, "x")
         xp = namespace(x)
         rows = _as_rows(x, self.dim, self.name, "x")
@@ -232,9 +320,17 @@ class MomentAccumulator:
             low = _product_dtype(xp, rows.dtype, dtype, self.products)
             rows = astype(xp, rows, low)
             contrib = astype(xp, rows.T @ rows, dtype)
+            if scale != 1.0:
+                contrib = contrib * (float(scale) ** 2)
             self.total = contrib if self.total is None else self.total + contrib
+            # a product summed on in its own dtype is one long product of every row so far
+            k = int(rows.shape[0]) + (self.count if low == dtype else 0)
+            here = GramProducts("float32" if low == xp.float32 else "float64", k)
+            self.formed = here.combine(self.formed)
         else:
             rows = astype(xp, rows, dtype)
+            if scale != 1.0:
+                rows = rows * float(scale)
             stacked = rows if self.total is None else xp.concat([self.total, rows], axis=0)
             self.total = qr_r(xp, stacked)
         self.count += int(rows.shape[0])
@@ -255,6 +351,10 @@ class MomentAccumulator:
             products=self.products,
         )
         merged.count = self.count + other.count
+        if self.formed is not None:
+            merged.formed = self.formed.combine(other.formed)
+        else:
+            merged.formed = other.formed
         parts = [t for t in (self.total, other.total) if t is not None]
         if len(parts) == 2:
             xp = namespace(*parts)

@@ -62,7 +62,7 @@ from ._backend import (
     triangular_times,
 )
 from ._checks import check_array, check_matrix, check_nonnegative, check_symmetric, finite_result
-from .covariance import CovarianceRoot
+from .covariance import CovarianceRoot, GramProducts
 
 __all__ = [
     "DEFAULT_DAMPING",
@@ -207,23 +207,41 @@ def _singular_error(name: str, rank: int, n: int) -> ValueError:
     return ValueError(msg)
 
 
-def check_not_indefinite(name: str, lam_min: float, lam_max: float, n: int, unit: float) -> None:
+def check_not_indefinite(
+    name: str, lam_min: float, lam_max: float, n: int, unit: float, formed: float = 0.0
+) -> None:
     r"""Refuse a covariance whose smallest eigenvalue is below rounding.
 
-    The tolerance is :math:`10\, n\, \epsilon\, \max(\lambda_{\max}, 0)`.
+    The tolerance is :math:`\max(10\, n\, \epsilon\, \max(\lambda_{\max}, 0),
+    \tau)`, with :math:`\tau` = ``formed`` the rounding level of how the
+    covariance was formed (:func:`formation_tolerance`; 0 when it was formed
+    in its own dtype).
     """
-    tol = INDEFINITE_SLACK * n * unit * max(lam_max, 0.0)
+    tol = max(INDEFINITE_SLACK * n * unit * max(lam_max, 0.0), formed)
     if lam_min < -tol:
+        why = (
+            "sqrt(k) u tr C of its Gram products" if formed and tol == formed
+            else "10 n eps lambda_max"
+        )
         msg = (
             f"`{name}` is indefinite: smallest eigenvalue {lam_min:.3g} is below "
-            f"the rounding tolerance -{tol:.3g} (10 n eps lambda_max); a "
+            f"the rounding tolerance -{tol:.3g} ({why}); a "
             "covariance must be positive semidefinite"
         )
         raise ValueError(msg)
 
 
+def formation_tolerance(products: GramProducts | None, trace: float) -> float:
+    r"""Rounding level :math:`\sqrt{k}\, u \operatorname{tr} C` of a formed Gram moment (0 if unknown).
+
+    See :meth:`jactus_linalg.covariance.GramProducts.tolerance`.
+    """
+    return 0.0 if products is None else products.tolerance(trace)
+
+
 def _eigh_operator(
-    xp: ModuleType, cov: Array, relative: float, name: str, notes: list[str]
+    xp: ModuleType, cov: Array, relative: float, name: str, notes: list[str],
+    products: GramProducts | None = None,
 ) -> WhiteningOperator:
     n = int(cov.shape[0])
     cov = (cov + cov.T) / 2
@@ -231,7 +249,9 @@ def _eigh_operator(
     lam, vecs = eigh(xp, cov)
     lam_max = float(lam[-1])
     lam_min = float(lam[0])
-    check_not_indefinite(name, lam_min, lam_max, n, eps(xp, cov.dtype))
+    check_not_indefinite(
+        name, lam_min, lam_max, n, eps(xp, cov.dtype), formation_tolerance(products, n * mean_diag)
+    )
     n_negative = int(xp.sum(xp.astype(lam < 0, xp.int64)))
     if n_negative:
         notes.append(
@@ -259,7 +279,8 @@ def _eigh_operator(
 
 
 def _cholesky_operator(
-    xp: ModuleType, cov: Array, relative: float, name: str, notes: list[str]
+    xp: ModuleType, cov: Array, relative: float, name: str, notes: list[str],
+    products: GramProducts | None = None,
 ) -> WhiteningOperator:
     # no symmetrizing pass: the Cholesky reads the lower triangle only, and
     # check_symmetric has bounded |C - C^T| by rounding
@@ -269,13 +290,13 @@ def _cholesky_operator(
     if mean_diag <= 0.0:
         # zero, or indefinite (negative definite, or a zero diagonal with nonzero
         # off-diagonal entries): the eigenvalues say which, as on the eigh path
-        _eigh_operator(xp, (cov + cov.T) / 2, relative, name, [])
+        _eigh_operator(xp, (cov + cov.T) / 2, relative, name, [], products)
     delta = _absolute_damping(relative, mean_diag, name)
     if delta == 0.0:
         # A Cholesky of a singular C can succeed on rounding, and its pivots
         # do not reveal rank: let the eigenvalues decide (raises if C is
         # singular or indefinite), as the eigh path does.
-        _eigh_operator(xp, (cov + cov.T) / 2, relative, name, [])
+        _eigh_operator(xp, (cov + cov.T) / 2, relative, name, [], products)
     damped = plus_diagonal(xp, cov, delta)
     lower = cholesky_lower(xp, damped)
     if lower is None:
@@ -284,9 +305,12 @@ def _cholesky_operator(
             f"definite in {cov.dtype}); used the symmetric square root (eigh) "
             "instead"
         )
-        return _eigh_operator(xp, (cov + cov.T) / 2, relative, name, notes)
+        return _eigh_operator(xp, (cov + cov.T) / 2, relative, name, notes, products)
     if delta > 0.0:
-        slack = INDEFINITE_SLACK * n * eps(xp, cov.dtype) * float(xp.max(diag))
+        slack = max(
+            INDEFINITE_SLACK * n * eps(xp, cov.dtype) * float(xp.max(diag)),
+            formation_tolerance(products, n * mean_diag),
+        )
         bound = _indefinite_bound(xp, lower, delta, slack)
         if bound is not None:
             notes.append(
@@ -295,7 +319,7 @@ def _cholesky_operator(
                 f"{bound:.3g}, which the damping would hide); used the symmetric square "
                 "root (eigh) to check its spectrum"
             )
-            return _eigh_operator(xp, (cov + cov.T) / 2, relative, name, notes)
+            return _eigh_operator(xp, (cov + cov.T) / 2, relative, name, notes, products)
     pivots = xp.linalg.diagonal(lower) ** 2
     return WhiteningOperator(
         "cholesky", n, lower, None, None, math.sqrt(delta), delta, relative, None,
@@ -374,7 +398,9 @@ def _krylov_lambda_min(
     return 1.0 / (sigma_max * sigma_max)
 
 
-def _svd_llm_operator(xp: ModuleType, cov: Array, name: str, notes: list[str]) -> WhiteningOperator:
+def _svd_llm_operator(
+    xp: ModuleType, cov: Array, name: str, notes: list[str], products: GramProducts | None = None
+) -> WhiteningOperator:
     r"""SVD-LLM's whitening: Cholesky of :math:`C`; where it fails, an eigenvalue shift.
 
     Transcribes the per-layer whitening of SVD-LLM (AIoT-MLSys-Lab/SVD-LLM,
@@ -397,7 +423,9 @@ def _svd_llm_operator(xp: ModuleType, cov: Array, name: str, notes: list[str]) -
         )
     lam = eigvalsh(xp, cov)
     lam_min, lam_max = float(lam[0]), float(lam[-1])
-    check_not_indefinite(name, lam_min, lam_max, n, eps(xp, cov.dtype))
+    check_not_indefinite(
+        name, lam_min, lam_max, n, eps(xp, cov.dtype), formation_tolerance(products, n * mean_diag)
+    )
     shift = -lam_min + SVD_LLM_FLOOR
     lower = cholesky_lower(xp, plus_diagonal(xp, cov, shift))
     if lower is None:
@@ -544,12 +572,16 @@ def whitening_operator(
     method: str = "eigh",
     name: str = "cov",
     dtype: Any = None,
+    products: GramProducts | None = None,
 ) -> WhiteningOperator:
     """Factor ``cov`` (array or :class:`CovarianceRoot`) without forming ``S`` or ``S⁻¹``.
 
     Internal building block of :func:`whiten` and the low-rank routines; see
     :func:`whiten` for the parameters and errors.
     """
+    if products is not None and not isinstance(products, GramProducts):
+        msg = f"`products` must be a GramProducts or None; got {type(products).__name__}"
+        raise TypeError(msg)
     method = _check_method(method)
     relative = _check_damping(damping)
     notes: list[str] = []
@@ -578,10 +610,10 @@ def whitening_operator(
     work = decomposition_dtype(xp, cov.dtype, *(() if dtype is None else (dtype,)))
     cov = astype(xp, cov, work)
     if isinstance(relative, str):  # SVD_LLM
-        return _svd_llm_operator(xp, cov, name, notes)
+        return _svd_llm_operator(xp, cov, name, notes, products)
     if method == "cholesky":
-        return _cholesky_operator(xp, cov, relative, name, notes)
-    return _eigh_operator(xp, cov, relative, name, notes)
+        return _cholesky_operator(xp, cov, relative, name, notes, products)
+    return _eigh_operator(xp, cov, relative, name, notes, products)
 
 
 # --- products with S, S^T, S^{-1}, S^{-T}; ``None`` stands for the identity ---
@@ -646,6 +678,7 @@ def whiten(
     *,
     damping: float | str = DEFAULT_DAMPING,
     method: str = "eigh",
+    products: GramProducts | None = None,
 ) -> Whitening:
     r"""Whitening factor :math:`S` with :math:`S S^\top = C + \delta I`.
 
@@ -670,6 +703,12 @@ def whiten(
         block Krylov estimate on the damped factor (not a second Cholesky)
         refuses an indefinite ``cov`` that the damping made factorable; see
         the Notes.
+    products : GramProducts, optional
+        How a Gram ``cov`` was formed (``MomentAccumulator.gram_products``):
+        products in float32 over :math:`k` rows leave rounding of order
+        :math:`\sqrt{k}\, u_{32} \operatorname{tr} C` in a float64 array,
+        and the indefiniteness tolerance below becomes the larger of the
+        two. ``None``: formed in its own dtype.
 
     Returns
     -------
@@ -687,7 +726,8 @@ def whiten(
     ValueError
         If ``cov`` is not 2-D and square, holds NaN/Inf, is not symmetric to
         within :math:`10 n \epsilon`, is indefinite beyond rounding
-        (:math:`\lambda_\min < -10 n \epsilon \lambda_\max`), is identically
+        (:math:`\lambda_\min < -10 n \epsilon \lambda_\max`, or below
+        ``products``' tolerance when that is larger), is identically
         zero, or is singular while ``damping=0``; if ``damping`` is negative
         or ``method`` unknown; if ``damping="svd-llm"`` with ``method="eigh"``,
         or its shift is below rounding at the scale of ``cov``.
@@ -715,7 +755,7 @@ def whiten(
     .. [2] X. Wang et al., "SVD-LLM: Truncation-aware Singular Value
        Decomposition for Large Language Model Compression", ICLR 2025.
     """
-    op = whitening_operator(cov, damping=damping, method=method)
+    op = whitening_operator(cov, damping=damping, method=method, products=products)
     like = cov.root if isinstance(cov, CovarianceRoot) else cov
     factor, inverse = _dense_factor(op, like)
     return Whitening(

@@ -10,7 +10,9 @@ Hooks on every target ``nn.Linear`` stream, per token:
   ``.grad`` after each backward, so no activation is stored.
 
 Statistics go through the core's accumulators (float64 on CPU, float32 on
-CUDA by default). No linear algebra happens here.
+CUDA by default); each batch's Gram product runs in the model's compute dtype
+(float32 for a float32 or half-precision model) and is summed in the
+accumulation dtype. No linear algebra happens here.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..covariance import MomentAccumulator
+from ..covariance import PRODUCTS, MomentAccumulator
 from .stats import CalibrationStats, LayerInfo, check_stats_path
 from .targets import check_materialized, find_targets
 
@@ -53,7 +55,7 @@ def _half_precision_hint(dtype: torch.dtype) -> str:
 
 def _absorb(
     acc: MomentAccumulator, rows: torch.Tensor, layer: str, what: str,
-    model_dtype: torch.dtype | None = None,
+    model_dtype: torch.dtype | None = None, scale: float = 1.0,
 ) -> None:
     """``acc.update(rows)``, with the layer and a half-precision hint in any error.
 
@@ -61,7 +63,7 @@ def _absorb(
     was upcast since (the hint is about the model's dtype).
     """
     try:
-        acc.update(rows)
+        acc.update(rows, scale=scale)
     except ValueError as err:
         msg = f"layer `{layer}`, {what}: {err}{_half_precision_hint(model_dtype or rows.dtype)}"
         raise ValueError(msg) from err
@@ -93,12 +95,13 @@ class _Collector:
 
     def __init__(
         self, modules: dict[str, nn.Linear], stats: CalibrationStats, dtype, mode,
-        grad_scale: Any = "tokens",
+        grad_scale: Any = "tokens", products: str = "compute",
     ):
         self.modules = modules
         self.stats = stats
         self.dtype = dtype
         self.mode = mode
+        self.products = products
         self.grad_scale = grad_scale
         self.terms: float | None = None  # loss terms of this batch (callable grad_scale)
         self.scales: dict[str, float] = {}  # per layer: the factor applied in this batch
@@ -154,7 +157,8 @@ class _Collector:
             acc = self.stats.inputs.get(group)
             if acc is None:
                 acc = MomentAccumulator(
-                    mod.in_features, name=f"{name}:input_cov", mode=self.mode, dtype=self.dtype
+                    mod.in_features, name=f"{name}:input_cov", mode=self.mode, dtype=self.dtype,
+                    products=self.products,
                 )
                 self.stats.inputs[group] = acc
             _absorb(acc, _valid_rows(x, self.mask), name, "input activations")
@@ -168,7 +172,8 @@ class _Collector:
             acc = self.stats.grads.get(name)
             if acc is None:
                 acc = MomentAccumulator(
-                    mod.out_features, name=f"{name}:grad_cov", mode=self.mode, dtype=self.dtype
+                    mod.out_features, name=f"{name}:grad_cov", mode=self.mode, dtype=self.dtype,
+                    products=self.products,
                 )
                 self.stats.grads[name] = acc
             mask = self.mask
@@ -177,9 +182,9 @@ class _Collector:
                 rows = _valid_rows(g.detach(), mask)
                 scale = self._per_token_scale(rows)
                 self.scales[name] = scale
-                if scale != 1.0:  # per-token gradients: d(sum of losses)/dy = T dL/dy
-                    rows = rows.to(_accumulation_dtype(rows, self.dtype)) * scale
-                _absorb(acc, rows, name, "output gradient", g.dtype)
+                # per-token gradients: d(sum of losses)/dy = T dL/dy; the factor is
+                # applied to the product in the accumulation dtype (no overflow in half)
+                _absorb(acc, rows, name, "output gradient", g.dtype, scale)
 
             output.register_hook(grad_hook)
 
@@ -219,6 +224,13 @@ class _Collector:
             grad = grad * self.scales.pop(name, 1.0)
             self.stats.grad_sums[name] = grad.clone() if total is None else total + grad
             mod.weight.grad = None
+
+
+def _check_products(products: object) -> str:
+    if products not in PRODUCTS:
+        msg = f"`products` must be one of {PRODUCTS}; got {products!r}"
+        raise ValueError(msg)
+    return str(products)
 
 
 def _accumulation_dtype(t: torch.Tensor, requested: str | None) -> torch.dtype:
@@ -267,8 +279,8 @@ def _check_resume(stats: CalibrationStats, meta: dict, checkpoint: Path) -> None
     Target layers are compared by the names they resolved to (a loaded file's
     patterns are never executed; see :meth:`CalibrationStats.load`).
     """
-    keys = ("model", "target_names", "mode") if "target_names" in stats.meta else (
-        "model", "targets", "exclude", "mode"
+    keys = ("model", "target_names", "mode", "products") if "target_names" in stats.meta else (
+        "model", "targets", "exclude", "mode", "products"
     )
     for key in keys:
         if key in stats.meta and stats.meta[key] != meta[key]:
@@ -307,6 +319,7 @@ def calibrate(
     progress: bool = True,
     total: int | None = None,
     grad_scale: str | Callable[[Any], float] = "tokens",
+    products: str = "compute",
 ) -> CalibrationStats:
     r"""Collect :math:`C_x`, :math:`C_g` and :math:`G` for every target linear layer.
 
@@ -358,6 +371,15 @@ def calibrate(
         gradients by :math:`\sqrt{T R}`, so that the prediction is the rise
         per loss term (a ViT's per-image loss spans :math:`R/T` = 197 rows;
         K-FAC sums their contributions and ignores their correlation).
+    products : {"compute", "accumulation"}, optional
+        dtype of each batch's Gram products :math:`X^\top X`, :math:`G^\top G`
+        (``mode="gram"``). ``"compute"`` (default): the model's compute dtype
+        (float32 for a float32 or half-precision model; about twice as fast
+        as float64 on CPU), summed in the accumulation dtype across batches.
+        ``"accumulation"``: all in the accumulation dtype (float64 on CPU).
+        The statistics record which (``MomentAccumulator.gram_products``), and
+        :func:`compress`'s whitening uses the matching rounding tolerance; the
+        accuracy cost against all-float64 is on the Numerics page.
 
     Returns
     -------
@@ -400,6 +422,7 @@ def calibrate(
         "target_names": list(modules),  # what a loaded file uses: its patterns never run
         "mode": mode,
         "grad_scale": _check_grad_scale(grad_scale),
+        "products": _check_products(products),
     }
     if checkpoint is not None and Path(checkpoint).exists():
         stats = CalibrationStats.load(checkpoint)
@@ -407,7 +430,7 @@ def calibrate(
         stats.check_model({n: (m.out_features, m.in_features) for n, m in modules.items()})
     else:
         stats = CalibrationStats(meta=meta)
-    collector = _Collector(modules, stats, dtype, mode, grad_scale)
+    collector = _Collector(modules, stats, dtype, mode, grad_scale, products)
     skip = stats.n_batches
     bar = _progress(progress, total, "calibrate", initial=skip)
     with _only_target_weights_need_grad(model, modules, train_mode):

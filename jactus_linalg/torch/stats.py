@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._files import atomic_write
-from ..covariance import LayerStatistics, MomentAccumulator
+from ..covariance import GramProducts, LayerStatistics, MomentAccumulator
 
 __all__ = ["CalibrationStats", "LayerInfo"]
 
@@ -81,7 +81,10 @@ class CalibrationStats:
         grads = self.grads.get(name)
         grad_cov = grads.result() if grads is not None and grads.count else None
         grad_mean = self.grad_sums[name] / count if name in self.grad_sums else None
-        return LayerStatistics(inputs.result(), grad_cov, grad_mean, count)
+        return LayerStatistics(
+            inputs.result(), grad_cov, grad_mean, count, inputs.gram_products,
+            grads.gram_products if grads is not None and grad_cov is not None else None,
+        )
 
     def input_groups(self) -> dict[str, list[str]]:
         """``{group: [layer names]}`` for layers sharing one input statistic."""
@@ -143,14 +146,14 @@ class CalibrationStats:
         path = check_stats_path(path)
         tensors: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        for key, acc in self.inputs.items():
-            if acc.total is not None:
-                tensors[f"input/{key}"] = acc.total.contiguous()
-            counts[f"input/{key}"] = acc.count
-        for key, acc in self.grads.items():
-            if acc.total is not None:
-                tensors[f"grad/{key}"] = acc.total.contiguous()
-            counts[f"grad/{key}"] = acc.count
+        products: dict[str, dict] = {}
+        for side, accs in (("input", self.inputs), ("grad", self.grads)):
+            for key, acc in accs.items():
+                if acc.total is not None:
+                    tensors[f"{side}/{key}"] = acc.total.contiguous()
+                counts[f"{side}/{key}"] = acc.count
+                if acc.gram_products is not None:
+                    products[f"{side}/{key}"] = acc.gram_products._asdict()
         for key, total in self.grad_sums.items():
             tensors[f"grad_sum/{key}"] = total.contiguous()
         header = {
@@ -158,6 +161,7 @@ class CalibrationStats:
             "layers": [asdict(info) for info in self.layers.values()],
             "counts": counts,
             "modes": {"input": self._mode(self.inputs), "grad": self._mode(self.grads)},
+            "products": products,
             "n_batches": self.n_batches,
             "meta": self.meta,
         }
@@ -172,6 +176,11 @@ class CalibrationStats:
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
         """Read statistics written by :meth:`save` (safetensors only; never unpickles).
+
+        How each Gram statistic was formed (``products``: dtype and most rows
+        per product, :class:`~jactus_linalg.covariance.GramProducts`) comes
+        back with it; a file without that record (written before it
+        existed) was formed with products in its own dtype and loads as such.
 
         The file is treated as untrusted: its header is validated, and every
         tensor's shape and dtype is checked against the layer table before
@@ -230,6 +239,7 @@ class CalibrationStats:
                     f"{'a' if has_tensor else 'no'} tensor: the header does not match the data"
                 )
                 raise ValueError(msg)
+        formed = header["products"]
         stats = cls(n_batches=header["n_batches"], meta=dict(header["meta"]))
         for d in header["layers"]:
             info = LayerInfo(**d)
@@ -240,10 +250,12 @@ class CalibrationStats:
                 stats.inputs[group] = _restore(
                     info.in_features, f"{group}:input_cov", header["modes"]["input"],
                     tensors.get(f"input/{group}"), counts.get(f"input/{group}", 0),
+                    formed.get(f"input/{group}"),
                 )
             stats.grads[info.name] = _restore(
                 info.out_features, f"{info.name}:grad_cov", header["modes"]["grad"],
                 tensors.get(f"grad/{info.name}"), counts.get(f"grad/{info.name}", 0),
+                formed.get(f"grad/{info.name}"),
             )
             if f"grad_sum/{info.name}" in tensors:
                 stats.grad_sums[info.name] = tensors[f"grad_sum/{info.name}"]
@@ -320,7 +332,30 @@ def _parse_header(raw: str, path: Path) -> dict:
         if widths.setdefault(d["input_group"], d["in_features"]) != d["in_features"]:
             raise _malformed(path, f"layers of input group `{d['input_group']}` differ in width")
     header["meta"] = _untrusted_meta(header["meta"], path)
+    header["products"] = _parse_products(header, path)
     return header
+
+
+def _parse_products(header: dict, path: Path) -> dict[str, GramProducts]:
+    """``{statistic: GramProducts}`` from the header's ``products`` (absent in older files)."""
+    raw = header.get("products", {})
+    if not isinstance(raw, dict):
+        raise _malformed(path, "`products` must be a dict")
+    out: dict[str, GramProducts] = {}
+    for key, rec in raw.items():
+        ok = (
+            isinstance(rec, dict) and set(rec) == {"dtype", "rows"}
+            and rec["dtype"] in ("float32", "float64") and _is_count(rec["rows"]) and rec["rows"] > 0
+        )
+        if not ok:
+            raise _malformed(
+                path, f"`products.{key}` must be {{'dtype': 'float32' or 'float64', 'rows': > 0}}"
+            )
+        side = key.split("/", 1)[0]
+        if header["counts"].get(key, 0) == 0 or header["modes"].get(side) != "gram":
+            raise _malformed(path, f"`products.{key}` describes no Gram statistic with samples")
+        out[key] = GramProducts(rec["dtype"], rec["rows"])
+    return out
 
 
 def _is_names(x: object) -> bool:
@@ -394,10 +429,22 @@ def _check_tensor(
         raise ValueError(msg)
 
 
-def _restore(dim: int, name: str, mode: str, total, count: int) -> MomentAccumulator:
+def _restore(
+    dim: int, name: str, mode: str, total, count: int, formed: GramProducts | None = None
+) -> MomentAccumulator:
+    """An accumulator holding a stored sum; a Gram sum without a record had products in its dtype.
+
+    Its ``products`` policy is the one the record shows: ``"compute"`` where
+    products ran below the stored sum's dtype, so a resumed calibration
+    forms its remaining products as the interrupted one did.
+    """
     acc = MomentAccumulator(dim, name=name, mode=mode)
     if total is not None:
         acc.dtype_name = str(total.dtype).replace("torch.", "")
+        if mode == "gram" and count > 0:
+            acc.formed = formed or GramProducts(acc.dtype_name, int(count))
+            if acc.formed.dtype != acc.dtype_name:
+                acc.products = "compute"
     acc.total = total
     acc.count = int(count)
     return acc
@@ -412,6 +459,11 @@ def _all_reduce_moment(acc: MomentAccumulator) -> None:
         raise RuntimeError(msg)
     if acc.mode == "gram":
         dist.all_reduce(acc.total)
+        # the coarsest products and the longest product of any rank
+        formed = acc.formed or GramProducts("float64", 1)
+        worst = torch.tensor([formed.rows, int(formed.dtype == "float32")], dtype=torch.int64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        acc.formed = GramProducts("float32" if int(worst[1]) else "float64", int(worst[0]))
     else:
         parts = [torch.empty_like(acc.total) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, acc.total.contiguous())

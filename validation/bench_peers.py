@@ -4,9 +4,12 @@
   transcription of SVD-LLM's per-layer code (``validation/svdllm_reference.py``,
   from AIoT-MLSys-Lab/SVD-LLM ``SVDLLM.py``) on the same float32 weight and
   float64 Gram, side by side in one process (``bench.rounds``), at the
-  factorization shapes: <= 1.0x its time, at equal output error. Also with
-  float32 statistics, and with the SVD in float32 after float64 whitening
-  (``whitening.svd_dtype``).
+  factorization shapes: <= 1.0x its time, at equal output error (both
+  relative errors are in the notes). With a float32 weight and float64
+  statistics the special case takes the top subspaces from the float64
+  Gram matrix of ``W S`` (``lowrank.gram_truncation``). Also with float32
+  statistics, and the route before it, a plain float32 SVD after float64
+  whitening (``whitening.svd_dtype``), built from the whitening pieces.
 * An MKL SVD (torch) timed right after the package's whitening of a torch
   covariance, against the same SVD cold: <= 1.1x (issue 17: a scipy/OpenBLAS
   call between MKL calls slows the next MKL SVD on a small machine).
@@ -101,7 +104,7 @@ def bench_peer_shape(m: int, n: int, repeat: int) -> tuple[list[Row], dict]:
     def reference():
         kept["svd-llm code"] = svdllm_layer(prob.weight, prob.gram, prob.rank).weight
 
-    def f32_svd():  # projected_lowrank's no-bases path with the SVD in the weight's dtype
+    def f32_svd():  # the route before lowrank.gram_truncation: a float32 SVD of the float64 M
         import torch
 
         op = whitening_operator(prob.gram, damping="svd-llm", method="cholesky", name="input_cov")
@@ -117,6 +120,7 @@ def bench_peer_shape(m: int, n: int, repeat: int) -> tuple[list[Row], dict]:
     times = rounds(fns, repeat)
     lower = svdllm_whitening_factor(prob.gram)[0]
     errors = {k: whitened_output_error(prob.weight, v, lower) for k, v in kept.items()}
+    scale = float(prob.weight.double().matmul(lower).norm())
     ref = errors["svd-llm code"]
     rows = [
         Row("peers", case, "svd-llm special case (f64 stats) / SVD-LLM code",
@@ -131,7 +135,8 @@ def bench_peer_shape(m: int, n: int, repeat: int) -> tuple[list[Row], dict]:
             100 * abs(errors["f64 stats, f32 SVD"] / ref - 1), 0.01, "<=", "%"),
     ]
     details = {"shape": [m, n], "rank": prob.rank, "median_s": medians(times),
-               "times_s": times, "output_error": errors}
+               "times_s": times, "output_error": errors,
+               "relative_output_error": {k: v / scale for k, v in errors.items()}}
     return rows, details
 
 
@@ -196,6 +201,11 @@ def bench_peers(args: argparse.Namespace) -> BenchResult:
         rows, details = bench_peer_shape(m, n, repeat)
         res.rows += rows
         res.details[f"{m}x{n}"] = details
+        rel = details["relative_output_error"]
+        res.notes.append(
+            f"{m}x{n} (r={details['rank']}): relative output error ||(W - W')L|| / ||W L||: "
+            + ", ".join(f"{k} {v:.9e}" for k, v in rel.items())
+        )
     say("  peers: MKL SVD after the package's whitening vs cold")
     row, details = bench_blas_mixing(args)
     res.rows.append(row)
@@ -205,10 +215,11 @@ def bench_peers(args: argparse.Namespace) -> BenchResult:
         "SVDLLM.py: float64 Cholesky of X^T X with its eigenvalue-shift fallback, float64 inv, "
         "float32 W S and SVD); special case = projected_lowrank(W, r, input_cov=X^T X, "
         "damping='svd-llm') on the same float32 torch W and float64 Gram (f64 stats) or its "
-        "float32 copy (f32 stats); 'f64 stats + f32 SVD' = the same path built from the "
-        "whitening-level pieces with svd_reduced(M, dtype=svd_dtype(...)), what "
-        "projected_lowrank does once the core passes that dtype (whitening factor float64, "
-        "SVD float32); r = largest rank keeping <= 80% of the layer's parameters; "
+        "float32 copy (f32 stats); with the float32 weight and float64 statistics it takes "
+        "the top subspaces from the float64 Gram matrix of W S (lowrank.gram_truncation); "
+        "'f64 stats + f32 SVD' = the route before it, built from the whitening-level pieces "
+        "with svd_reduced(M, dtype=svd_dtype(...)) (whitening factor float64, SVD float32); "
+        "r = largest rank keeping <= 80% of the layer's parameters; "
         "output error = ||(W - W') L||_F, L L^T = X^T X"
     )
     after_scipy = details["after_scipy_over_cold"]

@@ -15,6 +15,7 @@ from .numerics import (
     covariance_with_spectrum,
     orthonormal,
     spectrum,
+    tokens_with_spectrum,
     tolerance,
     with_spectrum,
 )
@@ -151,3 +152,34 @@ def test_with_spectrum_and_covariance_with_spectrum_are_reproducible():
     assert np.linalg.matrix_rank(a) == 3
     c = covariance_with_spectrum(np.random.default_rng(4), [2.0, 1.0, 0.0])
     assert np.linalg.matrix_rank(c) == 2
+
+
+def test_tokens_have_the_advertised_second_moment():
+    """``X = Z diag(√λ) Vᵀ``: the columns span ``V``'s first ``rank`` columns exactly, and
+    ``XᵀX / N`` tends to ``V diag(λ) Vᵀ`` at the rate 1/√N of Gaussian sample moments."""
+    n, rank = 12, 8
+    lam = np.concatenate([np.geomspace(4.0, 1e-2, rank), np.zeros(n - rank)])
+    errors = []
+    for count in (400, 40_000):
+        x = tokens_with_spectrum(np.random.default_rng(5), count, lam)
+        assert x.shape == (count, n)
+        got = np.linalg.eigvalsh(x.T @ x / count)[::-1]
+        # exact zeros stay zeros (to rounding); the rank is the number of positive eigenvalues
+        assert np.max(np.abs(got[rank:])) <= tolerance(np.float64, count) * got[0]
+        errors.append(np.max(np.abs(got[:rank] - lam[:rank]) / lam[:rank]))
+    # a hundred times the tokens: the relative error of every eigenvalue shrinks, roughly tenfold
+    assert errors[1] < errors[0] / 3
+    assert errors[1] <= 6 / math.sqrt(40_000) * math.sqrt(n)
+    with pytest.raises(ValueError, match="non-negative"):
+        tokens_with_spectrum(np.random.default_rng(0), 4, [1.0, -1.0])
+
+
+def test_the_shared_test_matrices_import_no_torch():
+    """``jactus_linalg.testing`` serves the benchmarks and docs examples too: numpy only."""
+    import subprocess
+    import sys
+
+    probe = "import sys, jactus_linalg.testing; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False"
+

@@ -27,24 +27,11 @@ import numpy as np
 import scipy.linalg
 
 from jactus_linalg import DEFAULT_DAMPING, jactus_layer, projected_lowrank, task_split
+from jactus_linalg.testing import covariance_with_spectrum as covariance
+from jactus_linalg.testing import with_spectrum
 
 M_OUT, N_IN, RANK, TAU = 48, 64, 8, 0.25
 EPS = float(np.finfo(np.float64).eps)
-
-
-def orthonormal(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((n, k)))
-    return q * np.sign(np.diag(r))
-
-
-def with_spectrum(rng: np.random.Generator, m: int, n: int, sigma: np.ndarray) -> np.ndarray:
-    return (orthonormal(rng, m, sigma.size) * sigma) @ orthonormal(rng, n, sigma.size).T
-
-
-def covariance(rng: np.random.Generator, eigenvalues: np.ndarray) -> np.ndarray:
-    v = orthonormal(rng, eigenvalues.size, eigenvalues.size)
-    c = (v * eigenvalues) @ v.T
-    return (c + c.T) / 2
 
 
 def damped_cholesky(c: np.ndarray) -> np.ndarray:

@@ -180,3 +180,34 @@ def test_compress_svd_llm_uses_svd_llm_numerics_by_default():
             assert info.damping == 0.0
         checked += 1
     assert checked == 2
+
+
+def test_float32_weight_matches_svd_llm_float32_code_at_equal_error():
+    """SVD-LLM's own setting: float32 weight, float64 Gram. The package takes the top
+    subspaces from the float64 Gram of ``W S`` (``lowrank.gram_truncation``), SVD-LLM
+    from a float32 SVD; both W' are the float64 W' to float32's bound, and their
+    output errors ``‖(W − W')L‖`` agree to float32 rounding."""
+    rng = np.random.default_rng(6)
+    x = _tokens(rng, 4 * N, N, 1e-4)
+    gram = x.T @ x
+    factor, _ = svdllm_whitening_factor(torch.from_numpy(gram))
+    rank = 6
+    weight = _gapped_weight(rng, factor.numpy(), rank).astype(np.float32)
+    exact = svdllm_layer(
+        torch.from_numpy(weight.astype(np.float64)), torch.from_numpy(gram), rank, dtype=torch.float64
+    ).weight.numpy()
+    theirs = svdllm_layer(torch.from_numpy(weight), torch.from_numpy(gram), rank).weight.numpy()
+    res, ours = _package(weight, gram, rank)
+    assert ours.dtype == np.float32
+    s = np.linalg.svd(weight.astype(np.float64) @ factor.numpy(), compute_uv=False)
+    gap = (s[rank - 1] - s[rank]) / s[0]
+    bound = tolerance(np.float32, N, cond=np.linalg.cond(factor.numpy()) / gap)
+    assert np.linalg.norm(ours - exact) <= bound * np.linalg.norm(exact)
+    lower = factor.numpy()
+    err_ours = np.linalg.norm((weight - ours).astype(np.float64) @ lower)
+    err_theirs = np.linalg.norm((weight - theirs).astype(np.float64) @ lower)
+    scale = np.linalg.norm(weight.astype(np.float64) @ lower)
+    assert abs(err_ours - err_theirs) <= tolerance(np.float32, N, cond=np.linalg.cond(lower)) * scale
+    # the reported error is the float64 one (float64 Gram), not float32's
+    err_exact = np.linalg.norm((weight.astype(np.float64) - exact) @ lower)
+    assert abs(res.error - err_exact) <= tolerance(np.float64, N, cond=np.linalg.cond(lower)) * scale

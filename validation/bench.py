@@ -47,6 +47,15 @@ Benchmarks (targets from the project's issue):
     layers' LAPACK floors (<= 1.2x), on ``--vit-layers`` ViT-Base blocks
     (``validation/bench_retain_sweep.py``).
 
+Modules, by topic: ``bench_machine`` (result rows, machine description,
+threads, side-by-side timing, profiles), ``bench_problems`` (shapes, one
+layer's weight and statistics with known spectra from
+:mod:`jactus_linalg.testing`, the ViT models), and one module per
+benchmark (``bench_factorization``, ``bench_compress``,
+``bench_calibration``, ``bench_deployed``, ``bench_allocation``,
+``bench_peers``, ``bench_mergeable``). This file is the driver; their
+names stay importable from ``validation.bench``.
+
 Times are medians over ``--repeat`` rounds; within a round the timed
 functions run back to back in rotating order, so a ratio is the median of
 ratios measured side by side under the same machine load. Threads

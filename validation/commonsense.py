@@ -27,28 +27,31 @@ when ``n_tune`` changes. Both parts are recorded by id
 
 Prompt format
 -------------
-Plain LM-eval-harness completion style (not the commonsense-170k
-instruction templates): the model scores each choice as a continuation of
-the context, and fine-tuning trains on the correct continuation only. The
-continuation starts with a space; the context ends without one.
+Exactly the zero-shot requests of lm-evaluation-harness (``lm_eval==0.4.13``,
+the task configs named below; no few-shot examples, no system or chat
+template): the model scores each choice as a continuation of the context,
+and fine-tuning trains on the correct continuation only. Every continuation
+is lm_eval's target delimiter ``" "`` followed by the choice text; contexts
+and choices are the raw data fields, not stripped.
 
-* ARC-E/ARC-C/OBQA/PIQA: ``"Question: {question}\\nAnswer:"`` + ``" {choice}"``
-* SIQA: ``"Question: {context} {question}\\nAnswer:"`` + ``" {choice}"``
-* BoolQ: ``"{passage}\\nQuestion: {question}?\\nAnswer:"`` + ``" no"`` / ``" yes"``
-* HellaSwag: ``"{activity}: {ctx_a} {Ctx_b}"`` + ``" {ending}"`` (LM-eval's
-  bracket cleaning)
-* WinoGrande: the sentence up to the blank + ``" {option}{rest of sentence}"``
-  (the whole tail is scored, not LM-eval's suffix-only "partial" scoring,
-  so that every item has one shared context).
+* ARC-E/ARC-C (``arc_easy``/``arc_challenge``), PIQA (``piqa``):
+  ``"Question: {question}\nAnswer:"`` + ``" {choice}"``
+* OpenBookQA (``openbookqa``): ``"{question_stem}"`` + ``" {choice}"``
+* SIQA (``social_iqa``): ``"Q: {context} {question}\nA:"`` + ``" {answer}"``
+* BoolQ (``boolq``): ``"{passage}\nQuestion: {question}?\nAnswer:"`` +
+  ``" no"`` / ``" yes"``
+* HellaSwag (``hellaswag``): ``"{activity}: {ctx_a} {Ctx_b}"`` + ``" {ending}"``,
+  both with lm_eval's bracket cleaning
+* WinoGrande (``winogrande``): lm_eval's "partial" scoring: one context per
+  choice, the sentence up to the blank with that option filled in
+  (:attr:`MCItem.contexts`), and the same continuation, ``" "`` + the rest
+  of the sentence after the blank (stripped).
+
+``tests/validation/test_lm_eval_parity.py`` checks every request of every
+item against the requests lm_eval builds from its own task configs.
 
 Tokenization and scoring live in :mod:`validation.scoring`, tuning batches in
 :mod:`validation.tuning_data`.
-
-Sanity check (SmolLM2-135M-Instruct, float32, 100 test items, seed 0,
-accuracy chars/tokens/none): ARC-E 0.45/0.50/0.46 (chance 0.25), PIQA
-0.70/0.74/0.74 (chance 0.5), HellaSwag 0.40/0.40/0.37, SIQA 0.41/0.40/0.43,
-ARC-C 0.25/0.23/0.21, WinoGrande 0.51/0.49/0.53, BoolQ 0.41/0.33/0.33,
-OBQA 0.25/0.26/0.11 (the last four at chance for this small model).
 """
 
 from __future__ import annotations
@@ -91,11 +94,18 @@ class MCItem:
     id : str
         ``"<task>:<row index in the validation split>"``.
     context : str
-        The prompt; ends without a trailing space.
+        The prompt shared by every choice. For an item with per-choice
+        ``contexts`` (WinoGrande) it is the text before the blank, for display
+        only: :meth:`request` gives what is scored.
     choices : tuple of str
-        Continuations, each starting with a space (unless the context is empty).
+        Continuations, each the target delimiter ``" "`` plus the choice text
+        (unless the context is empty).
     label : int
         Index of the correct choice.
+    contexts : tuple of str, default ()
+        One context per choice, scored with ``choices[j]`` in place of
+        ``context`` (lm_eval's multiple-input tasks: WinoGrande); empty when
+        every choice shares ``context``.
     """
 
     task: str
@@ -103,6 +113,30 @@ class MCItem:
     context: str
     choices: tuple[str, ...]
     label: int
+    contexts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.contexts and len(self.contexts) != len(self.choices):
+            raise ValueError(f"MCItem {self.id}: {len(self.contexts)} contexts for "
+                             f"{len(self.choices)} choices")
+
+    def request(self, j: int) -> tuple[str, str]:
+        """The ``(context, continuation)`` pair scored for choice ``j``."""
+        return (self.contexts[j] if self.contexts else self.context), self.choices[j]
+
+    def choice_length(self, j: int) -> int:
+        r"""Characters lm_eval's ``acc_norm`` divides choice ``j``'s log-likelihood by.
+
+        lm_eval (``ConfigurableTask.process_results``) predicts
+        :math:`\arg\max_j \ell_j / |c_j|` with :math:`c_j` the string of its
+        ``doc_to_choice``: the choice text without the target delimiter, so
+        ``len(choices[j])`` less one leading space; for a multiple-input task
+        (WinoGrande) ``doc_to_choice`` gives the contexts, so ``len(contexts[j])``.
+        """
+        if self.contexts:
+            return len(self.contexts[j])
+        choice = self.choices[j]
+        return len(choice[1:] if choice.startswith(" ") else choice)
 
 
 @dataclass(frozen=True)
@@ -232,44 +266,47 @@ def load_task(task: str, root: Path | None = None) -> list[MCItem]:
     return [_make_item(task, i, *convert(row)) for i, row in enumerate(rows)]
 
 
-def _make_item(task: str, index: int, context: str, choices: Sequence[str], label: int) -> MCItem:
+def _make_item(task: str, index: int, context: str, choices: Sequence[str], label: int,
+               contexts: Sequence[str] = ()) -> MCItem:
     if not 0 <= label < len(choices):
         raise ValueError(f"{task}:{index}: label {label} out of range for {len(choices)} choices")
-    return MCItem(task, f"{task}:{index}", context, tuple(choices), int(label))
+    return MCItem(task, f"{task}:{index}", context, tuple(choices), int(label), tuple(contexts))
+
+
+# The converters below render lm_eval 0.4.13's task configs (doc_to_text,
+# doc_to_choice, doc_to_target; target_delimiter " ") for one data row.
 
 
 def _qa(question: str) -> str:
-    return f"Question: {question.strip()}\nAnswer:"
+    return f"Question: {question}\nAnswer:"
 
 
-def _spaced(choices: Iterable[str]) -> list[str]:
-    return [" " + c.strip() for c in choices]
+def _delimited(choices: Iterable[str]) -> list[str]:
+    return [" " + c for c in choices]
 
 
 def _convert_arc(row) -> tuple[str, list[str], int]:
     labels = list(row["choices"]["label"])
-    return _qa(row["question"]), _spaced(row["choices"]["text"]), labels.index(row["answerKey"])
+    return _qa(row["question"]), _delimited(row["choices"]["text"]), labels.index(row["answerKey"])
 
 
 def _convert_obqa(row) -> tuple[str, list[str], int]:
     labels = list(row["choices"]["label"])
-    ctx = _qa(row["question_stem"])
-    return ctx, _spaced(row["choices"]["text"]), labels.index(row["answerKey"])
+    return row["question_stem"], _delimited(row["choices"]["text"]), labels.index(row["answerKey"].lstrip())
 
 
 def _convert_boolq(row) -> tuple[str, list[str], int]:
-    question = row["question"].strip().rstrip("?")
-    ctx = f"{row['passage'].strip()}\nQuestion: {question}?\nAnswer:"
+    ctx = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
     return ctx, [" no", " yes"], int(bool(row["answer"]))
 
 
 def _convert_piqa(row) -> tuple[str, list[str], int]:
-    return _qa(row["goal"]), _spaced([row["sol1"], row["sol2"]]), int(row["label"])
+    return _qa(row["goal"]), _delimited([row["sol1"], row["sol2"]]), int(row["label"])
 
 
 def _convert_siqa(row) -> tuple[str, list[str], int]:
-    ctx = _qa(f"{row['context'].strip()} {row['question'].strip()}")
-    choices = _spaced([row["answerA"], row["answerB"], row["answerC"]])
+    ctx = f"Q: {row['context']} {row['question']}\nA:"
+    choices = _delimited([row["answerA"], row["answerB"], row["answerC"]])
     return ctx, choices, int(row["label"]) - 1
 
 
@@ -285,13 +322,13 @@ def _convert_hellaswag(row) -> tuple[str, list[str], int]:
     return ctx, choices, int(row["label"])
 
 
-def _convert_winogrande(row) -> tuple[str, list[str], int]:
-    sentence = row["sentence"].strip()
+def _convert_winogrande(row) -> tuple[str, list[str], int, list[str]]:
+    sentence = row["sentence"]
     cut = sentence.index("_")
-    prefix, rest = sentence[:cut].rstrip(), sentence[cut + 1 :]
-    lead = " " if prefix else ""
-    choices = [f"{lead}{row['option1']}{rest}", f"{lead}{row['option2']}{rest}"]
-    return prefix, choices, int(row["answer"]) - 1
+    prefix = sentence[:cut]
+    contexts = [prefix + row["option1"], prefix + row["option2"]]
+    rest = " " + sentence[cut + 1 :].strip()
+    return prefix.rstrip(), [rest, rest], {"1": 0, "2": 1}[row["answer"]], contexts
 
 
 _CONVERTERS: dict[str, Callable] = {

@@ -1,12 +1,19 @@
-"""Continuation log-likelihood scoring of multiple-choice items (LM-eval style).
+"""Continuation log-likelihood scoring of multiple-choice items (lm_eval's protocol).
 
 Tokenization
 ------------
-Context and continuation are tokenized separately without special tokens and
-concatenated; if the pair is longer than ``max_length`` (default
-:data:`MAX_LENGTH` = 96) the context is truncated from the left (keeping at
-least one token) and, only if still too long, the continuation from the
-right. An empty context is replaced by the EOS token, as in LM-eval.
+As ``lm_eval``'s ``HFLM`` (``lm_eval==0.4.13``, ``TemplateLM._encode_pair``
+and ``loglikelihood``): trailing whitespace of the context moves to the
+continuation; the context and the whole string context + continuation are
+encoded with the tokenizer's default special tokens, and the continuation's
+tokens are the whole string's tokens after the context's. An empty context
+becomes the prefix token (BOS, else EOS), or the continuation's first token
+when that is the prefix token. If the pair is longer than ``max_length``
+(default :data:`MAX_LENGTH` = 96) tokens, the context is truncated from the
+left, keeping at least one token; the continuation is cut from the right
+only if it alone exceeds ``max_length - 1`` (where ``HFLM`` refuses). The
+model reads the first ``max_length - 1`` of these tokens, so ``max_length``
+here is ``HFLM(max_length=max_length - 1)``.
 
 Scoring
 -------
@@ -15,8 +22,9 @@ tokens. It runs the decoder (``model.model``) once per batch, gathers the
 hidden states at the positions that predict continuation tokens and applies
 ``lm_head`` only there, which avoids the ``batch x seq x vocab`` logits
 tensor (49152-wide for SmolLM2). Predictions use ``length_norm``: ``"chars"``
-(sum / characters of the continuation, LM-eval's ``acc_norm``, the default),
-``"tokens"`` (mean per token) or ``"none"`` (sum, LM-eval's ``acc``).
+(sum / :meth:`~validation.commonsense.MCItem.choice_length`, the characters
+of the choice text: lm_eval's ``acc_norm``, the default), ``"tokens"`` (mean
+per token) or ``"none"`` (sum, lm_eval's ``acc``).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ LENGTH_NORMS = ("chars", "tokens", "none")
 def encode_pair(
     tokenizer, context: str, continuation: str, max_length: int = MAX_LENGTH
 ) -> tuple[list[int], list[int]]:
-    """Tokenize a context and continuation, truncating to ``max_length`` tokens.
+    """Tokenize a context and continuation as lm_eval does, truncating to ``max_length`` tokens.
 
     Parameters
     ----------
@@ -52,44 +60,58 @@ def encode_pair(
     Returns
     -------
     context_ids, continuation_ids : list of int
-        Context left-truncated (at least one token kept; an empty context is
-        the EOS token); continuation right-truncated only if it alone exceeds
-        ``max_length - 1``.
+        The continuation's ids are those of ``context + continuation`` after
+        the context's (trailing whitespace of the context moved to the
+        continuation first); an empty context is the prefix token. The context
+        is left-truncated (at least one token kept); the continuation is
+        right-truncated only if it alone exceeds ``max_length - 1``.
     """
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
-    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    return _truncate_pair(ctx, cont, max_length, tokenizer.eos_token_id)
+    return _encode_requests(tokenizer, [(context, continuation)], max_length)[0]
 
 
-def _truncate_pair(
-    ctx: list[int], cont: list[int], max_length: int, eos_id: int | None
-) -> tuple[list[int], list[int]]:
+def prefix_token_id(tokenizer) -> int:
+    """The token that stands for an empty context: BOS, else EOS (``HFLM.prefix_token_id``)."""
+    tok = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tok is None:
+        raise ValueError("an empty context needs a tokenizer with bos_token_id or eos_token_id")
+    return tok
+
+
+def _encode_requests(tokenizer, requests: Sequence[tuple[str, str]], max_length: int):
+    """Encode ``(context, continuation)`` pairs; returns a list of (ctx_ids, cont_ids)."""
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    if not cont:
-        raise ValueError("a continuation encodes to zero tokens")
-    if not ctx:
-        if eos_id is None:
-            raise ValueError("empty context and the tokenizer has no eos_token_id")
-        ctx = [eos_id]
-    cont = cont[: max_length - 1]
-    keep = max_length - len(cont)
-    return ctx[-keep:], cont
+    moved = []
+    for context, continuation in requests:
+        stripped = context.rstrip()
+        moved.append((stripped, context[len(stripped):] + continuation))
+    full = [(c, c + t) for c, t in moved if c]
+    encoded = tokenizer([s for pair in full for s in pair])["input_ids"] if full else []
+    empty = [t for c, t in moved if not c]
+    alone = tokenizer(empty, add_special_tokens=False)["input_ids"] if empty else []
+    pairs, k, e = [], 0, 0
+    for context, continuation in moved:
+        if context:
+            ctx, whole = encoded[2 * k], encoded[2 * k + 1]
+            cont = whole[len(ctx):]
+            k += 1
+        else:
+            cont = alone[e]
+            e += 1
+            prefix = prefix_token_id(tokenizer)
+            ctx, cont = ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
+        if not cont:
+            raise ValueError(f"the continuation {continuation!r} encodes to zero tokens "
+                             f"after the context {context[-40:]!r}")
+        cont = cont[: max_length - 1]
+        pairs.append((ctx[-(max_length - len(cont)):], cont))
+    return pairs
 
 
 def _encode_items(tokenizer, items: Sequence[MCItem], max_length: int):
-    """Encode every (item, choice) pair; returns a list of (ctx_ids, cont_ids)."""
-    contexts = [it.context for it in items]
-    ctx_ids = tokenizer(contexts, add_special_tokens=False)["input_ids"] if contexts else []
-    flat = [c for it in items for c in it.choices]
-    cont_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-    pairs, k = [], 0
-    for i, it in enumerate(items):
-        ctx = ctx_ids[i] if it.context else []
-        for _ in it.choices:
-            pairs.append(_truncate_pair(ctx, cont_ids[k], max_length, tokenizer.eos_token_id))
-            k += 1
-    return pairs
+    """Encode every (item, choice) request; returns a list of (ctx_ids, cont_ids)."""
+    requests = [it.request(j) for it in items for j in range(len(it.choices))]
+    return _encode_requests(tokenizer, requests, max_length)
 
 
 def padding_id(tokenizer) -> int:
@@ -113,7 +135,8 @@ class ScoreResult:
     logprobs : list of numpy.ndarray
         Per item, the summed continuation log-probability of each choice.
     n_tokens, n_chars : list of numpy.ndarray
-        Per item and choice, scored tokens and characters of the continuation.
+        Per item and choice, scored tokens and the characters ``acc_norm``
+        divides by (:meth:`~validation.commonsense.MCItem.choice_length`, at least 1).
     """
 
     items: list[MCItem]
@@ -287,6 +310,6 @@ def _assemble(items: list[MCItem], pairs, flat: np.ndarray) -> ScoreResult:
         n = len(it.choices)
         logprobs.append(flat[k : k + n].copy())
         n_tokens.append(np.array([len(pairs[k + j][1]) for j in range(n)], dtype=np.float64))
-        n_chars.append(np.array([max(len(c), 1) for c in it.choices], dtype=np.float64))
+        n_chars.append(np.array([max(it.choice_length(j), 1) for j in range(n)], dtype=np.float64))
         k += n
     return ScoreResult(items, logprobs, n_tokens, n_chars)

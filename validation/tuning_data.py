@@ -25,7 +25,7 @@ def tuning_example(tokenizer, item: MCItem, max_length: int = MAX_LENGTH) -> dic
     dict
         ``input_ids`` and ``labels`` (lists of int; labels are -100 on the context).
     """
-    ctx, ans = encode_pair(tokenizer, item.context, item.choices[item.label], max_length)
+    ctx, ans = encode_pair(tokenizer, *item.request(item.label), max_length)
     return {"input_ids": ctx + ans, "labels": [-100] * len(ctx) + ans}
 
 

@@ -100,8 +100,7 @@ def test_all_tasks_load_in_common_format():
         assert len({it.id for it in items}) == len(items)
         for it in items[:200]:
             assert it.task == task and 0 <= it.label < len(it.choices) >= 2
-            assert not it.context.endswith(" ") and it.context
-            assert all(c.startswith(" ") for c in it.choices)
+            assert all(ctx and cont.startswith(" ") for ctx, cont in map(it.request, range(len(it.choices))))
 
 
 def test_prompt_formatting_examples(arc_items):
@@ -110,11 +109,13 @@ def test_prompt_formatting_examples(arc_items):
     assert it.context == "Question: Which technology was developed most recently?\nAnswer:"
     assert it.choices == (" cellular telephone", " television", " refrigerator", " airplane")
     assert it.label == 0
-    wino = cs.load_task("winogrande")[0]
-    assert wino.context == "Sarah was a much better surgeon than Maria so"
-    assert wino.choices == (" Sarah always got the easier cases.",
-                            " Maria always got the easier cases.")
-    assert wino.label == 1
+    assert it.choice_length(0) == len("cellular telephone")  # acc_norm: without the delimiter
+    wino = cs.load_task("winogrande")[0]  # lm_eval's partial scoring: one context per option
+    assert wino.request(0) == ("Sarah was a much better surgeon than Maria so Sarah",
+                               " always got the easier cases.")
+    assert wino.request(1) == ("Sarah was a much better surgeon than Maria so Maria",
+                               " always got the easier cases.")
+    assert wino.label == 1 and wino.choice_length(1) == len(wino.contexts[1])
     hella = cs.load_task("hellaswag")[0]
     assert hella.context == "Roof shingle removal: A man is sitting on a roof. He"
     assert hella.choices[3] == " starts pulling up roofing on a roof." and hella.label == 3
@@ -123,7 +124,10 @@ def test_prompt_formatting_examples(arc_items):
     assert boolq.context.endswith("\nQuestion: does ethanol take more energy make that produces?"
                                   "\nAnswer:")
     siqa = cs.load_task("siqa")[0]
-    assert siqa.context.startswith("Question: Tracy didn't go home") and siqa.label == 2
+    assert siqa.context.startswith("Q: Tracy didn't go home") and siqa.context.endswith("\nA:")
+    assert siqa.label == 2
+    obqa = cs.load_task("obqa")[0]
+    assert not obqa.context.startswith("Question:") and obqa.choices[0].startswith(" ")
 
 
 def test_splits_are_deterministic_and_disjoint():
@@ -158,7 +162,9 @@ def test_encode_pair_truncates_context_from_left(tiny):
     assert ctx == ctx_full[-len(ctx):]
     assert tok.decode(cont) == " the answer"
     ctx, cont = scoring.encode_pair(tok, "", " alone", max_length=24)
-    assert ctx == [tok.eos_token_id]
+    assert ctx == [tok.bos_token_id]  # lm_eval's prefix token: BOS, else EOS
+    # lm_eval: the context's trailing space moves to the continuation
+    assert scoring.encode_pair(tok, "end here: ", "answer", 24) == scoring.encode_pair(tok, "end here:", " answer", 24)
     ctx, cont = scoring.encode_pair(tok, "a b c", " x" * 50, max_length=10)
     assert len(ctx) == 1 and len(cont) == 9
 
@@ -172,8 +178,8 @@ def _naive_logprobs(model, tok, items, max_length):
     with torch.no_grad():
         for it in items:
             row = []
-            for choice in it.choices:
-                ctx, cont = scoring.encode_pair(tok, it.context, choice, max_length)
+            for j in range(len(it.choices)):
+                ctx, cont = scoring.encode_pair(tok, *it.request(j), max_length)
                 ids = torch.tensor([ctx + cont])
                 logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
                 pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
@@ -184,7 +190,7 @@ def _naive_logprobs(model, tok, items, max_length):
 
 def _mixed_items(arc_items):
     extra = cs.MCItem("toy", "toy:0", "", (" first try", " second"), 1)
-    return [*arc_items[:5], cs.load_task("boolq")[0], extra]
+    return [*arc_items[:5], cs.load_task("boolq")[0], cs.load_task("winogrande")[0], extra]
 
 
 def test_gathered_scoring_equals_naive_full_logits(tiny, arc_items):
@@ -247,7 +253,7 @@ def test_tuning_batches_mask_everything_but_the_answer(tiny, arc_items):
     again = tuning_data.tuning_batches(items, tok, batch_size=4, max_length=32, seed=0)
     pairs = zip(batches, again, strict=True)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in pairs)
-    answers = {tuple(scoring.encode_pair(tok, it.context, it.choices[it.label], 32)[1]) for it in items}
+    answers = {tuple(scoring.encode_pair(tok, *it.request(it.label), 32)[1]) for it in items}
     for batch in batches:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         assert ids.shape == mask.shape == labels.shape and ids.shape[1] <= 32

@@ -98,8 +98,9 @@ class GramProducts(NamedTuple):
         ``rows`` rows) and dividing by :math:`N` gives :math:`\lVert E
         \rVert_2 \le \gamma \operatorname{tr} C`. The tolerance takes
         :math:`\lambda = 1`: the eigenvalues that float32 products actually
-        push below zero stay under 1% of it in every case measured on the
-        Numerics page (``validation/bench_products.py``), while an
+        push below zero stay within a few percent of it in every case
+        measured (Numerics page, ``validation/bench_products.py --only
+        margin``, and the tests), while an
         eigenvalue of :math:`-10^{-2} \lambda_\max` is still refused
         whenever :math:`\sqrt{k}\, u \operatorname{tr} C < 10^{-2}
         \lambda_\max` (float32, :math:`k = 1576` rows: whenever

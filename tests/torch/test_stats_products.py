@@ -28,9 +28,10 @@ from .tiny_mlp import HIDDEN, make_batches, make_mlp, mlp_loss, rewrite_safetens
 U32 = 2.0**-24
 
 
-def low_rank_float32(rng, rows: int, n: int, rank: int, dead: int = 0) -> np.ndarray:
-    """``rows`` float32 tokens of rank ``rank`` (< n) with ``dead`` all-zero channels."""
-    basis, _ = np.linalg.qr(rng.standard_normal((n, n)))
+def low_rank_float32(rng, rows: int, n: int, rank: int, dead: int = 0, seed: int = 7) -> np.ndarray:
+    """``rows`` float32 tokens in one ``rank``-dimensional subspace (the same for every call
+    with this ``seed``) with ``dead`` all-zero channels."""
+    basis, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
     x = (rng.standard_normal((rows, rank)) * np.geomspace(1.0, 1e-2, rank)) @ basis[:, :rank].T
     if dead:
         x[:, -dead:] = 0.0
@@ -81,7 +82,7 @@ def test_a_rank_deficient_float32_gram_passes_with_its_record(rank_deficient):
     with pytest.raises(ValueError, match="indefinite"):
         whiten(cov)  # ... which refuses it without the record
     # ... and far inside sqrt(k) u32 tr C: the measured margin of the tolerance
-    assert -lam[0] <= 1e-2 * products.tolerance(float(np.trace(cov)))
+    assert -lam[0] <= 1e-1 * products.tolerance(float(np.trace(cov)))
     for method in ("eigh", "cholesky"):
         w = whiten(cov, method=method, products=products)
         assert w.method == method  # the Cholesky path needs no eigh to decide
@@ -129,17 +130,21 @@ def test_an_indefinite_matrix_far_below_float32_rounding_is_refused(rank_deficie
 @pytest.mark.parametrize(("rows", "n", "rank"), [(32, 64, 32), (256, 64, 40), (512, 256, 200)])
 def test_float32_rounding_stays_far_inside_the_tolerance(rng, lib, rows, n, rank):
     """The negative eigenvalues of float32-formed Grams of rank-deficient data are
-    under 1% of sqrt(k) u32 tr C (numpy's and torch's BLAS), and the formed moment
-    is within it of the all-float64 one."""
+    under 10% of sqrt(k) u32 tr C (numpy's and torch's BLAS; measured: at most a few
+    percent), and the formed moment is within it of the all-float64 one."""
     data = [low_rank_float32(rng, rows, n, rank) for _ in range(3)]
     if lib == "torch":
         data = [torch.from_numpy(b) for b in data]
     acc = formed(data)
     cov = np.asarray(acc.result())
     exact = np.asarray(formed(data, "accumulation").result())
+    lam_exact = np.linalg.eigvalsh(exact)
+    assert lam_exact[0] <= tolerance(np.float64, n) * lam_exact[-1]  # rank-deficient: rank <= rank
     tol = acc.gram_products.tolerance(float(np.trace(cov)))
     assert acc.gram_products == GramProducts("float32", rows)
-    assert -np.linalg.eigvalsh(cov)[0] <= 1e-2 * tol
+    lam = np.linalg.eigvalsh(cov)
+    assert lam[0] < 0  # float32 rounding does push the zero eigenvalues below zero
+    assert -lam[0] <= 1e-1 * tol
     assert np.linalg.norm(cov - exact, 2) <= tol
     assert np.linalg.norm(cov - exact, 2) > tolerance(np.float64, n) * np.linalg.norm(exact, 2)
 

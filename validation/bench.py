@@ -53,7 +53,8 @@ layer's weight and statistics with known spectra from
 :mod:`jactus_linalg.testing`, the ViT models), and one module per
 benchmark (``bench_factorization``, ``bench_compress``,
 ``bench_calibration``, ``bench_deployed``, ``bench_allocation``,
-``bench_peers``, ``bench_mergeable``). This file is the driver; their
+``bench_peers``, ``bench_mergeable``, ``bench_retain_sweep``;
+``bench_products`` runs on its own). This file is the driver; their
 names stay importable from ``validation.bench``.
 
 Times are medians over ``--repeat`` rounds; within a round the timed

@@ -231,3 +231,38 @@ def bench_peers(args: argparse.Namespace) -> BenchResult:
         f"{after_scipy:.2f}x cold"
     )
     return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the SVD-LLM rows shape by shape as each finishes (for a loaded machine).
+
+    ``python -m validation.bench_peers 768x768,3072x768 --repeat 3 --threads 2``:
+    the same :func:`bench_peer_shape` as ``bench.py --only peers``, plus the
+    process-CPU-time ratio and both relative output errors, printed per shape.
+    """
+    import os
+
+    from validation.bench import set_threads
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("shapes", help="comma-separated MxN, e.g. 768x768,3072x768")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    for shape in args.shapes.split(","):
+        m, n = (int(d) for d in shape.split("x"))
+        start = time.perf_counter()
+        rows, det = bench_peer_shape(m, n, args.repeat)
+        cpu = paired_ratio(det["times_s"], "package f64 stats", "svd-llm code", kind="cpu")
+        print(f"== {m}x{n} r={det['rank']} rounds={args.repeat} "
+              f"wall {time.perf_counter() - start:.0f}s load {os.getloadavg()[0]:.1f}", flush=True)
+        for r in rows:
+            print(f"  {r.metric:55s} {r.value:.4g}{r.unit} (target {r.sense} {r.target})", flush=True)
+        print(f"  cpu-time ratio special case (f64 stats) / SVD-LLM code: {cpu:.3f}", flush=True)
+        rel = {k: f"{v:.9e}" for k, v in det["relative_output_error"].items()}
+        print(f"  relative output error: {rel}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -133,6 +133,7 @@ def both_scores(smollm2, tasks, parity_items):
     return ours, theirs, lm, names
 
 
+@pytest.mark.slow  # loads SmolLM2 and scores 50 items per task twice (CI runs slow tests)
 def test_tokens_equal_hflm(smollm2, both_scores, parity_items):
     _, tokenizer = smollm2
     _, _, lm, _ = both_scores
@@ -164,6 +165,7 @@ def _top_gap(scores: np.ndarray) -> float:
     return float(top[0] - top[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", cs.TASKS)
 def test_choices_and_metrics_equal_lm_eval(both_scores, parity_items, task):
     ours_all, theirs, _, names = both_scores

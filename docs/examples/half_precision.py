@@ -42,16 +42,22 @@ def as_float64(array) -> np.ndarray:
 
 
 def check_rounding_only(half, full, eps: float, label: str) -> None:
-    # singular pairs are defined up to a sign, and the half-precision weight's SVD
-    # runs in float32 (svd_precision="weight"), the float64 weight's in float64:
-    # align each pair's sign before comparing (the product A C B^T does not see it)
-    left16, left64 = as_float64(half.left), as_float64(full.left)
-    signs = np.where(np.sum(left16 * left64, axis=0) < 0, -1.0, 1.0)
-    for name in ("left", "core", "right"):
-        a16 = as_float64(getattr(half, name))
+    # singular pairs are defined up to a sign, and the two weights are decomposed by
+    # different routes (float64 SVD; for the half-precision weight, the float64 Gram's
+    # eigenvectors and a QR, whose triangular core carries the signs): align each
+    # side's signs before comparing (the product A C B^T does not see them)
+    def side_signs(name: str) -> np.ndarray:
+        a16, a64 = as_float64(getattr(half, name)), as_float64(getattr(full, name))
+        return np.where(np.sum(a16 * a64, axis=0) < 0, -1.0, 1.0)
+
+    s_left, s_right = side_signs("left"), side_signs("right")
+    aligned = {
+        "left": as_float64(half.left) * s_left,
+        "core": s_left[:, None] * as_float64(half.core) * s_right[None, :],
+        "right": as_float64(half.right) * s_right,
+    }
+    for name, a16 in aligned.items():
         a64 = as_float64(getattr(full, name))
-        if name != "core":
-            a16 = a16 * signs
         rel = np.linalg.norm(a16 - a64) / np.linalg.norm(a64)
         print(f"  {label} {name:5s}: ||A_half - A_64|| / ||A_64|| = {rel:.1e} (eps = {eps:.1e})")
         assert rel <= eps, (label, name, rel)

@@ -110,10 +110,10 @@ def test_peers_rows_compare_with_svd_llm_and_cold_svd(quick_run):
 def test_bench_products_measures_the_float32_product_cost():
     """validation/bench_products.py on a small problem: float32 products summed in float64
     move the top eigenvalues by float32 rounding (more than float64's, at most c N eps32)."""
-    from validation.bench_products import run
+    from validation.bench_products import synthetic
 
     rows = 60
-    res = run(dim=32, batches=2, rows=rows, rank=8)
+    res = synthetic(dim=32, batches=2, rows=rows, rank=8)
     assert 0.0 < res["top_eig_rel"] <= tolerance(np.float32, 2 * rows)
     assert tolerance(np.float64, rows) < res["cov_rel"] <= tolerance(np.float32, 2 * rows)
     assert res["err_float64"] > 0.0 and res["err_cost"] <= tolerance(np.float32, 32)

@@ -77,3 +77,27 @@ def hf_loss(model, batch):
 def mlp_loss(model, batch):
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)
+
+
+#: The tiny models the adapter tests run on: key -> (builder, batches, loss).
+MODEL_FAMILIES = {
+    "llama": (tiny_llama, llama_batches, hf_loss),
+    "vit": (tiny_vit, vit_batches, hf_loss),
+    "mlp": (mlp, mlp_batches, mlp_loss),
+}
+
+
+def count_plan_layer_calls(monkeypatch) -> list[int]:
+    """Count calls of ``jactus_linalg.torch.compress.plan_layer`` (one entry per call)."""
+    import importlib  # noqa: PLC0415
+
+    module = importlib.import_module("jactus_linalg.torch.compress")
+    calls: list[int] = []
+    original = module.plan_layer
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "plan_layer", counted)
+    return calls

@@ -16,21 +16,16 @@ from jactus_linalg.torch.compress import allocate, plan_compression, replace_lay
 
 from ..numerics import tolerance
 from .models import (
+    MODEL_FAMILIES,
     hf_loss,
     llama_batches,
     mlp,
     mlp_batches,
     mlp_loss,
     tiny_llama,
-    tiny_vit,
-    vit_batches,
 )
 
-MODELS = {
-    "llama": (tiny_llama, llama_batches, hf_loss),
-    "vit": (tiny_vit, vit_batches, hf_loss),
-    "mlp": (mlp, mlp_batches, mlp_loss),
-}
+MODELS = MODEL_FAMILIES
 
 
 @pytest.fixture(scope="module")

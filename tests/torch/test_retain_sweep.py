@@ -24,16 +24,12 @@ from jactus_linalg.torch import (
 )
 
 from ..numerics import tolerance
-from .models import hf_loss, llama_batches, mlp, mlp_batches, mlp_loss, tiny_llama, tiny_vit, vit_batches
+from .models import MODEL_FAMILIES, count_plan_layer_calls, mlp
 
 # the module, not the function that `jactus_linalg.torch.compress` names
 compress_module = importlib.import_module("jactus_linalg.torch.compress")
 RETAINS = (0.6, 0.7, 0.8, 0.9)
-MODELS = {
-    "llama": (tiny_llama, llama_batches, hf_loss),
-    "vit": (tiny_vit, vit_batches, hf_loss),
-    "mlp": (mlp, mlp_batches, mlp_loss),
-}
+MODELS = MODEL_FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +84,7 @@ def test_each_retain_of_a_prepared_compression_equals_compress(calibrated, kind,
 def test_compress_many_decomposes_each_layer_once(calibrated, monkeypatch):
     model, stats = calibrated["llama"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    calls: list[int] = []
-    original = compress_module.plan_layer
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(compress_module, "plan_layer", counted)
+    calls = count_plan_layer_calls(monkeypatch)
     results = compress_many(model, stats, RETAINS, JactusConfig(), progress=False)
     planned = len(calls)
     assert planned == len(stats.layers) > 0  # every layer once, for four retains
@@ -103,7 +92,7 @@ def test_compress_many_decomposes_each_layer_once(calibrated, monkeypatch):
     single = copy.deepcopy(model)
     compress(single, stats, retain=RETAINS[0], progress=False)
     assert len(calls) == planned  # one retain costs the same decompositions as the sweep
-    monkeypatch.setattr(compress_module, "plan_layer", original)
+    monkeypatch.undo()  # the real plan_layer for the references
     assert [r.config.retain for _, r in results] == list(RETAINS)
     for retain, (student, report) in zip(RETAINS, results, strict=True):
         reference = copy.deepcopy(model)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.torch.models import hf_loss, llama_batches, tiny_llama
+from tests.torch.models import count_plan_layer_calls, hf_loss, llama_batches, tiny_llama
 from validation import run_paper
 from validation.methods import Method
 
-compress_module = importlib.import_module("jactus_linalg.torch.compress")
 RETAINS = (0.6, 0.7, 0.8, 0.9)
 
 
@@ -56,14 +54,7 @@ def test_a_family_at_four_retains_decomposes_once_with_the_same_ranks(part_and_s
     part, stats = part_and_stats
     cfg = run_paper.PartConfig(lora_rank=2, damping=run_paper.DEFAULT_DAMPING)
     methods = _untuned(options, kind, kind)
-    calls: list[int] = []
-    original = compress_module.plan_layer
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(compress_module, "plan_layer", counted)
+    calls = count_plan_layer_calls(monkeypatch)
     swept = run_paper.SeedShare()
     swept_records = []
     for index, method in enumerate(methods):

@@ -61,6 +61,8 @@ from .lowrank import (
     ProjectedCore,
     WhiteningInfo,
     deployable_factors,
+    gram_resolves,
+    gram_truncation,
     info_of,
     numerical_rank,
     orthonormal_columns,
@@ -342,6 +344,35 @@ def top_singular(
     )
 
 
+def _gram_route(whitened: Array, r_max: int, svd: str, svd_dt: Any) -> ProjectedCore | None:
+    r"""The top ``r_max`` subspaces of :math:`M` from its float64 Gram matrix, where that applies.
+
+    Applies when the decomposition asked for is exact (``svd`` resolves to the
+    exact route) and in a lower precision that the working dtype's Gram
+    resolves (a float32 weight with float64 statistics; see
+    :func:`~jactus_linalg.lowrank.gram_truncation`): one Gram product, one
+    symmetric eigendecomposition of the smaller side and one QR, in the
+    working dtype, instead of a float32 SVD followed by two QRs to
+    re-orthonormalize its vectors and a core product. The left basis is
+    :math:`Q` of :math:`M V_r = Q R`, whose leading ``k`` columns span
+    :math:`M V_k` (the top-``k`` left singular subspace) for every ``k``, and
+    the core :math:`R` is triangular, so every prefix ``k`` is the best
+    rank-``k`` approximation. ``None`` where it does not apply.
+    """
+    if svd_dt is None:
+        return None
+    xp = namespace(whitened)
+    if not gram_resolves(xp, whitened.dtype, svd_dt):
+        return None
+    small = min(int(d) for d in whitened.shape)
+    randomized = svd == "randomized" or (
+        svd == "auto" and r_max + OVERSAMPLE <= RANDOMIZED_FRACTION * small
+    )
+    if randomized and r_max < small:
+        return None
+    return gram_truncation(whitened, r_max, svd_dt)
+
+
 def _tail_energy(sigma: np.ndarray, total: float, r_max: int, full: int) -> np.ndarray:
     r""":math:`\sum_{i>r}\sigma_i^2` for ``r = 0..r_max``."""
     squares = sigma**2
@@ -463,8 +494,13 @@ def plan_layer(
     whitened = whitened_weight(astype(xp, weight, work), grad_op, input_op)
     check_no_overflow(xp, whitened, "whitened weight S_g^T W S_x")
     total = float(xp.sum(whitened * whitened))
-    p, s, qh = top_singular(whitened, r_max, svd, dtype=svd_dt)
-    sigma = as_numpy(s).astype(np.float64)
+    gram = _gram_route(whitened, r_max, svd, svd_dt)
+    if gram is not None:  # orthonormal bases in the working dtype, core R of a QR
+        assert gram.singular_values is not None  # gram_truncation always reports them
+        p, qh, sigma = gram.left, gram.right.T, gram.singular_values
+    else:
+        p, s, qh = top_singular(whitened, r_max, svd, dtype=svd_dt)
+        sigma = as_numpy(s).astype(np.float64)
     notes: tuple[str, ...] = ()
     task_rank, left_task, right_task = 0, p[:, :0], qh[:0, :].T
     if tau > 0:
@@ -488,10 +524,13 @@ def plan_layer(
         u, v, left_ok, right_ok = left.basis, right.basis, left.accepted, right.accepted
     else:  # singular vectors are already nested and orthonormal (to the SVD's dtype)
         u, v = p[:, :r_max], qh[:r_max, :].T
-        if svd_dt is not None:  # to the working dtype: Pythagoras at its rounding
+        if svd_dt is not None and gram is None:  # to the working dtype: Pythagoras at its rounding
             u, v = orthonormal_columns(u), orthonormal_columns(v)
         left_ok = right_ok = np.ones(r_max, dtype=bool)
-    core = project_to_core(whitened, u, v).core
+    if gram is not None and not bool(is_task.any()):
+        core = gram.core[:r_max, :r_max]  # U^T M V, triangular: its prefixes are nested
+    else:
+        core = project_to_core(whitened, u, v).core
     left_counts = np.concatenate([[0], np.cumsum(left_ok)])
     right_counts = np.concatenate([[0], np.cumsum(right_ok)])
     return LayerPlan(

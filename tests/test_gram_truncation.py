@@ -126,3 +126,34 @@ def test_gram_resolves_only_a_lower_precision():
     mat = np.diag([1.0, 2.0**-30, 0.0])  # 2^-30 is below sqrt(eps64) ||M||: lost by a Gram
     assert project_to_core(mat, None, None, 2).core[1, 1] == pytest.approx(2.0**-30, rel=1e-12)
     assert gram_truncation(mat, 2, np.float32).core.shape == (2, 2)
+
+
+@pytest.mark.parametrize(("m", "n"), [(40, 24), (24, 40)])
+def test_plan_layer_float32_weight_takes_the_gram_route(rng, m, n):
+    """``plan_layer`` with a float32 weight and float64 statistics at tau = 0 (the svd-llm
+    and K-FAC cases): its bases come from the Gram route (orthonormal to float64 rounding
+    with no re-orthonormalization, triangular core), every prefix is the optimal rank-k
+    approximation (energy = top-k sigma^2 of M to float64's rounding) and every cut's
+    reported error is the float64 plan's to float64's rounding times the whitening's kappa."""
+    w = with_spectrum(rng, m, n, np.geomspace(1.0, 1e-3, min(m, n))).astype(np.float32)
+    x = rng.standard_normal((3 * n, n)) * np.geomspace(1.0, 1e-2, n)
+    cx = x.T @ x / (3 * n)
+    g = rng.standard_normal((3 * m, m)) * np.geomspace(1.0, 1e-1, m)
+    cg = g.T @ g / (3 * m)
+    plan = jl.plan_layer(w, input_cov=cx, grad_cov=cg, task_fraction=0.0, damping=0.0)
+    ref = jl.plan_layer(w.astype(np.float64), input_cov=cx, grad_cov=cg, task_fraction=0.0,
+                        damping=0.0)
+    r_max = plan.max_rank
+    u, k, v = plan.left_basis, plan.core, plan.right_basis
+    assert u.dtype == k.dtype == v.dtype == np.float64
+    for q in (u, v):
+        assert np.linalg.norm(q.T @ q - np.eye(r_max)) <= tolerance(np.float64, m + n)
+    triangle = np.tril(k, -1) if m >= n else np.triu(k, 1)
+    assert np.all(triangle == 0.0)  # R (tall) or R^T (wide) of the QR of M V_r
+    kappa = np.linalg.cond(np.linalg.cholesky(cx)) * np.linalg.cond(np.linalg.cholesky(cg))
+    scale = tolerance(np.float64, m + n, cond=kappa) * plan.total_energy
+    head = np.concatenate([[0.0], np.cumsum(ref.singular_values[:r_max] ** 2)])
+    assert np.max(np.abs(plan.energy - head)) <= scale
+    for rank in (1, r_max // 2, r_max):
+        got, want = plan.factorize(rank), ref.factorize(rank)
+        assert abs(got.error**2 - want.error**2) <= scale

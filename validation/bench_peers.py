@@ -80,7 +80,7 @@ def peer_shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 def bench_peer_shape(m: int, n: int, repeat: int) -> tuple[list[Row], dict]:
     """``damping="svd-llm"`` special case against the transcription of SVD-LLM's per-layer code."""
-    from jactus_linalg import projected_lowrank
+    from jactus_linalg import plan_layer, projected_lowrank
     from jactus_linalg._backend import namespace, svd_reduced
     from jactus_linalg.whitening import (
         inverse_transpose_times,
@@ -104,6 +104,11 @@ def bench_peer_shape(m: int, n: int, repeat: int) -> tuple[list[Row], dict]:
     def reference():
         kept["svd-llm code"] = svdllm_layer(prob.weight, prob.gram, prob.rank).weight
 
+    def compress_path():  # what compress(method="svd-llm") runs per layer: a plan, then a cut
+        plan = plan_layer(prob.weight, input_cov=prob.gram, task_fraction=0.0, damping="svd-llm")
+        cut = plan.factorize(prob.rank)
+        kept["compress path"] = cut.left @ cut.core @ cut.right.T
+
     def f32_svd():  # the route before lowrank.gram_truncation: a float32 SVD of the float64 M
         import torch
 
@@ -116,7 +121,8 @@ def bench_peer_shape(m: int, n: int, repeat: int) -> tuple[list[Row], dict]:
         kept["f64 stats, f32 SVD"] = (u[:, :r] * sv[:r]) @ right.T.to(torch.float64)
 
     fns = {"svd-llm code": reference, "package f64 stats": package(prob.gram, "package f64 stats"),
-           "package f32 stats": package(gram32, "package f32 stats"), "f64 stats, f32 SVD": f32_svd}
+           "package f32 stats": package(gram32, "package f32 stats"), "f64 stats, f32 SVD": f32_svd,
+           "compress path": compress_path}
     times = rounds(fns, repeat)
     lower = svdllm_whitening_factor(prob.gram)[0]
     errors = {k: whitened_output_error(prob.weight, v, lower) for k, v in kept.items()}
@@ -133,6 +139,10 @@ def bench_peer_shape(m: int, n: int, repeat: int) -> tuple[list[Row], dict]:
             paired_ratio(times, "f64 stats, f32 SVD", "svd-llm code"), 1.0, "<="),
         Row("peers", case, "output error, f64 stats + f32 SVD vs SVD-LLM code",
             100 * abs(errors["f64 stats, f32 SVD"] / ref - 1), 0.01, "<=", "%"),
+        Row("peers", case, "compress's path (plan_layer at break-even + cut) / SVD-LLM code",
+            paired_ratio(times, "compress path", "svd-llm code"), 1.0, "<="),
+        Row("peers", case, "output error, compress's path vs SVD-LLM code",
+            100 * abs(errors["compress path"] / ref - 1), 0.01, "<=", "%"),
     ]
     details = {"shape": [m, n], "rank": prob.rank, "median_s": medians(times),
                "times_s": times, "output_error": errors,

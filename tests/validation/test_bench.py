@@ -103,6 +103,7 @@ def test_peers_rows_compare_with_svd_llm_and_cold_svd(quick_run):
         # same numerics: the float64 special case is SVD-LLM's up to its float32 SVD
         n = max(int(d) for d in shape.split("x"))
         assert abs(errors["package f64 stats"] / ref - 1) <= tolerance(np.float32, n)
+        assert abs(errors["compress path"] / ref - 1) <= tolerance(np.float32, n)
     blas = peers["details"]["blas_mixing"]["median_s"]
     assert set(blas) == {"cold", "after whitening", "after scipy trtri"}
 

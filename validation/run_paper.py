@@ -104,7 +104,7 @@ class PartConfig:
     lrs: dict = field(default_factory=dict)  # family -> lr; empty: from SETTINGS_FILE
     lr_head: float | None = None  # the new head's rate, every method (None: SETTINGS_FILE)
     lora_rank: int = 8
-    task_fraction: float = DEFAULT_TASK_FRACTION
+    task_fraction: float | None = None  # None: the sweep's choice (SETTINGS_FILE), else the package default
     damping: float = DEFAULT_DAMPING
     retains: tuple = (0.8,)
     targets: tuple = ("digits",)  # vision targets (validation.vision.TARGETS)
@@ -135,7 +135,7 @@ def presets() -> dict[str, Preset]:
     default = Preset(
         "default",
         language=PartConfig(model="smollm2", n_tune=32, n_test=16, n_dev=16, steps=10,
-                            calibration_batches=4, compress_dtype="float32",
+                            calibration_batches=16, compress_dtype="float32",
                             retains=(0.8, 0.9), untuned_rows=True),
         vision=PartConfig(model="fmnist-vit", n_tune=500, n_test=500, n_dev=200, batch_size=32,
                           steps=150, calibration_batches=8, retains=(0.8, 0.9),
@@ -165,10 +165,12 @@ def presets() -> dict[str, Preset]:
         "paper",
         language=PartConfig(model="paper", n_tune=0, n_test=0, batch_size=16, max_length=256,
                             eval_batch_size=32, calibration_batches=64, steps=3 * 170_000 // 16,
-                            lrs={f: 2e-4 for f in FAMILIES}, lora_rank=32),
+                            lrs={f: 2e-4 for f in FAMILIES}, lora_rank=32,
+                            task_fraction=DEFAULT_TASK_FRACTION),
         vision=PartConfig(model="paper", n_tune=0, n_test=0, batch_size=64,
                           calibration_batches=32, steps=5000, lrs={f: 1e-3 for f in FAMILIES},
-                          lr_head=1e-3, lora_rank=16, probe_steps=500),
+                          lr_head=1e-3, lora_rank=16, probe_steps=500,
+                          task_fraction=DEFAULT_TASK_FRACTION),
     )
     return {p.name: p for p in (default, full, smoke, paper)}
 
@@ -185,10 +187,15 @@ def tuned_settings(path: Path = SETTINGS_FILE) -> dict:
 
 
 def with_learning_rates(part: str, cfg: PartConfig, path: Path = SETTINGS_FILE) -> PartConfig:
-    """``cfg`` with every family's rate and the head's rate filled in from the sweep's file.
+    """``cfg`` with every family's rate, the head's rate and tau filled in from the sweep's file.
 
-    Rates set in ``cfg`` (``lrs``, ``lr_head``) win; the file fills the rest.
+    Rates set in ``cfg`` (``lrs``, ``lr_head``) and a set ``task_fraction``
+    win; the file fills the rest (``task_fraction``: the part's entry written
+    by ``validation/sweep_tau.py``, else the package default).
     """
+    if cfg.task_fraction is None:
+        entry = tuned_settings(path).get(part, {}) if path.is_file() else {}
+        cfg = replace(cfg, task_fraction=float(entry.get("task_fraction", DEFAULT_TASK_FRACTION)))
     if set(FAMILIES) <= set(cfg.lrs) and cfg.lr_head is not None:
         return cfg
     chosen = tuned_settings(path).get(part)

@@ -177,8 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
         lr_head = _merge_targets(done, HEAD)["lr"]
     cfg = replace(cfg, lr_head=lr_head)
     stats_cache: dict = {}
+    tau = run_paper.tuned_settings(args.settings).get(args.part, {}).get("task_fraction") \
+        if args.settings.is_file() else None
     for family in families:
         method = FAMILY_METHODS[family]
+        if family == "JACTUS" and tau is not None:  # the task fraction validation/sweep_tau.py chose
+            method = Method(method.name, method.family, method.kind, method.retain,
+                            (("task_fraction", float(tau)),))
         for name, parts in parts_by_name.items():
             shared = run_paper.SeedShare()
             for lr in args.lrs:

@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                    choices=("covariance", "gradient"))
     p.add_argument("--n-dev", type=int, default=None,
                    help="dev items per task (default: the preset's n_dev)")
+    p.add_argument("--calibration-batches", type=int, default=None,
+                   help="calibration batches (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="calibration seed (data order)")
     p.add_argument("--base", action="store_true", help="also score the dense base model")
     p.add_argument("--out", type=Path, default=Path("results/untuned-nll"))
@@ -63,11 +65,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         msg = f"--n-dev: the {args.preset} preset reserves no dev items; pass --n-dev N"
         raise SystemExit(msg)
     cfg = replace(cfg, n_dev=n_dev)
+    if args.calibration_batches is not None:
+        cfg = replace(cfg, calibration_batches=args.calibration_batches)
     preset = replace(preset, seeds=(args.seed,))
     args.out.mkdir(parents=True, exist_ok=True)
     config = run_paper.RunConfig(preset=preset, out=args.out, progress=False)
     part = run_paper.build_language(cfg, preset, config, evaluate_on="dev")["language"][0]
-    stats, secs = run_paper.statistics_for(part, args.out, f"dev-{args.seed}", False)
+    stats, secs = run_paper.statistics_for(part, args.out, f"dev-{args.seed}-cb{cfg.calibration_batches}", False)
     print(f"calibrated in {secs:.0f} s; {len(part.test_items)} dev items", flush=True)
     rows = []
     if args.base:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from validation import run_paper, sweep
+from validation import run_paper, sweep, sweep_tau
 from validation.report import claim_lines, summarize
 from validation.train import parameter_groups, tune
 
@@ -145,6 +145,61 @@ def test_learning_rates_come_from_the_settings_file(tmp_path):
     for part in ("language", "vision"):
         cfg = run_paper.with_learning_rates(part, run_paper.PartConfig())
         assert set(cfg.lrs) >= set(run_paper.FAMILIES) and cfg.lr_head > 0
+
+
+def test_task_fraction_comes_from_the_settings_file_unless_set(tmp_path):
+    from jactus_linalg import DEFAULT_TASK_FRACTION
+
+    path = tmp_path / "s.json"
+    rates = {"lr": {f: 0.5 for f in run_paper.FAMILIES}, "lr_head": 0.25}
+    path.write_text(json.dumps({"vision": {**rates, "task_fraction": 0.1}, "language": rates}))
+    assert run_paper.with_learning_rates("vision", run_paper.PartConfig(), path).task_fraction == 0.1
+    # a set tau wins, even with every rate set (the early return); no entry: the package default
+    full = run_paper.PartConfig(lrs={f: 1.0 for f in run_paper.FAMILIES}, lr_head=1.0,
+                                task_fraction=0.5)
+    assert run_paper.with_learning_rates("vision", full, path).task_fraction == 0.5
+    lang = run_paper.with_learning_rates("language", run_paper.PartConfig(), path)
+    assert lang.task_fraction == DEFAULT_TASK_FRACTION
+    # the paper preset keeps the package default whatever the small models' sweep chose
+    paper = run_paper.presets()["paper"]
+    assert paper.language.task_fraction == paper.vision.task_fraction == DEFAULT_TASK_FRACTION
+
+
+def test_tau_sweep_chooses_the_best_pair_and_prefers_the_smaller_tau():
+    done = {f"{t} {lr} {o}": {"task_fraction": t, "lr": lr, "order": o, "score": s}
+            for (t, lr), scores in (((0.0, 1e-3), (0.5, 0.6, 0.7)), ((0.25, 1e-3), (0.8, 0.7, 0.9)),
+                                    ((0.5, 1e-3), (0.8, 0.7, 0.9)), ((0.25, 1e-2), (0.1, 0.2, 0.3)))
+            for o, s in enumerate(scores)}
+    table = sweep_tau.table_of(done)
+    assert table[(0.25, 1e-3)][0] == pytest.approx(0.8) and table[(0.25, 1e-3)][2] == 3
+    assert sweep_tau.choose(table) == (0.25, 1e-3)  # tie with 0.5: the smaller tau
+    with pytest.raises(SystemExit, match="at least 3"):
+        sweep_tau.main(["--orders", "0", "1"])
+    with pytest.raises(SystemExit, match="--task-fractions"):
+        sweep_tau.main(["--task-fractions", "1.5"])
+
+
+def test_tau_sweep_end_to_end_on_the_smoke_preset(tmp_path):
+    settings = tmp_path / "settings.json"
+    rates = {"lr": {f: 1e-3 for f in run_paper.FAMILIES}, "lr_head": 1e-2}
+    settings.write_text(json.dumps({"vision": rates, "language": {"lr": {"LoRA": 7.0}}}))
+    page = tmp_path / "tau.md"
+    entry = sweep_tau.main(["--part", "vision", "--preset", "smoke", "--task-fractions", "0", "0.5",
+                            "--out", str(tmp_path / "out"), "--page", str(page),
+                            "--settings", str(settings), "--no-progress"])
+    assert entry["task_fraction"] in (0.0, 0.5) and entry["lr"]["JACTUS"] == 1e-3
+    written = json.loads(settings.read_text())
+    assert written["language"] == {"lr": {"LoRA": 7.0}}  # other parts kept
+    assert written["vision"]["lr"]["LoRA"] == 1e-3 and "sweep_tau" in written["vision"]["task_fraction_source"]
+    done = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert {v["order"] for v in done.values()} == SEEDS
+    assert {v["task_fraction"] for v in done.values()} == {0.0, 0.5}
+    assert {v["target"] for v in done.values()} == {"vision/digits", "vision/digits-shifted"}
+    text = page.read_text()
+    assert "test items are never scored" in text and "| 0 |" in text and "| 0.5 |" in text
+    # the runner reads the choice
+    cfg = run_paper.with_learning_rates("vision", run_paper.PartConfig(), settings)
+    assert cfg.task_fraction == entry["task_fraction"]
 
 
 def test_every_preset_runs_three_seeds_and_full_is_large_enough():

@@ -1,0 +1,237 @@
+"""Choose JACTUS's task fraction tau (with its learning rate) on dev items (never a test item).
+
+Protocol
+--------
+The same as :mod:`validation.sweep` (dev items in neither the tune nor the
+test part, the preset's tune items and steps, at least three data orders),
+for one family: JACTUS@0.8 in its final configuration (covariance task
+directions, mergeable cores on the layers kept dense, the preset's
+calibration), tuned at every pair of a task fraction :math:`\\tau` from
+``--task-fractions`` and a rate from ``--lrs`` (default: the rate the
+learning-rate sweep chose, read from ``--settings``). Selection: the pair
+with the best mean over orders of the dev score (accuracy for vision, macro
+over targets; minus the answer NLL per token for language, macro over
+tasks). :math:`\\tau` sets how much of each layer's rank goes to the
+covariances' principal directions, which exist for tuning, so it is chosen
+on tuned models, not on the untuned loss.
+
+Outputs: ``--out`` (default ``results/sweep-<part>-tau``) keeps
+``sweep.json`` (one entry per tau, rate and order; a rerun resumes); the
+page ``--page`` (default ``docs/results/sweep-<part>-tau.md``); and
+``--settings`` gains the part's ``task_fraction`` and JACTUS's rate, read
+by the runner.
+
+Usage: ``python -m validation.sweep_tau --part language --task-fractions 0 0.1 0.25 0.5``;
+``--preset smoke`` exercises it in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from validation import run_paper
+from validation.methods import Method
+from validation.report import write_text_atomic
+from validation.sweep import ORDERS, ROOT, dev_score
+
+TAUS = (0.0, 0.1, 0.25, 0.5)
+FAMILY = "JACTUS"
+
+
+def jactus_method(tau: float) -> Method:
+    """JACTUS@0.8 in its final configuration at task fraction ``tau``."""
+    return Method("JACTUS@0.8", FAMILY, "jactus", 0.8, (("task_fraction", float(tau)),))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m validation.sweep_tau", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("vision", "language"), default="language")
+    p.add_argument("--preset", choices=("default", "full", "smoke"), default="default",
+                   help="the runner preset whose tune items, steps and calibration are swept")
+    p.add_argument("--task-fractions", type=float, nargs="+", default=list(TAUS))
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="JACTUS rates (default: the rate in --settings)")
+    p.add_argument("--orders", type=int, nargs="+", default=list(ORDERS),
+                   help="data orders (and initialisation seeds), at least 3")
+    p.add_argument("--n-dev", type=int, default=None,
+                   help="dev items per task (language) or per target (vision); default: the preset's")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--page", type=Path, default=None,
+                   help="default docs/results/sweep-<part>-tau.md")
+    p.add_argument("--settings", type=Path, default=run_paper.SETTINGS_FILE)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if len(set(args.orders)) < 3:
+        msg = f"--orders: the protocol needs at least 3 data orders, got {args.orders}"
+        raise SystemExit(msg)
+    bad = [t for t in args.task_fractions if not 0.0 <= t <= 1.0]
+    if bad:
+        msg = f"--task-fractions: every tau must lie in [0, 1]; got {bad}"
+        raise SystemExit(msg)
+    if args.lrs is not None and any(lr <= 0 for lr in args.lrs):
+        msg = f"--lrs: every rate must be positive; got {args.lrs}"
+        raise SystemExit(msg)
+
+
+def table_of(done: dict) -> dict[tuple[float, float], tuple[float, float, int]]:
+    """``(tau, lr) -> (mean, sd, orders)`` of the dev score, averaged over targets per order first."""
+    pooled: dict[tuple[float, float, int], list[float]] = {}
+    for v in done.values():
+        pooled.setdefault((v["task_fraction"], v["lr"], v["order"]), []).append(v["score"])
+    by_pair: dict[tuple[float, float], list[float]] = {}
+    for (tau, lr, _), scores in pooled.items():
+        by_pair.setdefault((tau, lr), []).append(float(np.mean(scores)))
+    return {pair: (float(np.mean(s)), float(np.std(s, ddof=1)) if len(s) > 1 else 0.0, len(s))
+            for pair, s in sorted(by_pair.items())}
+
+
+def choose(table: dict) -> tuple[float, float]:
+    """The ``(tau, lr)`` with the best mean dev score (ties: the smaller tau, then rate)."""
+    return max(table, key=lambda pair: (table[pair][0], -pair[0], -pair[1]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the sweep; returns the part's settings as written."""
+    args = _parser().parse_args(argv)
+    _check_args(args)
+    preset = run_paper.presets()[args.preset]
+    cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), args.settings)
+    n_dev = args.n_dev if args.n_dev is not None else cfg.n_dev
+    if n_dev < 1:
+        msg = f"--n-dev: the {args.preset} preset reserves no dev items; pass --n-dev N"
+        raise SystemExit(msg)
+    lrs = sorted(args.lrs) if args.lrs is not None else [cfg.lrs[FAMILY]]
+    cfg = replace(cfg, n_dev=n_dev)
+    preset = replace(preset, seeds=tuple(args.orders))
+    out = args.out or Path("results") / f"sweep-{args.part}-tau"
+    out.mkdir(parents=True, exist_ok=True)
+    config = run_paper.RunConfig(preset=preset, out=out, progress=not args.no_progress)
+    builder = run_paper.build_vision if args.part == "vision" else run_paper.build_language
+    parts_by_name = builder(cfg, preset, config, evaluate_on="dev")
+    done_path = out / "sweep.json"
+    done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    stats_cache: dict = {}
+    for name, parts in parts_by_name.items():
+        shared = run_paper.SeedShare()
+        for tau in args.task_fractions:
+            for lr in lrs:
+                local = replace(cfg, lrs={**cfg.lrs, FAMILY: lr}, task_fraction=tau)
+                for part in parts:
+                    label = f"tau={tau:g} lr={lr:g} order={part.seed} {name}"
+                    if label in done:
+                        continue
+                    key = f"dev-{part.name.replace('/', '-')}-{run_paper.calibration_seed(part)}"
+                    if key not in stats_cache:
+                        stats_cache[key] = run_paper.statistics_for(part, out, key,
+                                                                    config.progress)[0]
+                    rec = run_paper.run_method(part, jactus_method(tau), local, stats_cache[key],
+                                               part.seed, config.progress, shared, key)
+                    score, acc = dev_score(args.part, rec)
+                    done[label] = {"task_fraction": tau, "lr": lr, "order": part.seed,
+                                   "target": part.name, "score": score, "dev_accuracy": acc,
+                                   "trainable_params": rec["trainable_params"],
+                                   "retain_achieved": rec["retain_achieved"],
+                                   "seconds": rec["wall_time_s"]}
+                    run_paper.atomic_json(done_path, done)
+                    print(f"{label}: dev score {score:.4f} (accuracy {100 * acc:.1f}%)",
+                          flush=True)
+    wanted = {(t, lr) for t in args.task_fractions for lr in lrs}
+    table = {k: v for k, v in table_of(done).items() if k in wanted}
+    tau, lr = choose(table)
+    page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-tau.md"
+    write_page(page, args, cfg, table, (tau, lr), parts_by_name)
+    return write_settings(args.settings, args.part, tau, lr, page, args)
+
+
+def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
+               parts_by_name: dict) -> None:
+    """The sweep's page: the protocol, the dev score of every (tau, rate), what was chosen."""
+    vision = args.part == "vision"
+    metric = ("dev accuracy (%), macro over targets" if vision
+              else "dev answer NLL (nats per token of the right answer), macro over tasks")
+    scale, digits = (100.0, 1) if vision else (-1.0, 3)
+    dev_items = {name: len(parts[0].test_items) if hasattr(parts[0], "test_items")
+                 else len(parts[0].test_y) for name, parts in parts_by_name.items()}
+    lrs = sorted({lr for _, lr in table})
+    taus = sorted({t for t, _ in table})
+    argv = " ".join(["--part", args.part, "--preset", args.preset, "--task-fractions",
+                     *[f"{t:g}" for t in args.task_fractions]]
+                    + (["--lrs", *[f"{lr:g}" for lr in args.lrs]] if args.lrs else []))
+    lines = [
+        f"# Task fraction of the {args.part} part, chosen on dev items",
+        "",
+        f"Written by `python -m validation.sweep_tau {argv}` on "
+        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}; the runner reads the "
+        "chosen task fraction and JACTUS's rate from `validation/tuned_settings.json`.",
+        "",
+        "Protocol: JACTUS@0.8 in its final configuration (covariance task directions, mergeable "
+        f"cores on the layers kept dense, {cfg.calibration_batches} calibration batches), tuned "
+        f"on the preset's tune items for {cfg.steps} steps at every task fraction and rate "
+        "below, scored on dev items that are in neither the tune nor the test part (test "
+        "items are never scored here): "
+        + ", ".join(f"{n}: {k} dev items" for n, k in dev_items.items())
+        + f". Data orders (and initialisation seeds): {', '.join(map(str, args.orders))}. "
+        f"Selection: the best mean over orders of the {metric}; cells are mean ± sd over "
+        "orders.",
+        "",
+        "| tau | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|" + "---|" * (len(lrs) + 1),
+    ]
+    for t in taus:
+        cells = []
+        for lr in lrs:
+            if (t, lr) not in table:
+                cells.append("-")
+                continue
+            mean, sd, _ = table[(t, lr)]
+            text = f"{scale * mean:.{digits}f} ± {abs(scale) * sd:.{digits}f}"
+            cells.append(f"**{text}**" if (t, lr) == chosen else text)
+        lines.append(f"| {t:g} | " + " | ".join(cells) + " |")
+    ranked = sorted(table.items(), key=lambda kv: -kv[1][0])
+    (best, (mean, sd, n)) = ranked[0]
+    why = (f"Chosen: tau = {best[0]:g} at rate {best[1]:g}, the best mean over {n} orders "
+           f"({scale * mean:.{digits}f} ± {abs(scale) * sd:.{digits}f})")
+    if len(ranked) > 1:
+        (nxt, (m2, s2, _)) = ranked[1]
+        why += (f"; next tau = {nxt[0]:g} at {nxt[1]:g} "
+                f"({scale * m2:.{digits}f} ± {abs(scale) * s2:.{digits}f})")
+    edge = len(taus) > 2 and best[0] in (taus[0], taus[-1]) and best[0] != 0.0
+    lines += ["", why + "." + (" AT THE EDGE of the tau grid: extend it before trusting this "
+                               "choice." if edge else "")]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(page, "\n".join(lines) + "\n")
+    print(f"sweep page: {page}", flush=True)
+
+
+def write_settings(path: Path, part: str, tau: float, lr: float, page: Path, args) -> dict:
+    """Record the chosen task fraction and JACTUS rate for the runner (other entries kept)."""
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    entry = settings.setdefault(part, {})
+    entry.setdefault("lr", {})[FAMILY] = lr
+    entry["task_fraction"] = tau
+    try:
+        where = str(page.resolve().relative_to(ROOT))
+    except ValueError:
+        where = str(page)
+    entry["task_fraction_source"] = (
+        f"{where} (python -m validation.sweep_tau --part {part} --preset {args.preset}, "
+        f"{datetime.now(timezone.utc).date()}; mean dev "
+        + ("accuracy" if part == "vision" else "answer NLL")
+        + f" over orders {list(args.orders)}, tau grid {sorted(args.task_fractions)})"
+    )
+    write_text_atomic(path, json.dumps(settings, indent=1) + "\n")
+    return entry
+
+
+if __name__ == "__main__":
+    main()

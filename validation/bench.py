@@ -46,6 +46,12 @@ Benchmarks (targets from the project's issue):
     ``compress`` (<= 1.2x), and that ``compress`` against the sum of its
     layers' LAPACK floors (<= 1.2x), on ``--vit-layers`` ViT-Base blocks
     (``validation/bench_retain_sweep.py``).
+``end-to-end``
+    SmolLM2-135M: ``calibrate`` over 16 batches of 8x96 random token ids
+    against a plain forward+backward over them (<= 1.6x), and the seconds
+    of that ``calibrate``, of ``compress`` at retain 0.8 and of the
+    compressed layers' LAPACK floors (shown, no target); ``--quick``: the
+    tiny Llama of ``validation.assets`` (``validation/bench_end_to_end.py``).
 
 Modules, by topic: ``bench_machine`` (result rows, machine description,
 threads, side-by-side timing, profiles), ``bench_problems`` (shapes, one
@@ -53,7 +59,8 @@ layer's weight and statistics with known spectra from
 :mod:`jactus_linalg.testing`, the ViT models), and one module per
 benchmark (``bench_factorization``, ``bench_compress``,
 ``bench_calibration``, ``bench_deployed``, ``bench_allocation``,
-``bench_peers``, ``bench_mergeable``, ``bench_retain_sweep``;
+``bench_peers``, ``bench_mergeable``, ``bench_retain_sweep``,
+``bench_end_to_end``;
 ``bench_products`` runs on its own). This file is the driver; their
 names stay importable from ``validation.bench``.
 
@@ -82,7 +89,7 @@ from validation.bench_machine import THREAD_VARS  # numpy-free: read before BLAS
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("factorization", "compress", "calibration", "deployed", "allocation", "peers", "mergeable",
-              "retain-sweep")
+              "retain-sweep", "end-to-end")
 
 
 def _threads_from_argv(argv: Sequence[str]) -> int | None:
@@ -288,6 +295,7 @@ def settle_threads(args: argparse.Namespace) -> dict:
 
 def run_benchmarks(args: argparse.Namespace) -> list[BenchResult]:
     """Run the selected benchmarks in order, printing each table as it completes."""
+    from validation.bench_end_to_end import bench_end_to_end  # noqa: PLC0415
     from validation.bench_mergeable import bench_mergeable  # noqa: PLC0415
     from validation.bench_peers import bench_peers  # noqa: PLC0415
     from validation.bench_retain_sweep import bench_retain_sweep  # noqa: PLC0415
@@ -303,6 +311,7 @@ def run_benchmarks(args: argparse.Namespace) -> list[BenchResult]:
         "peers": lambda: bench_peers(args),
         "mergeable": lambda: bench_mergeable(args),
         "retain-sweep": lambda: bench_retain_sweep(args),
+        "end-to-end": lambda: bench_end_to_end(args),
     }
     for name in args.selected:
         say(f"\n== {name} ==")

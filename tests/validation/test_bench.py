@@ -23,7 +23,7 @@ from ..numerics import tolerance
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "validation" / "bench.py"
 NAMES = ("factorization", "compress", "calibration", "deployed", "allocation", "peers", "mergeable",
-         "retain-sweep")
+         "retain-sweep", "end-to-end")
 #: a table row: benchmark name first, then ``<measured> <= or >= <target> PASS|MISS``
 RATIO_LINE = re.compile(r"^([\w-]+)\s+.*\s(\S+)\s+(<=|>=) (\S+(?: s)?)\s+(PASS|MISS)$")
 
@@ -135,3 +135,23 @@ def test_the_driver_sets_threads_before_numpy_loads():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "OPENBLAS_NUM_THREADS" in done.stdout
 
+
+def test_end_to_end_rows_and_the_compressed_model_at_retain(quick_run):
+    """The end-to-end benchmark (tiny Llama in the quick run): its calibrate ratio against the
+    calibration target, the seconds of calibrate, compress and the LAPACK floors, and a
+    compressed model whose deployed parameters are 0.8 of the dense ones within 1e-3."""
+    _, out = quick_run
+    e2e = json.loads(out.read_text())["benchmarks"]["end-to-end"]
+    rows = {r["metric"]: r for r in e2e["rows"]}
+    ratio = rows["calibrate / plain fwd+bwd (4 batches)"]
+    assert ratio["unit"] == "x" and ratio["target"] == 1.6 and ratio["value"] > 0
+    for metric in ("calibrate (4 batches), no target", "compress(retain=0.8), no target",
+                   "sum of the compressed layers' LAPACK floors, no target"):
+        assert rows[metric]["unit"] == "s" and rows[metric]["value"] > 0, metric
+    details = e2e["details"]
+    assert set(details["median_s"]) == {"plain", "calibrate", "compress", "floor"}
+    assert details["retain_target"] == 0.8
+    assert details["params_after"] / details["params_before"] == pytest.approx(
+        details["retain_achieved"], rel=1e-12)
+    assert abs(details["retain_achieved"] - 0.8) <= 1e-3
+    assert 0 <= details["layers_kept_dense"] < details["layers"]

@@ -35,16 +35,17 @@ keeps every layer dense.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._backend import namespace, qr_reduced
 from ..allocation import allocate_budget, break_even_rank
 from ..covariance import CovarianceRoot, LayerStatistics
-from ..jactus import DEFAULT_TASK_DIRECTIONS, DEFAULT_TASK_FRACTION, LayerPlan, plan_layer
+from ..jactus import DEFAULT_TASK_DIRECTIONS, DEFAULT_TASK_FRACTION, JactusLayer, LayerPlan, plan_layer
 from ..lowrank import WhiteningInfo, curvature_error, info_of, orthonormal_factors
 from ..whitening import DEFAULT_DAMPING, WhiteningOperator, whitening_operator
 from .config import METHODS, JactusConfig, check_field_names
@@ -424,6 +425,7 @@ def replace_layers(
     retain: float,
     allocation: str = "global",
     basis: str = "orthonormal",
+    extract: Callable[[str, int, str], tuple[JactusLayer, tuple[torch.Tensor, ...]]] | None = None,
 ) -> CompressionReport:
     r"""Swap each planned layer for its :class:`JactusLinear` at ``ranks[name]``.
 
@@ -432,6 +434,9 @@ def replace_layers(
     core re-expressed in them (:func:`jactus_linalg.orthonormal_factors`;
     same product, well-scaled for training); ``"whitened"`` keeps
     :math:`A = S_g^{-\top} U`, :math:`B = S_x^{-\top} V` as the core computes them.
+    ``extract(name, rank, basis)`` gives a layer's cut and factors in the
+    working precision (default :func:`_extract_factors`, computed at
+    ``rank``; :class:`PreparedCompression` slices them from its cache).
     """
     if basis not in ("orthonormal", "whitened"):
         msg = f"`basis` must be 'orthonormal' or 'whitened'; got {basis!r}"
@@ -453,10 +458,7 @@ def replace_layers(
         lp = plan.plans[name]
         # factor, orthonormalise and measure in the working precision (at least
         # float32); round to the model's dtype once, at the end
-        cut = _working_factorization(lp, rank)
-        factors = (cut.left, cut.core, cut.right)
-        if basis == "orthonormal":
-            factors = orthonormal_factors(*factors)
+        cut, factors = _extract_factors(lp, rank, basis) if extract is None else extract(name, rank, basis)
         factors = tuple(f.to(mod.weight.dtype) for f in factors)
         _check_factors(name, rank, factors, basis)
         new = JactusLinear.from_factors(
@@ -488,6 +490,24 @@ def replace_layers(
         layers=reports,
         notes=list(plan.notes),
     )
+
+
+def _extract_factors(
+    lp: LayerPlan, rank: int, basis: str
+) -> tuple[JactusLayer, tuple[torch.Tensor, ...]]:
+    """The plan cut at ``rank`` in the working precision, and its factors in ``basis``."""
+    cut = _working_factorization(lp, rank)
+    factors: tuple[torch.Tensor, ...] = (cut.left, cut.core, cut.right)
+    if basis == "orthonormal":
+        factors = tuple(orthonormal_factors(*factors))
+    return cut, factors
+
+
+def _dense_core_bases(lp: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases of the union subspaces at the break-even rank (working precision)."""
+    cut = _working_factorization(lp, lp.max_rank)
+    left, _, right = orthonormal_factors(cut.left, cut.core, cut.right)
+    return left, right
 
 
 def _whitening_report(
@@ -676,21 +696,27 @@ def _plan_options(config: JactusConfig) -> dict[str, Any]:
     return options
 
 
-def add_dense_cores(model: nn.Module, plan: CompressionPlan, report: CompressionReport) -> None:
+def add_dense_cores(
+    model: nn.Module,
+    plan: CompressionPlan,
+    report: CompressionReport,
+    bases: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
     r"""Give every planned layer that ``report`` keeps dense a mergeable core, in place.
 
     The core sits in the layer's union subspaces at its break-even rank
     (:meth:`~jactus_linalg.LayerPlan.factorize`, then
     :func:`~jactus_linalg.orthonormal_factors` for orthonormal bases) and
     starts at zero. Each such :class:`LayerReport` records the core's shape
-    in ``dense_core``.
+    in ``dense_core``. ``bases(name)`` gives those orthonormal bases
+    (default :func:`_dense_core_bases`; :class:`PreparedCompression` reads
+    them from its cache).
     """
     for layer in report.layers:
         if layer.rank is not None or layer.name not in plan.plans:
             continue  # factored, or too small to factor (no subspace planned)
         lp = plan.plans[layer.name]
-        cut = _working_factorization(lp, lp.max_rank)
-        left, _, right = orthonormal_factors(cut.left, cut.core, cut.right)
+        left, right = _dense_core_bases(lp) if bases is None else bases(layer.name)
         mod = model.get_submodule(layer.name)
         assert isinstance(mod, nn.Linear)  # planned layers are nn.Linear
         dtype = mod.weight.dtype
@@ -770,7 +796,9 @@ def compress(
     least float32) and rounded to the model's dtype once.
     """
     config = _resolve_config(config, fields)
-    return prepare_compression(model, stats, config, progress=progress).compress(model)
+    prepared = prepare_compression(model, stats, config, progress=progress)
+    prepared.cache_factors = False  # one retain: each layer's factors at its own rank only
+    return prepared.compress(model)
 
 
 #: :class:`JactusConfig` fields that the decomposition depends on. A
@@ -784,6 +812,83 @@ PLAN_FIELDS = (
 )
 
 
+class _FactorCache:
+    r"""Each layer's factors at its break-even rank, computed once; every rank slices them.
+
+    A helper of :class:`PreparedCompression`. At the plan's ``max_rank`` R,
+    with :math:`a_R, b_R` columns, it keeps :math:`A_R = S_g^{-\top} U_{:a_R}`
+    and :math:`B_R = S_x^{-\top} V_{:b_R}` (the solves of
+    :func:`~jactus_linalg.lowrank.deployable_factors`) and, once an
+    orthonormal basis or a dense core asks for them, the Householder QRs
+    :math:`A_R = Q_A R_A`, :math:`B_R = Q_B R_B`. Both are prefix-stable:
+    column :math:`i` of :math:`S^{-\top} X` depends only on column :math:`i`
+    of :math:`X` (a triangular or eigen solve acts on each column), and
+    columns :math:`\le i` of :math:`Q` and the leading :math:`i \times i`
+    block of :math:`R` depend only on columns :math:`\le i` of the factored
+    matrix. So at rank :math:`r` (:math:`a = a_r`, :math:`b = b_r`),
+
+    .. math::
+
+        A_r = (A_R)_{:, :a}, \qquad
+        \operatorname{qr}(A_r) = \bigl((Q_A)_{:, :a},\ (R_A)_{:a, :a}\bigr),
+
+    and the factors of :func:`~jactus_linalg.orthonormal_factors` are
+    :math:`\bigl((Q_A)_{:,:a},\ (R_A)_{:a,:a} K_{:a,:b} (R_B)_{:b,:b}^\top,\
+    (Q_B)_{:,:b}\bigr)`: what :func:`_extract_factors` computes at rank
+    :math:`r`, to rounding (Householder QR is backward stable; the blocking
+    of the two QRs differs). Layers are filled lazily, at the first rank
+    that needs them; layers never factored cost nothing.
+
+    Memory: per layer, :math:`A_R, B_R` and :math:`Q_A, Q_B` hold as much as
+    the plan's bases :math:`U, V` each, in the working precision.
+    """
+
+    def __init__(self, plan: CompressionPlan) -> None:
+        self.plan = plan
+        self.full: dict[str, JactusLayer] = {}
+        self.qr: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _full(self, name: str) -> JactusLayer:
+        """The cut at ``max_rank`` (its left and right are :math:`A_R`, :math:`B_R`)."""
+        if name not in self.full:
+            lp = self.plan.plans[name]
+            self.full[name] = _working_factorization(lp, lp.max_rank)
+        return self.full[name]
+
+    def _qr(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:math:`(Q_A, R_A, Q_B, R_B)`, as :func:`~jactus_linalg.orthonormal_factors` factors them."""
+        if name not in self.qr:
+            full = self._full(name)
+            xp = namespace(full.left)
+            q_a, r_a = qr_reduced(xp, full.left)
+            q_b, r_b = qr_reduced(xp, full.right)
+            self.qr[name] = (q_a, r_a, q_b, r_b)
+        return self.qr[name]
+
+    def factors(self, name: str, rank: int, basis: str) -> tuple[JactusLayer, tuple[torch.Tensor, ...]]:
+        """What :func:`_extract_factors` gives at ``rank``, sliced from the cache."""
+        lp = self.plan.plans[name]
+        full = self._full(name)
+        a, b = int(lp.left_counts[rank]), int(lp.right_counts[rank])
+        # the cut's numbers (error, bounds, directions) from factorize itself, without its
+        # solves (no operators: the factors stay U, V), then the cached solved prefixes
+        cut = lp._replace(input_op=None, grad_op=None).factorize(rank, dtype=lp.core.dtype)
+        cut = cut._replace(
+            left=full.left[:, :a], right=full.right[:, :b],
+            input_whitening=full.input_whitening, grad_whitening=full.grad_whitening,
+        )
+        if basis != "orthonormal":
+            return cut, (cut.left, cut.core, cut.right)
+        q_a, r_a, q_b, r_b = self._qr(name)
+        core = r_a[:a, :a] @ cut.core @ r_b[:b, :b].T
+        return cut, (q_a[:, :a], core, q_b[:, :b])
+
+    def dense_bases(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :func:`_dense_core_bases` gives: :math:`Q_A, Q_B` at the break-even rank."""
+        q_a, _, q_b, _ = self._qr(name)
+        return q_a, q_b
+
+
 @dataclass
 class PreparedCompression:
     r"""One model decomposed once: every target layer planned, ready to compress at any retain.
@@ -794,7 +899,9 @@ class PreparedCompression:
     gains :math:`E(r) - E(r-1)` up to the break-even rank) holds every rank
     at once, so a budget costs only the allocation and the factor
     extraction :math:`A = S_g^{-\top} U_{:a}`, :math:`B = S_x^{-\top} V_{:b}`
-    of the ranks it gets.
+    of the ranks it gets; with ``cache_factors`` (default) the solves and
+    QRs of that extraction run once per layer, at the break-even rank, and
+    every later budget slices them.
 
     Attributes
     ----------
@@ -805,6 +912,14 @@ class PreparedCompression:
         The per-layer plans, whitening operators and parameter counts.
     weights : dict of str -> (Tensor, Tensor or None)
         The prepared model's weight and bias of every planned layer.
+    cache_factors : bool, default True
+        Keep each layer's solved factors :math:`S_g^{-\top} U`,
+        :math:`S_x^{-\top} V` and their QRs at the break-even rank, computed
+        at the first :meth:`compress` that factors the layer or gives it a
+        dense core, so that later retains slice them (:class:`_FactorCache`:
+        the same factors to rounding, about the memory of the plan's bases
+        again). ``False``: each call solves at the ranks it needs, as
+        :func:`compress` (one retain) does.
 
     Notes
     -----
@@ -816,6 +931,8 @@ class PreparedCompression:
     config: JactusConfig
     plan: CompressionPlan
     weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(repr=False)
+    cache_factors: bool = True
+    _cache: _FactorCache | None = field(default=None, init=False, repr=False, compare=False)
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model other than the prepared one (or a copy of it), naming what differs.
@@ -924,13 +1041,14 @@ class PreparedCompression:
             plan, config.retain, allocation=config.allocation, min_rank=config.min_rank,
             fixed_ranks=_fixed_ranks(plan, config.rank_pattern),
         )
+        cache = self._factor_cache()
         report = replace_layers(
             model, plan, ranks, retain=config.retain, allocation=config.allocation,
-            basis=config.basis,
+            basis=config.basis, extract=None if cache is None else cache.factors,
         )
         report.config = config
         if config.dense_cores:
-            add_dense_cores(model, plan, report)
+            add_dense_cores(model, plan, report, None if cache is None else cache.dense_bases)
         if config.trainable == "cores":
             if core_parameters(model):
                 core_dtype = None if config.core_dtype is None else getattr(torch, config.core_dtype)
@@ -939,6 +1057,14 @@ class PreparedCompression:
                 report.notes.append("no layer has a core: nothing was marked trainable")
         model.jactus_config = config  # type: ignore[assignment]  # a plain attribute, like peft_config
         return report
+
+    def _factor_cache(self) -> _FactorCache | None:
+        """The factor cache (made at first use), or ``None`` when ``cache_factors`` is off."""
+        if not self.cache_factors:
+            return None
+        if self._cache is None:
+            self._cache = _FactorCache(self.plan)
+        return self._cache
 
     def plan_for(self, model: nn.Module, **plan_fields: Any) -> CompressionPlan:
         """The plan, after checking ``model`` and that ``plan_fields`` are the prepared ones.

@@ -188,3 +188,85 @@ def test_compress_many_checks_every_retain_before_decomposing(calibrated, monkey
         compress_many(model, stats, [], progress=False)
     with pytest.raises(ValueError, match="`retain` must lie in"):
         compress_many(model, stats, [0.8, 1.2], progress=False)
+
+
+def _count_extraction_calls(monkeypatch) -> dict[str, int]:
+    """Count the factor extraction's solves S^{-T} X (with an operator) and its QRs."""
+    lowrank = importlib.import_module("jactus_linalg.lowrank")
+    counts = {"solve": 0, "qr": 0}
+    solve, qr_lowrank, qr_compress = (lowrank.inverse_transpose_times, lowrank.qr_reduced,
+                                      compress_module.qr_reduced)
+
+    def counted_solve(op, x):
+        counts["solve"] += op is not None
+        return solve(op, x)
+
+    def counted(qr):
+        def run(*args, **kwargs):
+            counts["qr"] += 1
+            return qr(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(lowrank, "inverse_transpose_times", counted_solve)
+    monkeypatch.setattr(lowrank, "qr_reduced", counted(qr_lowrank))
+    monkeypatch.setattr(compress_module, "qr_reduced", counted(qr_compress))
+    return counts
+
+
+@pytest.mark.parametrize("whitening", ["cholesky", "eigh"])
+@pytest.mark.parametrize("dense_cores", [True, False])
+@pytest.mark.parametrize("basis", ["orthonormal", "whitened"])
+def test_the_sweep_solves_and_orthonormalizes_each_layer_once(calibrated, monkeypatch, basis,
+                                                              dense_cores, whitening):
+    """A PreparedCompression caches each layer's solved factors and their QRs at the break-even
+    rank: over four retains every layer is solved (once per whitened side) and QR-factored (two
+    QRs, where an orthonormal basis or a dense core needs them) once, and each retain's factors
+    equal compress's at that retain to rounding. Without the cache they are computed per retain."""
+    model, stats = calibrated["llama"]
+    fields = {"basis": basis, "dense_cores": dense_cores, "whitening": whitening}
+    prepared = prepare_compression(model, stats, progress=False, **fields)
+    uncached = prepare_compression(model, stats, progress=False, **fields)
+    uncached.cache_factors = False
+    counts = _count_extraction_calls(monkeypatch)
+    results = [(student := copy.deepcopy(model), prepared.compress(student, retain=retain))
+               for retain in RETAINS]
+    cached = dict(counts)
+    counts.update(solve=0, qr=0)
+    for retain in RETAINS:
+        uncached.compress(copy.deepcopy(model), retain=retain)
+    per_retain = dict(counts)
+    monkeypatch.undo()
+    plans = prepared.plan.plans
+    factored = {r.name for _, rep in results for r in rep.layers if r.rank is not None}
+    cored = {r.name for _, rep in results for r in rep.layers if r.dense_core is not None}
+    needed = factored | cored
+    assert factored and (cored or not dense_cores)
+    sides = {n: (plans[n].grad_op is not None) + (plans[n].input_op is not None) for n in plans}
+    assert cached["solve"] == sum(sides[n] for n in needed) > 0
+    orthonormalized = cored | (factored if basis == "orthonormal" else set())
+    assert cached["qr"] == 2 * len(orthonormalized)
+    # the counters see the per-retain work of the path without the cache
+    assert per_retain["solve"] > cached["solve"]
+    assert per_retain["qr"] > cached["qr"] or not orthonormalized
+    for retain, (student, report) in zip(RETAINS, results, strict=True):
+        reference = copy.deepcopy(model)
+        expected = compress(reference, stats, retain=retain, progress=False, **fields)
+        _assert_same_compression(student, report, reference, expected)
+
+
+def test_compress_many_slices_the_cache_from_the_first_retain(calibrated, monkeypatch):
+    """compress_many goes through the cache too: with dense cores (the default) every planned
+    layer needs its factors at every retain, so four retains make the solves and QRs of one
+    (decomposition included), and each retain still equals compress."""
+    model, stats = calibrated["vit"]
+    counts = _count_extraction_calls(monkeypatch)
+    compress_many(model, stats, RETAINS[:1], progress=False)
+    one = dict(counts)
+    counts.update(solve=0, qr=0)
+    results = compress_many(model, stats, RETAINS, progress=False)
+    monkeypatch.undo()
+    assert counts == one and one["solve"] > 0 and one["qr"] > 0
+    for retain, (student, report) in zip(RETAINS, results, strict=True):
+        reference = copy.deepcopy(model)
+        _assert_same_compression(student, report, reference,
+                                 compress(reference, stats, retain=retain, progress=False))

@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
                     rec = run_paper.run_method(part, method, local, stats, part.seed,
                                                config.progress, shared, key)
                     record(label, family, lr, part, rec)
-    chosen = {f: _merge_targets(done, f) for f in families}
+    # every family with results in --out (a rerun of some families keeps the others' rows)
+    chosen = {f: _merge_targets(done, f) for f in FAMILY_METHODS
+              if any(v["family"] == f for v in done.values())}
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}.md"
     write_page(page, args, cfg, done, chosen, lr_head, parts_by_name)
     return write_settings(args.settings, args.part, chosen, lr_head, page, args)

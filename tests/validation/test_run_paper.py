@@ -261,6 +261,12 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"language": {"lr": {"LoRA": 7.0}, "lr_head": 1.0}}))
     page = tmp_path / "sweep.md"
+    # a family swept earlier into the same --out (a rerun of some families keeps the others)
+    (tmp_path / "out").mkdir()
+    earlier = {f"DoRA lr=0.5 order={o} vision/digits": {
+        "family": "DoRA", "lr": 0.5, "order": o, "target": "vision/digits", "score": 0.3}
+        for o in SEEDS}
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(earlier))
     chosen = sweep.main(["--part", "vision", "--preset", "smoke", "--lrs", "1e-3", "1e-2",
                          "--families", "LoRA", "--out", str(tmp_path / "out"), "--page", str(page),
                          "--settings", str(settings), "--no-progress"])
@@ -273,6 +279,7 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     assert {v["target"] for v in done.values()} == {"vision/digits", "vision/digits-shifted"}
     text = page.read_text()
     assert "dev items" in text and "test items are never scored" in text and "| LoRA |" in text
+    assert "| DoRA |" in text and written["vision"]["lr"]["DoRA"] == 0.5
 
 
 # ----------------------------------------------------------------------------- end to end

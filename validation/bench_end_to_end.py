@@ -34,6 +34,12 @@ on a 2-layer ViT, here on a real model); the seconds of ``calibrate``,
 the tiny random Llama of :func:`validation.assets.tiny_llama` (builtin
 tokenizer, 4 batches of 4x32 tokens) in seconds.
 
+Memory: on SmolLM2-135M the float64 statistics of its 210 linears
+(:math:`G` included) and the floor's damped copies take several GB: a
+round stopped 14 minutes into its calibrate and plain passes, on a loaded
+machine short of memory (2026-11-30), held 10.1 GB resident already. Give
+it a machine with 16 GB free.
+
 Run through ``python validation/bench.py --only end-to-end``.
 """
 
@@ -115,6 +121,7 @@ def bench_end_to_end(args: argparse.Namespace) -> BenchResult:
     kept: dict[str, Any] = {}
 
     def calibrate_pass() -> None:
+        kept.pop("stats", None)  # one round's statistics in memory at a time
         kept["stats"] = calibrate(model, batches, causal_lm_loss, progress=False)
 
     times = rounds({"calibrate": profiled_once(calibrate_pass, res.profiles, "calibrate"),

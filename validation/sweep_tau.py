@@ -16,7 +16,9 @@ covariances' principal directions, which exist for tuning, so it is chosen
 on tuned models, not on the untuned loss.
 
 Outputs: ``--out`` (default ``results/sweep-<part>-tau``) keeps
-``sweep.json`` (one entry per tau, rate and order; a rerun resumes); the
+``sweep.json`` (one entry per tau, rate and order; a rerun resumes, and
+the choice is made over every pair in it, so a second command can add
+rates at the chosen tau); the
 page ``--page`` (default ``docs/results/sweep-<part>-tau.md``); and
 ``--settings`` gains the part's ``task_fraction`` and JACTUS's rate, read
 by the runner.
@@ -145,8 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                     run_paper.atomic_json(done_path, done)
                     print(f"{label}: dev score {score:.4f} (accuracy {100 * acc:.1f}%)",
                           flush=True)
-    wanted = {(t, lr) for t in args.task_fractions for lr in lrs}
-    table = {k: v for k, v in table_of(done).items() if k in wanted}
+    table = table_of(done)  # every (tau, rate) in --out: a rerun adds rates or taus
     tau, lr = choose(table)
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-tau.md"
     write_page(page, args, cfg, table, (tau, lr), parts_by_name)
@@ -181,8 +182,8 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
         "items are never scored here): "
         + ", ".join(f"{n}: {k} dev items" for n, k in dev_items.items())
         + f". Data orders (and initialisation seeds): {', '.join(map(str, args.orders))}. "
-        f"Selection: the best mean over orders of the {metric}; cells are mean ± sd over "
-        "orders.",
+        f"Selection: the best mean over orders of the {metric}, over every (tau, rate) pair "
+        "swept into the same folder; cells are mean ± sd over orders (-: not run).",
         "",
         "| tau | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
         "|" + "---|" * (len(lrs) + 1),

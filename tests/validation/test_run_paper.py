@@ -200,6 +200,13 @@ def test_tau_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     # the runner reads the choice
     cfg = run_paper.with_learning_rates("vision", run_paper.PartConfig(), settings)
     assert cfg.task_fraction == entry["task_fraction"]
+    # a second command adds a rate at one tau; the choice is over every pair in --out
+    sweep_tau.main(["--part", "vision", "--preset", "smoke", "--task-fractions", "0", "--lrs", "1e-2",
+                    "--out", str(tmp_path / "out"), "--page", str(page),
+                    "--settings", str(settings), "--no-progress"])
+    done = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert {(v["task_fraction"], v["lr"]) for v in done.values()} == {(0.0, 1e-3), (0.5, 1e-3), (0.0, 1e-2)}
+    assert "lr 0.01" in page.read_text() and "| 0.5 | " in page.read_text()
 
 
 def test_every_preset_runs_three_seeds_and_full_is_large_enough():

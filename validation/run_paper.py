@@ -2,7 +2,7 @@
 
 Usage
 -----
-``python validation/run_paper.py``                     the default (offline, CPU, 3 seeds, ~30 min on 2 cores)
+``python validation/run_paper.py``                     the default (offline, CPU, 3 seeds, 31 min on 2 cores as two processes)
 ``python -m validation.run_paper``                      the same, as a module
 ``python validation/run_paper.py --preset full``       language: 300 steps, 2,283 tune items, 100 test items per task
 ``python validation/run_paper.py --preset smoke``      every option on tiny models, minutes (CI)

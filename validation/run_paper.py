@@ -2,7 +2,7 @@
 
 Usage
 -----
-``python validation/run_paper.py``                     the default (offline, CPU, 3 seeds, 31 min on 2 cores as two processes)
+``python validation/run_paper.py``                     the default (offline, CPU, 3 seeds, 31 min on 2 cores)
 ``python -m validation.run_paper``                      the same, as a module
 ``python validation/run_paper.py --preset full``       language: 300 steps, 2,283 tune items, 100 test items per task
 ``python validation/run_paper.py --preset smoke``      every option on tiny models, minutes (CI)
@@ -882,6 +882,29 @@ def configure(preset: Preset, args: argparse.Namespace) -> Preset:
     return replace(preset, language=lang, vision=vis, seeds=seeds)
 
 
+#: PartConfig fields that choose which methods run, not how one runs (left out of its record key).
+METHOD_SELECTION_FIELDS = ("retains", "ablations", "svd_ctf", "base_row", "untuned_rows",
+                           "task_fraction", "threads")
+
+
+def record_key(cfg: PartConfig, method: Method, split_seed: int, seed: int, part_name: str,
+               base_fingerprint: str | None) -> str:
+    """The key of one method's saved record: everything that method's result depends on.
+
+    The part's settings without the fields that only select methods
+    (:data:`METHOD_SELECTION_FIELDS`; JACTUS's task fraction travels in the
+    method's own options) and with only this method's learning rate, so that
+    a rerun after another family's rate or tau changed (a new sweep) still
+    reuses the records it can: a long run survives the sweeps of the others.
+    """
+    settings = {k: v for k, v in asdict(cfg).items() if k not in METHOD_SELECTION_FIELDS}
+    tuned = method.kind != "none" and method.opts.get("tune", True)
+    settings["lrs"] = cfg.lrs.get(lr_family(method.kind)) if tuned else None
+    part_key = fingerprint({"cfg": settings, "split": split_seed, "seed": seed, "part": part_name,
+                            "base": base_fingerprint})
+    return fingerprint({"part": part_key, "method": method.to_dict()})
+
+
 def methods_for(cfg: PartConfig, method_filter: tuple[str, ...] = ()) -> list[Method]:
     methods = method_grid(cfg.retains, ablations=cfg.ablations, base=cfg.base_row,
                           task_fraction=cfg.task_fraction, svd_ctf=cfg.svd_ctf,
@@ -908,10 +931,8 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
         shared.keep_plans = {m.plan_signature() for m in methods[index + 1:]} - {None}
         for part in parts:
             seed = part.seed
-            part_key = fingerprint({"cfg": asdict(cfg), "split": preset.split_seed, "seed": seed,
-                                    "part": part.name,
-                                    "base": getattr(part, "base_fingerprint", None)})
-            key = fingerprint({"part": part_key, "method": method.to_dict()})
+            key = record_key(cfg, method, preset.split_seed, seed, part.name,
+                             getattr(part, "base_fingerprint", None))
             path = out / "methods" / f"{safe}__seed{seed}__{method.key()}__{key}.json"
             if path.exists():
                 records[seed][method.name] = json.loads(path.read_text())

@@ -14,6 +14,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -546,3 +547,30 @@ def test_runner_calibrates_with_the_parts_loss_terms(monkeypatch, tmp_path):
     monkeypatch.setattr(rp, "calibrate", fake_calibrate)
     rp.statistics_for(part, tmp_path, "k", progress=False)
     assert seen["grad_scale"] == part.loss_terms
+
+
+def test_record_key_depends_on_what_the_method_uses_only():
+    """A method's saved record survives other families' new rates or tau (a later sweep),
+    and not a change of its own rate, of its own options or of the shared tuning settings."""
+    from validation.methods import Method
+
+    cfg = run_paper.PartConfig(lrs={f: 1e-3 for f in run_paper.FAMILIES}, lr_head=1e-2,
+                               task_fraction=0.25)
+    lora = Method("LoRA@1.0", "LoRA", "lora")
+    jactus = Method("JACTUS@0.8", "JACTUS", "jactus", 0.8, (("task_fraction", 0.25),))
+
+    def key(c, m, seed=0):
+        return run_paper.record_key(c, m, 0, seed, "language", None)
+
+    other_family = replace(cfg, lrs={**cfg.lrs, "JACTUS": 3e-4}, task_fraction=0.0,
+                           retains=(0.8, 0.9), untuned_rows=True)
+    assert key(other_family, lora) == key(cfg, lora)
+    assert key(replace(cfg, lrs={**cfg.lrs, "LoRA": 3e-4}), lora) != key(cfg, lora)
+    assert key(replace(cfg, steps=cfg.steps + 1), lora) != key(cfg, lora)
+    assert key(cfg, lora, seed=1) != key(cfg, lora)
+    assert key(other_family, jactus) != key(cfg, jactus)  # its own rate changed
+    retau = Method("JACTUS@0.8", "JACTUS", "jactus", 0.8, (("task_fraction", 0.0),))
+    assert key(cfg, retau) != key(cfg, jactus)  # tau travels in the method's options
+    untuned = Method("JACTUS@0.8 untuned", "untuned: JACTUS", "jactus", 0.8,
+                     (("task_fraction", 0.25), ("tune", False)))
+    assert key(other_family, untuned) == key(cfg, untuned)  # no rate enters an untuned row

@@ -390,24 +390,9 @@ def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[Calibrati
 
 def _mean_loss(model, batches, loss_fn) -> float:
     """Mean per-token (language) or per-example (vision) loss on ``batches``."""
-    try:
-        from jactus_linalg.torch.measure import mean_token_loss  # noqa: PLC0415
-    except ImportError:  # the adapter's helper not there yet: the same weighting, here
-        mean_token_loss = None
-    if mean_token_loss is not None:
-        return mean_token_loss(model, batches, loss_fn)[0]
-    total = weight = 0.0
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            labels = batch.get("labels") if isinstance(batch, dict) else None
-            tokens = (float((labels[..., 1:] != -100).sum())
-                      if isinstance(labels, torch.Tensor) and labels.ndim >= 2 else 1.0)
-            total += tokens * float(loss_fn(model, batch))
-            weight += tokens
-    model.train(was)
-    return total / weight
+    from jactus_linalg.torch.measure import mean_token_loss  # noqa: PLC0415
+
+    return mean_token_loss(model, batches, loss_fn)[0]
 
 
 class SeedShare:

@@ -459,10 +459,10 @@ def replace_layers(
         # factor, orthonormalise and measure in the working precision (at least
         # float32); round to the model's dtype once, at the end
         cut, factors = _extract_factors(lp, rank, basis) if extract is None else extract(name, rank, basis)
-        factors = tuple(f.to(mod.weight.dtype) for f in factors)
-        _check_factors(name, rank, factors, basis)
+        left, core, right = (f.to(mod.weight.dtype) for f in factors)
+        _check_factors(name, rank, (left, core, right), basis)
         new = JactusLinear.from_factors(
-            *factors, None if mod.bias is None else mod.bias.detach()
+            left, core, right, None if mod.bias is None else mod.bias.detach()
         )
         loss = _predicted_loss(plan, name, mod.weight.detach(), cut)
         _set_module(model, name, new)

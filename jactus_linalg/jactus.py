@@ -318,6 +318,21 @@ OVERSAMPLE = 10
 POWER_ITERS = 2
 
 
+def _randomized(svd: str, k: int, shape: tuple) -> bool:
+    """Whether the top-``k`` subspaces of a ``shape`` matrix come from the randomized finder.
+
+    ``"randomized"``, or ``"auto"`` with ``k`` plus oversampling at most
+    :data:`RANDOMIZED_FRACTION` of the smaller dimension; never when ``k``
+    reaches that dimension (the exact decomposition is then as cheap).
+    """
+    if svd not in ("auto", "exact", "randomized"):
+        msg = f"`svd` must be 'auto', 'exact' or 'randomized'; got {svd!r}"
+        raise ValueError(msg)
+    small = min(int(d) for d in shape)
+    wanted = svd == "randomized" or (svd == "auto" and k + OVERSAMPLE <= RANDOMIZED_FRACTION * small)
+    return wanted and k < small
+
+
 def top_singular(
     a: Array, k: int, svd: str, *, dtype: Any = None
 ) -> tuple[Array, Array, Array]:
@@ -326,15 +341,8 @@ def top_singular(
     ``dtype``: decompose in that dtype (see :func:`~jactus_linalg.whitening.svd_dtype`);
     the triplets come back in ``a``'s dtype.
     """
-    if svd not in ("auto", "exact", "randomized"):
-        msg = f"`svd` must be 'auto', 'exact' or 'randomized'; got {svd!r}"
-        raise ValueError(msg)
     xp = namespace(a)
-    small = min(int(d) for d in a.shape)
-    randomized = svd == "randomized" or (
-        svd == "auto" and k + OVERSAMPLE <= RANDOMIZED_FRACTION * small
-    )
-    if not randomized or k >= small:
+    if not _randomized(svd, k, a.shape):
         return svd_reduced(xp, a, dtype=dtype)
     low = a if dtype is None else astype(xp, a, dtype)
     res = randomized_svd(low, k, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
@@ -364,11 +372,7 @@ def _gram_route(whitened: Array, r_max: int, svd: str, svd_dt: Any) -> Projected
     xp = namespace(whitened)
     if not gram_resolves(xp, whitened.dtype, svd_dt):
         return None
-    small = min(int(d) for d in whitened.shape)
-    randomized = svd == "randomized" or (
-        svd == "auto" and r_max + OVERSAMPLE <= RANDOMIZED_FRACTION * small
-    )
-    if randomized and r_max < small:
+    if _randomized(svd, r_max, whitened.shape):
         return None
     return gram_truncation(whitened, r_max, svd_dt)
 

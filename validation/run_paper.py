@@ -193,12 +193,13 @@ def with_learning_rates(part: str, cfg: PartConfig, path: Path = SETTINGS_FILE) 
     win; the file fills the rest (``task_fraction``: the part's entry written
     by ``validation/sweep_tau.py``, else the package default).
     """
+    entry = tuned_settings(path).get(part) if path.is_file() else None
     if cfg.task_fraction is None:
-        entry = tuned_settings(path).get(part, {}) if path.is_file() else {}
-        cfg = replace(cfg, task_fraction=float(entry.get("task_fraction", DEFAULT_TASK_FRACTION)))
+        tau = (entry or {}).get("task_fraction", DEFAULT_TASK_FRACTION)
+        cfg = replace(cfg, task_fraction=float(tau))
     if set(FAMILIES) <= set(cfg.lrs) and cfg.lr_head is not None:
         return cfg
-    chosen = tuned_settings(path).get(part)
+    chosen = entry if entry is not None else tuned_settings(path).get(part)
     if chosen is None:
         msg = f"{path} has no learning rates for part {part!r}: run validation/sweep.py --part {part}"
         raise SystemExit(msg)

@@ -43,6 +43,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -140,20 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(msg)
     preset = run_paper.presets()[args.preset]
     cfg = getattr(preset, args.part)
-    # the preset reserves its dev items, so the sweep tunes on the run's exact tune items
-    n_dev = args.n_dev if args.n_dev is not None else cfg.n_dev
-    if n_dev < 1:
-        msg = f"--n-dev: the {args.preset} preset reserves no dev items; pass --n-dev N"
-        raise SystemExit(msg)
-    cfg = replace(cfg, n_dev=n_dev, lrs={f: 1.0 for f in FAMILY_METHODS}, lr_head=1.0)
-    preset = replace(preset, seeds=tuple(args.orders))
-    out = args.out or Path("results") / f"sweep-{args.part}"
-    out.mkdir(parents=True, exist_ok=True)
-    config = run_paper.RunConfig(preset=preset, out=out, progress=not args.no_progress)
-    builder = run_paper.build_vision if args.part == "vision" else run_paper.build_language
-    parts_by_name = builder(cfg, preset, config, evaluate_on="dev")
-    done_path = out / "sweep.json"
-    done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    cfg = replace(cfg, lrs={f: 1.0 for f in FAMILY_METHODS}, lr_head=1.0)
+    cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}")
+    out, config, parts_by_name, done_path, done = sweep_dir
 
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)
@@ -194,11 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     stats, key = None, ""
                     if method.kind in ("jactus", "ctf"):
-                        key = f"dev-{part.name.replace('/', '-')}-{run_paper.calibration_seed(part)}"
-                        if key not in stats_cache:
-                            stats_cache[key] = run_paper.statistics_for(
-                                part, out, key, config.progress)[0]
-                        stats = stats_cache[key]
+                        stats, key = dev_statistics(part, out, stats_cache, config.progress)
                     rec = run_paper.run_method(part, method, local, stats, part.seed,
                                                config.progress, shared, key)
                     record(label, family, lr, part, rec)
@@ -208,6 +194,47 @@ def main(argv: list[str] | None = None) -> dict:
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}.md"
     write_page(page, args, cfg, done, chosen, lr_head, parts_by_name)
     return write_settings(args.settings, args.part, chosen, lr_head, page, args)
+
+
+class SweepDir(NamedTuple):
+    """Where a sweep works: its folder, run config, dev parts and finished records."""
+
+    out: Path
+    config: object
+    parts_by_name: dict
+    done_path: Path
+    done: dict
+
+
+def dev_sweep(args: argparse.Namespace, cfg, preset, default_out: str) -> tuple[object, SweepDir]:
+    """The part's preset with its dev items scored (``--n-dev``, ``--orders``), and its sweep folder.
+
+    The preset reserves its dev items, so a sweep tunes on the run's exact
+    tune items; ``sweep.json`` in ``--out`` (default ``results/<default_out>``)
+    holds the records already made, so a rerun resumes.
+    """
+    n_dev = args.n_dev if args.n_dev is not None else cfg.n_dev
+    if n_dev < 1:
+        msg = f"--n-dev: the {args.preset} preset reserves no dev items; pass --n-dev N"
+        raise SystemExit(msg)
+    cfg = replace(cfg, n_dev=n_dev)
+    preset = replace(preset, seeds=tuple(args.orders))
+    out = args.out or Path("results") / default_out
+    out.mkdir(parents=True, exist_ok=True)
+    config = run_paper.RunConfig(preset=preset, out=out, progress=not args.no_progress)
+    builder = run_paper.build_vision if args.part == "vision" else run_paper.build_language
+    parts_by_name = builder(cfg, preset, config, evaluate_on="dev")
+    done_path = out / "sweep.json"
+    done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    return cfg, SweepDir(out, config, parts_by_name, done_path, done)
+
+
+def dev_statistics(part, out: Path, cache: dict, progress: bool) -> tuple[object, str]:
+    """The part's calibration statistics (calibrated once per calibration seed, file in ``out``)."""
+    key = f"dev-{part.name.replace('/', '-')}-{run_paper.calibration_seed(part)}"
+    if key not in cache:
+        cache[key] = run_paper.statistics_for(part, out, key, progress)[0]
+    return cache[key], key
 
 
 def _merge_targets(done: dict, family: str) -> dict:

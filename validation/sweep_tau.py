@@ -40,7 +40,7 @@ import numpy as np
 from validation import run_paper
 from validation.methods import Method
 from validation.report import write_text_atomic
-from validation.sweep import ORDERS, ROOT, dev_score
+from validation.sweep import ORDERS, ROOT, dev_score, dev_statistics, dev_sweep
 
 TAUS = (0.0, 0.1, 0.25, 0.5)
 FAMILY = "JACTUS"
@@ -108,20 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     _check_args(args)
     preset = run_paper.presets()[args.preset]
     cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), args.settings)
-    n_dev = args.n_dev if args.n_dev is not None else cfg.n_dev
-    if n_dev < 1:
-        msg = f"--n-dev: the {args.preset} preset reserves no dev items; pass --n-dev N"
-        raise SystemExit(msg)
     lrs = sorted(args.lrs) if args.lrs is not None else [cfg.lrs[FAMILY]]
-    cfg = replace(cfg, n_dev=n_dev)
-    preset = replace(preset, seeds=tuple(args.orders))
-    out = args.out or Path("results") / f"sweep-{args.part}-tau"
-    out.mkdir(parents=True, exist_ok=True)
-    config = run_paper.RunConfig(preset=preset, out=out, progress=not args.no_progress)
-    builder = run_paper.build_vision if args.part == "vision" else run_paper.build_language
-    parts_by_name = builder(cfg, preset, config, evaluate_on="dev")
-    done_path = out / "sweep.json"
-    done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}-tau")
+    out, config, parts_by_name, done_path, done = sweep_dir
     stats_cache: dict = {}
     for name, parts in parts_by_name.items():
         shared = run_paper.SeedShare()
@@ -132,11 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
                     label = f"tau={tau:g} lr={lr:g} order={part.seed} {name}"
                     if label in done:
                         continue
-                    key = f"dev-{part.name.replace('/', '-')}-{run_paper.calibration_seed(part)}"
-                    if key not in stats_cache:
-                        stats_cache[key] = run_paper.statistics_for(part, out, key,
-                                                                    config.progress)[0]
-                    rec = run_paper.run_method(part, jactus_method(tau), local, stats_cache[key],
+                    stats, key = dev_statistics(part, out, stats_cache, config.progress)
+                    rec = run_paper.run_method(part, jactus_method(tau), local, stats,
                                                part.seed, config.progress, shared, key)
                     score, acc = dev_score(args.part, rec)
                     done[label] = {"task_fraction": tau, "lr": lr, "order": part.seed,

@@ -304,6 +304,13 @@ def random_normal(xp: ModuleType, shape: tuple[int, int], dtype: Any, like: Arra
     return xp.asarray(host, dtype=dtype, device=device_of(like))
 
 
+def diag_matrix(xp: ModuleType, s: Array) -> Array:
+    """Square diagonal matrix from a vector (array-API has no ``diag``)."""
+    r = int(s.shape[0])
+    eye = xp.eye(r, dtype=s.dtype, device=device_of(s))
+    return eye * s[None, :]
+
+
 def eigh(xp: ModuleType, a: Array) -> tuple[Array, Array]:
     """Symmetric eigendecomposition, eigenvalues ascending."""
     if is_numpy(xp):

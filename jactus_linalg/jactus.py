@@ -46,7 +46,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._backend import Array, as_numpy, astype, device_of, eps, namespace, svd_reduced
+from ._backend import (
+    Array,
+    as_numpy,
+    astype,
+    device_of,
+    diag_matrix,
+    eps,
+    namespace,
+    svd_reduced,
+)
 from ._checks import (
     check_array,
     check_fraction,
@@ -533,6 +542,8 @@ def plan_layer(
         left_ok = right_ok = np.ones(r_max, dtype=bool)
     if gram is not None and not bool(is_task.any()):
         core = gram.core[:r_max, :r_max]  # U^T M V, triangular: its prefixes are nested
+    elif svd_dt is None and not bool(is_task.any()):  # singular vectors: U^T M V = diag(sigma)
+        core = diag_matrix(xp, s[:r_max])
     else:
         core = project_to_core(whitened, u, v).core
     left_counts = np.concatenate([[0], np.cumsum(left_ok)])

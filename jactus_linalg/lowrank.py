@@ -32,7 +32,7 @@ from ._backend import (
     as_numpy,
     astype,
     decomposition_dtype,
-    device_of,
+    diag_matrix,
     eigh,
     eps,
     namespace,
@@ -497,15 +497,15 @@ def _project_to_core(
         if rank is None or rank >= min(a, b):
             return ProjectedCore(left, core, right)
         y, s, zh = svd_reduced(xp, core, dtype=dt)
-        return ProjectedCore(left @ y[:, :rank], _diag(xp, s[:rank]), right @ zh[:rank, :].T)
+        return ProjectedCore(left @ y[:, :rank], diag_matrix(xp, s[:rank]), right @ zh[:rank, :].T)
     if left is not None:
         y, s, zh = svd_reduced(xp, left.T @ whitened, dtype=dt)  # best right side given U
         keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
-        return ProjectedCore(left @ y[:, :keep], _diag(xp, s[:keep]), zh[:keep, :].T)
+        return ProjectedCore(left @ y[:, :keep], diag_matrix(xp, s[:keep]), zh[:keep, :].T)
     if right is not None:
         y, s, zh = svd_reduced(xp, whitened @ right, dtype=dt)  # best left side given V
         keep = int(s.shape[0]) if rank is None else min(rank, int(s.shape[0]))
-        return ProjectedCore(y[:, :keep], _diag(xp, s[:keep]), right @ zh[:keep, :].T)
+        return ProjectedCore(y[:, :keep], diag_matrix(xp, s[:keep]), right @ zh[:keep, :].T)
     y, s, zh = svd_reduced(xp, whitened, dtype=dt)
     sigma = as_numpy(s).astype(np.float64)
     if rank is None:  # at least 1, so that a zero weight still has factors
@@ -513,7 +513,7 @@ def _project_to_core(
         rcond = eps(xp, whitened.dtype if dt is None else dt) * max(m, n)
         rank = max(numerical_rank(sigma, rcond), 1)
     keep = min(rank, int(s.shape[0]))
-    return ProjectedCore(y[:, :keep], _diag(xp, s[:keep]), zh[:keep, :].T, sigma)
+    return ProjectedCore(y[:, :keep], diag_matrix(xp, s[:keep]), zh[:keep, :].T, sigma)
 
 
 def deployable_factors(
@@ -548,13 +548,6 @@ def numerical_rank(sigma: np.ndarray, rcond: float) -> int:
     if s.size == 0 or s[0] == 0.0:
         return 0
     return int(np.sum(s > rcond * s[0]))
-
-
-def _diag(xp: ModuleType, s: Array) -> Array:
-    """Square diagonal matrix from a vector (array-API has no ``diag``)."""
-    r = int(s.shape[0])
-    eye = xp.eye(r, dtype=s.dtype, device=device_of(s))
-    return eye * s[None, :]
 
 
 @finite_result

@@ -28,6 +28,8 @@ import math
 from types import ModuleType
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from ._backend import (
     Array,
     astype,
@@ -228,6 +230,26 @@ def _check_batch_finite(xp: ModuleType, rows: Array, name: str, arg: str) -> Non
     raise ValueError(msg)
 
 
+def _check_product_finite(xp: ModuleType, product: Array, rows: Array, name: str) -> None:
+    r"""Refuse a batch whose Gram product :math:`X^\top X` is not finite, naming why.
+
+    A NaN or Inf anywhere in :math:`X` reaches the diagonal, whose entry
+    :math:`j` sums :math:`x_{ij}^2` over every row: checking those ``d``
+    numbers replaces a pass over the ``N x d`` rows (which runs only to name
+    the bad values). A finite :math:`X` whose product overflows (in float32,
+    ``products="compute"``) is refused too: the sum would be infinite.
+    """
+    if bool(xp.all(xp.isfinite(xp.linalg.diagonal(product)))):
+        return
+    _check_batch_finite(xp, rows, name, "x")
+    msg = (
+        f"the Gram product of `x` overflows {product.dtype} for statistic `{name}` (largest "
+        f"|x| {float(xp.max(xp.abs(rows))):.6g}); the statistic was not updated: accumulate "
+        "with products='accumulation' (float64 products), or scale the inputs down"
+    )
+    raise ValueError(msg)
+
+
 class MomentAccumulator:
     r"""Streaming second moment :math:`C = E[x x^\top]` of ``dim``-vectors.
 
@@ -315,12 +337,14 @@ class MomentAccumulator:
         _check_library(self.total, x, self.name, "x")
         xp = namespace(x)
         rows = _as_rows(x, self.dim, self.name, "x")
-        _check_batch_finite(xp, rows, self.name, "x")
         dtype = _resolve_dtype(xp, x, self.dtype_name)
         if self.mode == "gram":
             low = _product_dtype(xp, rows.dtype, dtype, self.products)
-            rows = astype(xp, rows, low)
-            contrib = astype(xp, rows.T @ rows, dtype)
+            product = astype(xp, rows, low)
+            with np.errstate(over="ignore"):  # an overflow is refused just below, by name
+                product = product.T @ product
+            _check_product_finite(xp, product, rows, self.name)
+            contrib = astype(xp, product, dtype)
             if scale != 1.0:
                 contrib = contrib * (float(scale) ** 2)
             self.total = contrib if self.total is None else self.total + contrib
@@ -329,6 +353,7 @@ class MomentAccumulator:
             here = GramProducts("float32" if low == xp.float32 else "float64", k)
             self.formed = here.combine(self.formed)
         else:
+            _check_batch_finite(xp, rows, self.name, "x")
             rows = astype(xp, rows, dtype)
             if scale != 1.0:
                 rows = rows * float(scale)

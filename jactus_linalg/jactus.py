@@ -530,6 +530,9 @@ def plan_layer(
             task_rank, left_task, right_task, notes = _covariance_directions(
                 grad_op, input_op, j_max, svd, task_grad_cov
             )
+    for op in (input_op, grad_op, task_grad_cov):  # no plan keeps a covariance alive
+        if op is not None:
+            op.eigen_cache.pop("covariance", None)
     is_task = _step_sources(r_max, tau, task_rank)
     if bool(is_task.any()):
         left = union_of_subspaces(_interleave(p, left_task, is_task), nested=True)

@@ -33,7 +33,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._backend import Array, as_numpy, device_of, eigh_top, eps, namespace, triangular_times
+from ._backend import (
+    Array,
+    as_numpy,
+    device_of,
+    eigh_top,
+    eps,
+    namespace,
+    plus_diagonal,
+    triangular_times,
+)
 from ._checks import check_rank
 from .lowrank import numerical_rank
 from .randomized import randomized_svd
@@ -130,7 +139,11 @@ def top_eigenvectors(op: WhiteningOperator, j: int, *, method: str = "auto") -> 
         return cache[key]
     held = cache.get("exact")
     if held is None or int(held[0].shape[1]) < j:
-        damped_cov = triangular_times(xp, lower, lower.T, lower=True)  # L L^T (trmm: half a gemm)
+        source = cache.get("covariance")
+        if source is not None:  # C + delta I from C itself: O(n^2), no product
+            damped_cov = plus_diagonal(xp, source, op.damping)
+        else:  # L L^T (trmm: half a gemm)
+            damped_cov = triangular_times(xp, lower, lower.T, lower=True)
         lam, vecs = eigh_top(xp, damped_cov, j)  # ascending, at least the top j
         # keep the top j only (a full eigh holds n^2 numbers; the plan keeps the operator)
         held = (xp.flip(vecs[:, -j:], axis=1), as_numpy(xp.flip(lam[-j:])).astype(np.float64))

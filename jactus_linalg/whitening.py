@@ -151,7 +151,12 @@ class WhiteningOperator(NamedTuple):
     factorization that does not ask for it. ``eigen_cache`` keeps the top
     eigenpairs :func:`~jactus_linalg.spectral.top_eigenvectors` computed, so
     the layers that share one input (q, k, v; gate, up) and so one operator
-    decompose their :math:`C_x` once.
+    decompose their :math:`C_x` once. A Cholesky operator built from an
+    array starts with ``eigen_cache["covariance"]``, that array (referenced,
+    not copied): the exact top eigenpairs then decompose :math:`C + \delta I`
+    from it rather than re-forming :math:`L L^\top` (a triangular product as
+    costly as the factorization). :func:`~jactus_linalg.plan_layer` drops it
+    before returning, so that no plan keeps the covariance alive.
     """
 
     method: str
@@ -323,7 +328,7 @@ def _cholesky_operator(
     pivots = xp.linalg.diagonal(lower) ** 2
     return WhiteningOperator(
         "cholesky", n, lower, None, None, math.sqrt(delta), delta, relative, None,
-        pivots, tuple(notes), [None], {},
+        pivots, tuple(notes), [None], {"covariance": cov},
     )
 
 

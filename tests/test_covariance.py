@@ -171,6 +171,24 @@ def test_nonfinite_batch_names_statistic(bad, mode, rng):
     assert np.array_equal(before, after)
 
 
+def test_float32_product_overflow_is_refused_not_summed(rng):
+    """Finite float32 rows whose float32 Gram product overflows (|x| = 1e20: x^2 = 1e40 >
+    3.4e38) are refused with a pointer to float64 products; products="accumulation"
+    takes the same batch (1e40 fits in float64)."""
+    rows = rng.standard_normal((6, 3)).astype(np.float32)
+    rows[2, 1] = 1e20
+    acc = jl.MomentAccumulator(3, name="fc2:input_cov", dtype="float64", products="compute")
+    with pytest.raises(ValueError, match=r"overflows float32 for statistic `fc2:input_cov`.*"
+                                         r"products='accumulation'"):
+        acc.update(rows)
+    assert acc.count == 0 and acc.total is None
+    exact = jl.MomentAccumulator(3, dtype="float64", products="accumulation")
+    exact.update(rows)
+    assert np.isfinite(exact.result()).all()
+    column = rows[:, 1].astype(np.float64)
+    assert exact.result()[1, 1] == pytest.approx(column @ column / 6, rel=tolerance(np.float64, 6))
+
+
 def test_nonfinite_cross_batch_names_statistic(rng):
     acc = jl.CrossMomentAccumulator(3, 2, name="fc1:grad_mean")
     g = rng.standard_normal((4, 3))

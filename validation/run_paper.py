@@ -25,6 +25,13 @@ ordering, for the README) and PNG plots. Finished methods are kept in
 interrupted run resumes. ``--save-models DIR`` writes every tuned model
 (merged, safetensors, with its tokenizer and config).
 
+On a CPU with two or more cores the default, full and smoke presets run as
+two processes side by side (``--jobs 2``, the default there; :func:`run_jobs`):
+one runs the language methods that need the calibration statistics, the
+other the base row, LoRA and DoRA and then the vision part, each on one
+thread; this process then reads their records and writes the tables.
+``--jobs 1`` runs everything in this process.
+
 The command line is read once, by :func:`run_config`, into a
 :class:`RunConfig` (the preset with its overrides applied, the output
 folder, the method filter, the paper preset's local inputs); everything
@@ -36,11 +43,13 @@ no run touches the network.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -234,6 +243,8 @@ class RunConfig:
     out: Path
     save_models: Path | None = None  # write every tuned model here
     method_filter: tuple[str, ...] = ()  # run methods whose name contains one of these (empty: all)
+    method_kinds: tuple[str, ...] = ()  # run methods of these kinds only (empty: all); --jobs lanes
+    jobs: int = 1  # processes side by side (run_jobs); 1: this process runs everything
     threads: int | None = None  # torch CPU threads (None: each part's own setting)
     progress: bool = True
     paper: PaperInputs = field(default_factory=PaperInputs)
@@ -804,6 +815,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
                    help="write every tuned model (merged, safetensors, tokenizer, config) to DIR")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--jobs", type=int, choices=(1, 2), default=None,
+                   help="processes side by side: 2 runs the language methods that need "
+                        "calibration in one and the others, then vision, in the other, each on "
+                        "one thread (default: 2 on a CPU with 2 or more cores, for every preset "
+                        "but paper; 1 otherwise)")
+    p.add_argument("--method-kinds", default=None, help=argparse.SUPPRESS)  # --jobs lanes
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("paper preset (local paths)")
     g.add_argument("--vit-checkpoint", type=Path)
@@ -833,6 +850,8 @@ def run_config(argv: list[str] | None = None) -> RunConfig:
         out=args.out or Path("results") / preset.name,
         save_models=args.save_models,
         method_filter=tuple(w.strip() for w in args.methods.split(",")) if args.methods else (),
+        method_kinds=tuple(args.method_kinds.split(",")) if args.method_kinds else (),
+        jobs=default_jobs(args.jobs, preset.name, args.device),
         threads=args.threads,
         progress=not args.no_progress,
         paper=paper,
@@ -891,12 +910,15 @@ def record_key(cfg: PartConfig, method: Method, split_seed: int, seed: int, part
     return fingerprint({"part": part_key, "method": method.to_dict()})
 
 
-def methods_for(cfg: PartConfig, method_filter: tuple[str, ...] = ()) -> list[Method]:
+def methods_for(cfg: PartConfig, method_filter: tuple[str, ...] = (),
+                method_kinds: tuple[str, ...] = ()) -> list[Method]:
     methods = method_grid(cfg.retains, ablations=cfg.ablations, base=cfg.base_row,
                           task_fraction=cfg.task_fraction, svd_ctf=cfg.svd_ctf,
                           untuned=cfg.untuned_rows)
     if method_filter:
         methods = [m for m in methods if any(w in m.name for w in method_filter)]
+    if method_kinds:
+        methods = [m for m in methods if m.kind in method_kinds]
     return methods
 
 
@@ -911,7 +933,7 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
     out = config.out
     name = parts[0].name
     safe = name.replace("/", "-")
-    methods = methods_for(cfg, config.method_filter)
+    methods = methods_for(cfg, config.method_filter, config.method_kinds)
     for index, method in enumerate(methods):
         # one decomposition per seed's base, kept while a later method shares it
         shared.keep_plans = {m.plan_signature() for m in methods[index + 1:]} - {None}
@@ -960,11 +982,93 @@ def main(argv: list[str] | None = None) -> Path:
     """The command-line entry point: :func:`run` of :func:`run_config` of ``argv``."""
     # tokenizers' thread pool and torch's forked workers do not mix; set for this process only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run(run_config(argv))
+    config = run_config(argv)
+    if config.jobs > 1 and len(job_lanes(config)) > 1:
+        return run_jobs(config, sys.argv[1:] if argv is None else list(argv))
+    return run(config)
 
 
-def run(config: RunConfig) -> Path:
-    """Every enabled part of ``config.preset``; returns the results folder."""
+#: the kinds of method whose language rows need the calibration statistics (one lane of --jobs)
+CALIBRATED_KINDS = ("jactus", "ctf")
+OTHER_KINDS = ("none", "lora", "dora")
+
+
+def default_jobs(requested: int | None, preset: str, device: str | None) -> int:
+    """``--jobs``: as asked, else 2 on a CPU run with 2 or more cores (not the paper preset)."""
+    if requested is not None:
+        return requested
+    if "LOCAL_RANK" in os.environ:  # torchrun: one process per rank already
+        return 1
+    cpu = preset != "paper" and device in (None, "cpu")
+    return 2 if cpu and (os.cpu_count() or 1) >= 2 else 1
+
+
+def job_lanes(config: RunConfig) -> list[list[list[str]]]:
+    """The extra arguments of each job, by lane: lanes run side by side, a lane's jobs in turn.
+
+    Two lanes, balanced on the default preset's measured times (issue 13): the
+    language methods that need the calibration statistics (JACTUS and the
+    compress-then-LoRA rows: one calibration, then every compression), and
+    the others (base row, LoRA, DoRA), then the vision part. With one part
+    enabled only, or ``--methods`` given, everything runs in one lane.
+    """
+    lang, vis = config.preset.language.enabled, config.preset.vision.enabled
+    if not lang or config.method_filter:
+        return [[[]]]
+    lanes = [[["--parts", "language", "--method-kinds", ",".join(CALIBRATED_KINDS)]],
+             [["--parts", "language", "--method-kinds", ",".join(OTHER_KINDS)]]]
+    if vis:
+        lanes[1].append(["--parts", "vision"])
+    return lanes
+
+
+def run_jobs(config: RunConfig, argv: list[str]) -> Path:
+    """Run :func:`job_lanes` as subprocesses (one thread each), then combine their records here.
+
+    Each job is this script with ``argv`` plus its lane's ``--parts`` and
+    ``--method-kinds``, ``--jobs 1 --threads 1 --no-progress``, and its
+    output in ``<out>/log-job<lane>.txt``. Every finished method is a record
+    in ``<out>/methods``, so the last step, this process running the whole
+    preset, only reads them and writes the tables; its wall time counts
+    from the start of the jobs.
+    """
+    started = time.perf_counter()
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    base = [sys.executable, str(Path(__file__).resolve()), *argv, "--jobs", "1", "--threads", "1",
+            "--no-progress"]
+    lanes = job_lanes(config)
+    print(f"{len(lanes)} job lane(s), logs in {out}/log-job<lane>.txt", flush=True)
+
+    def run_lane(i: int, jobs: list[list[str]]) -> int:
+        with open(out / f"log-job{i}.txt", "w") as log:
+            for extra in jobs:
+                start = time.perf_counter()
+                code = subprocess.run([*base, *extra], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      check=False).returncode
+                print(f"job lane {i} {' '.join(extra) or '(all)'}: exit {code} after "
+                      f"{(time.perf_counter() - start) / 60:.1f} min", flush=True)
+                if code != 0:
+                    return code
+        return 0
+
+    with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
+        codes = list(pool.map(lambda lane: run_lane(*lane), enumerate(lanes)))
+    failed = [i for i, c in enumerate(codes) if c != 0]
+    if failed:
+        msg = f"job lane(s) {failed} failed: see {out}/log-job<lane>.txt"
+        raise SystemExit(msg)
+    return run(replace(config, jobs=1), started=started)
+
+
+def run(config: RunConfig, started: float | None = None) -> Path:
+    """Every enabled part of ``config.preset``; returns the results folder.
+
+    ``started``: the ``time.perf_counter()`` the run's wall time counts from
+    (default: now).
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     if "LOCAL_RANK" in os.environ and not torch.distributed.is_initialized():
@@ -973,7 +1077,7 @@ def run(config: RunConfig) -> Path:
     preset, out, command = config.preset, config.out, config.command
     out.mkdir(parents=True, exist_ok=True)
     progress = config.progress and is_main_process()
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     groups: dict[str, dict] = {}
     parts_info: dict[str, dict] = {}
     timings: dict[str, float] = {}

@@ -303,7 +303,7 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    done = _run(out, "--save-models", str(out / "models"))
+    done = _run(out, "--save-models", str(out / "models"), "--jobs", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
@@ -319,6 +319,8 @@ def test_smoke_writes_every_output(smoke):
                  "ranks_language.png", "predicted_loss_vision.png",
                  "predicted_vs_measured_language.png", "predicted_vs_measured_vision.png"):
         assert (out / name).stat().st_size > 0, name
+    for lane in (0, 1):  # --jobs 2: two processes, each with its log
+        assert (out / f"log-job{lane}.txt").stat().st_size > 0
     payload = _payload(out)
     lang = {r["method"] for r in payload["rows"] if r["part"] == "language"}
     vis = {r["method"] for r in payload["rows"] if r["part"] == "vision"}
@@ -464,6 +466,34 @@ def test_saved_models_evaluate_again_without_tuning(smoke):
         assert again == recorded[name.replace("_", "@")], name
     lang = models / "language" / "seed0" / "JACTUS_0.9"
     assert (lang / "jactus.json").is_file() and (lang / "tokenizer_config.json").is_file()
+
+
+def test_jobs_lanes_run_every_method_exactly_once():
+    """--jobs 2: the language methods split by kind between two lanes, vision in the second."""
+    config = run_paper.run_config(["--preset", "default", "--jobs", "2"])
+    lanes = run_paper.job_lanes(config)
+    assert len(lanes) == 2 and lanes[1][-1] == ["--parts", "vision"]
+    kinds = [lane[0][lane[0].index("--method-kinds") + 1].split(",") for lane in lanes]
+    for method in run_paper.methods_for(config.preset.language):
+        assert sum(method.kind in k for k in kinds) == 1, method.name
+    assert config.jobs == 2
+    # --methods runs in one process; so does a run of one part without language
+    assert run_paper.job_lanes(run_paper.run_config(["--methods", "LoRA"])) == [[[]]]
+    assert run_paper.job_lanes(run_paper.run_config(["--parts", "vision"])) == [[[]]]
+
+
+def test_default_jobs_uses_both_cores_on_cpu_only(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(run_paper.os, "cpu_count", lambda: 2)
+    assert run_paper.default_jobs(None, "default", None) == 2
+    assert run_paper.default_jobs(None, "default", "cuda") == 1
+    assert run_paper.default_jobs(None, "paper", None) == 1
+    assert run_paper.default_jobs(1, "default", None) == 1
+    monkeypatch.setattr(run_paper.os, "cpu_count", lambda: 1)
+    assert run_paper.default_jobs(None, "default", None) == 1
+    monkeypatch.setattr(run_paper.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert run_paper.default_jobs(None, "default", None) == 1
 
 
 def test_rerun_resumes_from_finished_methods(smoke):

@@ -82,6 +82,7 @@ any MISS).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -152,6 +153,7 @@ from validation.bench_machine import (  # noqa: E402
     rounds,
     say,
     set_threads,
+    verdict,
 )
 from validation.bench_problems import (  # noqa: E402
     CALIBRATION_TOKENS,
@@ -375,8 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [r for res in results for r in res.rows]
     say("\n== summary ==")
     say(format_table(rows))
-    missed = [r for r in rows if not r.passed]
-    say(f"{len(rows) - len(missed)} PASS, {len(missed)} MISS; "
+    counts = collections.Counter(verdict(r) for r in rows)
+    say(f"{counts['PASS']} PASS, {counts['MISS']} MISS, {counts['shown']} shown without a target; "
         f"total {time.perf_counter() - start:.0f} s; load average at end: "
         + " ".join(f"{x:.2f}" for x in info["load_average_end"]))
     if args.json:
@@ -385,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "benchmarks": {res.name: res.to_dict() for res in results}}
         Path(args.json).write_text(json.dumps(payload, indent=2, default=float))
         say(f"wrote {args.json}")
-    return 1 if (args.strict and missed) else 0
+    return 1 if (args.strict and counts['MISS']) else 0
 
 
 if __name__ == "__main__":

@@ -111,12 +111,19 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
+def verdict(row: Row) -> str:
+    """``PASS`` or ``MISS`` against the target; ``shown`` for a row without one (infinite target)."""
+    if math.isinf(row.target):
+        return "shown"
+    return "PASS" if row.passed else "MISS"
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    """Plain-text table: benchmark, case, metric, threads, measured, target, PASS/MISS."""
+    """Plain-text table: benchmark, case, metric, threads, measured, target, PASS/MISS/shown."""
     head = ("benchmark", "case", "metric", "thr", "measured", "target", "result")
     body = [
         (r.bench, r.case, r.metric, str(r.threads), _fmt(r.value, r.unit),
-         f"{r.sense} {_fmt(r.target, r.unit)}", "PASS" if r.passed else "MISS")
+         f"{r.sense} {_fmt(r.target, r.unit)}", verdict(r))
         for r in rows
     ]
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]

@@ -25,7 +25,7 @@ BENCH = ROOT / "validation" / "bench.py"
 NAMES = ("factorization", "compress", "calibration", "deployed", "allocation", "peers", "mergeable",
          "retain-sweep", "end-to-end")
 #: a table row: benchmark name first, then ``<measured> <= or >= <target> PASS|MISS``
-RATIO_LINE = re.compile(r"^([\w-]+)\s+.*\s(\S+)\s+(<=|>=) (\S+(?: s)?)\s+(PASS|MISS)$")
+RATIO_LINE = re.compile(r"^([\w-]+)\s+.*\s(\S+)\s+(<=|>=) (\S+(?: s)?)\s+(PASS|MISS|shown)$")
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ from .lowrank import (
     whitening_operators,
     working_dtype,
 )
-from .randomized import randomized_svd
+from .randomized import range_finder_svd
 from .spectral import top_eigenvectors
 from .subspaces import union_of_subspaces
 from .whitening import (
@@ -354,7 +354,7 @@ def top_singular(
     if not _randomized(svd, k, a.shape):
         return svd_reduced(xp, a, dtype=dtype)
     low = a if dtype is None else astype(xp, a, dtype)
-    res = randomized_svd(low, k, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
+    res = range_finder_svd(low, k, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
     return (
         astype(xp, res.left, a.dtype), astype(xp, res.values, a.dtype),
         astype(xp, res.right.T, a.dtype),

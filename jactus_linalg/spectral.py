@@ -40,12 +40,11 @@ from ._backend import (
     eigh_top,
     eps,
     namespace,
-    plus_diagonal,
     triangular_times,
 )
 from ._checks import check_rank
 from .lowrank import numerical_rank
-from .randomized import randomized_svd
+from .randomized import range_finder_svd
 from .whitening import WhiteningOperator
 
 __all__ = ["TopEigenvectors", "top_eigenvectors"]
@@ -131,7 +130,7 @@ def top_eigenvectors(op: WhiteningOperator, j: int, *, method: str = "auto") -> 
     if randomized and j < n:
         key = ("randomized", j)
         if key not in cache:
-            res = randomized_svd(lower, j, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
+            res = range_finder_svd(lower, j, oversample=OVERSAMPLE, power_iters=POWER_ITERS)
             damped = as_numpy(res.values).astype(np.float64) ** 2
             cache[key] = _result(
                 res.left, damped, op, "randomized", res.residual_spectral_bound**2
@@ -140,11 +139,11 @@ def top_eigenvectors(op: WhiteningOperator, j: int, *, method: str = "auto") -> 
     held = cache.get("exact")
     if held is None or int(held[0].shape[1]) < j:
         source = cache.get("covariance")
-        if source is not None:  # C + delta I from C itself: O(n^2), no product
-            damped_cov = plus_diagonal(xp, source, op.damping)
-        else:  # L L^T (trmm: half a gemm)
-            damped_cov = triangular_times(xp, lower, lower.T, lower=True)
-        lam, vecs = eigh_top(xp, damped_cov, j)  # ascending, at least the top j
+        if source is not None:  # C itself: its eigenvalues + delta are those of C + delta I
+            lam, vecs = eigh_top(xp, source, j)  # ascending, at least the top j
+            lam = lam + op.damping
+        else:  # L L^T = C + delta I (trmm: half a gemm)
+            lam, vecs = eigh_top(xp, triangular_times(xp, lower, lower.T, lower=True), j)
         # keep the top j only (a full eigh holds n^2 numbers; the plan keeps the operator)
         held = (xp.flip(vecs[:, -j:], axis=1), as_numpy(xp.flip(lam[-j:])).astype(np.float64))
         cache["exact"] = held  # descending; every later j up to this many is a slice

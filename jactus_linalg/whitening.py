@@ -153,9 +153,10 @@ class WhiteningOperator(NamedTuple):
     the layers that share one input (q, k, v; gate, up) and so one operator
     decompose their :math:`C_x` once. A Cholesky operator built from an
     array starts with ``eigen_cache["covariance"]``, that array (referenced,
-    not copied): the exact top eigenpairs then decompose :math:`C + \delta I`
-    from it rather than re-forming :math:`L L^\top` (a triangular product as
-    costly as the factorization). :func:`~jactus_linalg.plan_layer` drops it
+    not copied): the exact top eigenpairs then decompose :math:`C` itself
+    (the eigenvectors of :math:`C + \delta I`, whose eigenvalues are shifted
+    by :math:`\delta`) rather than re-forming :math:`L L^\top` (a triangular
+    product as costly as the factorization). :func:`~jactus_linalg.plan_layer` drops it
     before returning, so that no plan keeps the covariance alive.
     """
 
@@ -610,8 +611,8 @@ def whitening_operator(
         return _root_operator(xp, astype(xp, root, work), method, relative, name, notes)
     check_array(cov, name)
     xp = namespace(cov)
-    check_matrix(xp, cov, name, square=True)
-    check_symmetric(xp, cov, name)
+    check_matrix(xp, cov, name, square=True, finite=False)
+    check_symmetric(xp, cov, name)  # and finite: the same pass
     work = decomposition_dtype(xp, cov.dtype, *(() if dtype is None else (dtype,)))
     cov = astype(xp, cov, work)
     if isinstance(relative, str):  # SVD_LLM

@@ -358,3 +358,16 @@ def test_psd_certificate_has_no_false_alarms(n, data, damping):
     w = jl.whiten(c, damping=damping, method="cholesky")
     assert w.method == "cholesky", w.notes
     assert not any("not numerically positive definite" in note for note in w.notes)
+
+
+@pytest.mark.parametrize(("where", "bad", "label"), [((250, 10), np.nan, "1 NaN"),
+                                                     ((260, 260), np.inf, "1 Inf"),
+                                                     ((5, 299), -np.inf, "1 Inf")])
+def test_nonfinite_covariance_found_by_the_symmetry_pass(where, bad, label, rng):
+    """The symmetry check reads every entry tile by tile and refuses NaN and Inf anywhere
+    (beyond its first 128 x 128 tile too), with the counts of the finiteness check."""
+    x = rng.standard_normal((400, 300))
+    cov = x.T @ x / 400
+    cov[where] = bad
+    with pytest.raises(ValueError, match=rf"`cov` contains non-finite values \(.*{label}"):
+        jl.whiten(cov)

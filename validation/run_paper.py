@@ -61,6 +61,7 @@ import torch
 
 from jactus_linalg import DEFAULT_DAMPING, DEFAULT_TASK_FRACTION
 from jactus_linalg.torch import CalibrationStats, calibrate
+from validation.bench_machine import cpu_model
 from validation.methods import (
     Method,
     build_method,
@@ -648,7 +649,7 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
         "preset": preset.name,
         "command": command,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available()},
         "settings": {k: asdict(getattr(preset, k)) for k in ("language", "vision")},
@@ -699,7 +700,8 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
     write_text_atomic(out / "results.md", "\n".join(md))
     summary_md = [f"Preset `{preset.name}`, seeds {', '.join(map(str, preset.seeds))}, "
                   f"{extra['date']}, {extra['wall_time_s'] / 60:.0f} min "
-                  f"({extra['machine']['cpus']} CPUs). Command: `{command}`.", "", *verdict]
+                  f"({extra['machine']['cpus']} CPUs, {extra['machine']['cpu']}). "
+                  f"Command: `{command}`.", "", *verdict]
     for part_name in groups:
         summary_md += [f"{part_name} (accuracy %, mean ± sd over seeds):", "",
                        seed_table(extra["summary"][part_name], parts_info[part_name]["tasks"],

@@ -80,7 +80,7 @@ from .lowrank import (
     whitening_operators,
     working_dtype,
 )
-from .randomized import range_finder_svd
+from .randomized import OVERSAMPLE, range_finder_svd, use_range_finder
 from .spectral import top_eigenvectors
 from .subspaces import union_of_subspaces
 from .whitening import (
@@ -321,25 +321,13 @@ def _prefix_energy(core: Array, left_counts: np.ndarray, right_counts: np.ndarra
     return prefix[left_counts, right_counts]
 
 
-#: ``svd="auto"`` goes randomized when (needed + oversampling) <= this x min(m, n).
-RANDOMIZED_FRACTION = 0.1
-OVERSAMPLE = 10
+#: Subspace iterations of the randomized range finder on M.
 POWER_ITERS = 2
 
 
 def _randomized(svd: str, k: int, shape: tuple) -> bool:
-    """Whether the top-``k`` subspaces of a ``shape`` matrix come from the randomized finder.
-
-    ``"randomized"``, or ``"auto"`` with ``k`` plus oversampling at most
-    :data:`RANDOMIZED_FRACTION` of the smaller dimension; never when ``k``
-    reaches that dimension (the exact decomposition is then as cheap).
-    """
-    if svd not in ("auto", "exact", "randomized"):
-        msg = f"`svd` must be 'auto', 'exact' or 'randomized'; got {svd!r}"
-        raise ValueError(msg)
-    small = min(int(d) for d in shape)
-    wanted = svd == "randomized" or (svd == "auto" and k + OVERSAMPLE <= RANDOMIZED_FRACTION * small)
-    return wanted and k < small
+    """:func:`~jactus_linalg.randomized.use_range_finder` for the ``svd`` argument."""
+    return use_range_finder(svd, k, shape, "svd")
 
 
 def top_singular(

@@ -126,6 +126,30 @@ def randomized_svd(
                             n_probes=n_probes, seed=seed)
 
 
+#: ``"auto"`` goes randomized when (needed + oversampling) <= this x the smaller dimension.
+RANDOMIZED_FRACTION = 0.1
+OVERSAMPLE = 10
+
+
+def use_range_finder(method: str, k: int, shape: tuple, name: str = "svd") -> bool:
+    """Whether the top ``k`` directions of a ``shape`` matrix come from the randomized finder.
+
+    ``method="randomized"``, or ``"auto"`` with ``k`` plus :data:`OVERSAMPLE`
+    at most :data:`RANDOMIZED_FRACTION` of the smaller dimension; never when
+    ``k`` reaches that dimension (the exact decomposition is then as cheap).
+    ``name``: the argument named when ``method`` is not one of
+    ``"auto"``, ``"exact"``, ``"randomized"``.
+    """
+    if method not in ("auto", "exact", "randomized"):
+        msg = f"`{name}` must be 'auto', 'exact' or 'randomized'; got {method!r}"
+        raise ValueError(msg)
+    small = min(int(d) for d in shape)
+    wanted = method == "randomized" or (
+        method == "auto" and k + OVERSAMPLE <= RANDOMIZED_FRACTION * small
+    )
+    return wanted and k < small
+
+
 def range_finder_svd(
     a: Array, k: int, *, oversample: int = 10, power_iters: int = 2, n_probes: int = 6,
     seed: int = 0,

@@ -44,14 +44,11 @@ from ._backend import (
 )
 from ._checks import check_rank
 from .lowrank import numerical_rank
-from .randomized import range_finder_svd
+from .randomized import OVERSAMPLE, range_finder_svd, use_range_finder
 from .whitening import WhiteningOperator
 
 __all__ = ["TopEigenvectors", "top_eigenvectors"]
 
-#: ``method="auto"`` goes randomized when (j + oversampling) <= this x n.
-RANDOMIZED_FRACTION = 0.1
-OVERSAMPLE = 10
 #: Subspace iterations on L: each one multiplies by L L^T = C + delta I.
 POWER_ITERS = 3
 
@@ -113,9 +110,7 @@ def top_eigenvectors(op: WhiteningOperator, j: int, *, method: str = "auto") -> 
     The eigenvalues of :math:`C` are :math:`\sigma_i(L)^2 - \delta`; the rank
     cut is on them, relative to the largest, at :math:`n\epsilon`.
     """
-    if method not in ("auto", "exact", "randomized"):
-        msg = f"`method` must be 'auto', 'exact' or 'randomized'; got {method!r}"
-        raise ValueError(msg)
+    use_range_finder(method, 1, (2, 2), "method")  # refuses an unknown method up front
     n = op.dim
     j = check_rank(j, n, "j")
     if op.method == "eigh":
@@ -123,11 +118,8 @@ def top_eigenvectors(op: WhiteningOperator, j: int, *, method: str = "auto") -> 
     lower = op.lower
     assert lower is not None  # a Cholesky operator always holds its factor
     xp = namespace(lower)
-    randomized = method == "randomized" or (
-        method == "auto" and j + OVERSAMPLE <= RANDOMIZED_FRACTION * n
-    )
     cache = op.eigen_cache
-    if randomized and j < n:
+    if use_range_finder(method, j, (n, n), "method"):
         key = ("randomized", j)
         if key not in cache:
             res = range_finder_svd(lower, j, oversample=OVERSAMPLE, power_iters=POWER_ITERS)

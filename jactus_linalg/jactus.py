@@ -520,7 +520,7 @@ def plan_layer(
             )
     for op in (input_op, grad_op, task_grad_cov):  # no plan keeps a covariance alive
         if op is not None:
-            op.eigen_cache.pop("covariance", None)
+            op.forget_covariance()
     is_task = _step_sources(r_max, tau, task_rank)
     if bool(is_task.any()):
         left = union_of_subspaces(_interleave(p, left_task, is_task), nested=True)

@@ -130,7 +130,7 @@ def top_eigenvectors(op: WhiteningOperator, j: int, *, method: str = "auto") -> 
         return cache[key]
     held = cache.get("exact")
     if held is None or int(held[0].shape[1]) < j:
-        source = cache.get("covariance")
+        source = op.covariance
         if source is not None:  # C itself: its eigenvalues + delta are those of C + delta I
             lam, vecs = eigh_top(xp, source, j)  # ascending, at least the top j
             lam = lam + op.damping

@@ -151,13 +151,15 @@ class WhiteningOperator(NamedTuple):
     factorization that does not ask for it. ``eigen_cache`` keeps the top
     eigenpairs :func:`~jactus_linalg.spectral.top_eigenvectors` computed, so
     the layers that share one input (q, k, v; gate, up) and so one operator
-    decompose their :math:`C_x` once. A Cholesky operator built from an
-    array starts with ``eigen_cache["covariance"]``, that array (referenced,
-    not copied): the exact top eigenpairs then decompose :math:`C` itself
-    (the eigenvectors of :math:`C + \delta I`, whose eigenvalues are shifted
-    by :math:`\delta`) rather than re-forming :math:`L L^\top` (a triangular
-    product as costly as the factorization). :func:`~jactus_linalg.plan_layer` drops it
-    before returning, so that no plan keeps the covariance alive.
+    decompose their :math:`C_x` once. ``covariance_ref`` is a one-slot
+    holder: a Cholesky operator built from an array holds that array there
+    (referenced, not copied), and every other operator holds ``None``. While
+    it is held, the exact top eigenpairs decompose :math:`C` itself (the
+    eigenvectors of :math:`C + \delta I`, whose eigenvalues are shifted by
+    :math:`\delta`) rather than re-forming :math:`L L^\top` (a triangular
+    product as costly as the factorization). :meth:`forget_covariance` empties
+    the slot; :func:`~jactus_linalg.plan_layer` calls it before returning, so
+    that no plan keeps the covariance alive.
     """
 
     method: str
@@ -173,6 +175,16 @@ class WhiteningOperator(NamedTuple):
     notes: tuple[str, ...]
     rank_cache: list  # [effective rank], [None] until first asked for
     eigen_cache: dict  # top eigenpairs of C, kept by jactus_linalg.spectral.top_eigenvectors
+    covariance_ref: list  # [C] while a Cholesky operator may decompose C itself, else [None]
+
+    @property
+    def covariance(self) -> Array | None:
+        """The covariance this operator factors, while it is held (see ``covariance_ref``)."""
+        return self.covariance_ref[0]
+
+    def forget_covariance(self) -> None:
+        """Drop the reference to the covariance (the eigenpairs then come from :math:`L L^\\top`)."""
+        self.covariance_ref[0] = None
 
     @property
     def effective_rank(self) -> float:
@@ -280,7 +292,7 @@ def _eigh_operator(
     effective = float(n) if delta == 0.0 else float(xp.sum(lam / (lam + delta)))
     return WhiteningOperator(
         "eigh", n, None, vecs, roots, math.sqrt(delta), delta, relative, rank, lam,
-        tuple(notes), [effective], {},
+        tuple(notes), [effective], {}, [None],
     )
 
 
@@ -329,7 +341,7 @@ def _cholesky_operator(
     pivots = xp.linalg.diagonal(lower) ** 2
     return WhiteningOperator(
         "cholesky", n, lower, None, None, math.sqrt(delta), delta, relative, None,
-        pivots, tuple(notes), [None], {"covariance": cov},
+        pivots, tuple(notes), [None], {}, [cov],
     )
 
 
@@ -425,7 +437,7 @@ def _svd_llm_operator(
     if lower is not None:
         return WhiteningOperator(
             "cholesky", n, lower, None, None, 0.0, 0.0, 0.0, None,
-            xp.linalg.diagonal(lower) ** 2, tuple(notes), [float(n)], {},
+            xp.linalg.diagonal(lower) ** 2, tuple(notes), [float(n)], {}, [None],
         )
     lam = eigvalsh(xp, cov)
     lam_min, lam_max = float(lam[0]), float(lam[-1])
@@ -451,7 +463,7 @@ def _svd_llm_operator(
     return WhiteningOperator(
         "cholesky", n, lower, None, None, math.sqrt(shift), shift, shift / mean_diag, rank,
         xp.linalg.diagonal(lower) ** 2, tuple(notes),
-        [float(xp.sum(clipped / (clipped + shift)))], {},
+        [float(xp.sum(clipped / (clipped + shift)))], {}, [None],
     )
 
 
@@ -545,7 +557,7 @@ def _root_operator(
             raise ValueError(msg)
         return WhiteningOperator(
             "cholesky", n, upper.T, None, None, math.sqrt(delta), delta, relative,
-            None, diag**2, tuple(notes), [None], {},
+            None, diag**2, tuple(notes), [None], {}, [None],
         )
     _, sing, vh = svd_reduced(xp, root)
     lam_top = sing**2
@@ -567,7 +579,7 @@ def _root_operator(
     effective = float(n) if delta == 0.0 else float(xp.sum(lam_top / (lam_top + delta)))
     return WhiteningOperator(
         "eigh", n, None, vh.T, xp.sqrt(lam_top + delta), math.sqrt(delta), delta,
-        relative, rank, spectrum, tuple(notes), [effective], {},
+        relative, rank, spectrum, tuple(notes), [effective], {}, [None],
     )
 
 

@@ -170,7 +170,9 @@ def test_exact_top_eigenvectors_from_the_index_range(backend, j):
     np.testing.assert_array_equal(backend.to_numpy(smaller.vectors), vectors[:, : max(j // 2, 1)])
     # the same pairs without the covariance (L L^T re-formed, as after plan_layer dropped it)
     again = whitening_operator(backend.asarray(cov), method="cholesky", name="cov")
-    assert again.eigen_cache.pop("covariance") is not None
+    assert again.covariance is not None
+    again.forget_covariance()
+    assert again.covariance is None
     rebuilt = top_eigenvectors(again, j, method="exact")
     assert subspace_distance(backend.to_numpy(rebuilt.vectors), vectors) <= tolerance(
         np.float64, n, cond=1 / gap)
@@ -188,11 +190,11 @@ def test_plan_layer_keeps_no_covariance_alive(rng):
     cx = covariance_with_spectrum(rng, np.geomspace(10.0, 1e-2, n))
     cg = covariance_with_spectrum(rng, np.geomspace(10.0, 1e-2, m))
     given = whitening_operator(cx, method="cholesky", name="input_cov")
-    assert given.eigen_cache["covariance"] is cx  # a reference, not a copy
+    assert given.covariance is cx  # a reference, not a copy
     weight = rng.standard_normal((m, n))
     plan = plan_layer(weight, input_cov=given, grad_cov=cg, task_fraction=0.5, svd="exact")
     for op in (plan.input_op, plan.grad_op):
-        assert op.method == "cholesky" and "covariance" not in op.eigen_cache
+        assert op.method == "cholesky" and op.covariance is None
         assert "exact" in op.eigen_cache  # the eigenpairs it was kept for were computed
 
 

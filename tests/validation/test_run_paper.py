@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from validation import run_paper, sweep, sweep_tau
+from validation import run_paper, sweep, sweep_steps, sweep_tau
 from validation.report import claim_lines, summarize
 from validation.train import parameter_groups, tune
 
@@ -208,6 +208,58 @@ def test_tau_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     done = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert {(v["task_fraction"], v["lr"]) for v in done.values()} == {(0.0, 1e-3), (0.5, 1e-3), (0.0, 1e-2)}
     assert "lr 0.01" in page.read_text() and "| 0.5 | " in page.read_text()
+
+
+def test_steps_check_chooses_the_best_mean_over_families_and_ranks_them():
+    done = {f"{f} {s} {o}": {"family": f, "steps": s, "order": o, "score": v + 0.01 * o}
+            for f, by_steps in (("LoRA", {10: 0.5, 20: 0.7, 40: 0.7}),
+                                ("JACTUS", {10: 0.6, 20: 0.6, 40: 0.7}))
+            for s, v in by_steps.items() for o in range(3)}
+    table = sweep_steps.table_of(done)
+    assert table[("LoRA", 20)][0] == pytest.approx(0.71) and table[("LoRA", 20)][2] == 3
+    assert sweep_steps.choose(table) == 40  # mean 0.71 at 40 against 0.66 at 20
+    done.update({f"LoRA 40 {o} b": {"family": "LoRA", "steps": 40, "order": o, "score": 0.0}
+                 for o in range(3)})  # a second target halves LoRA's score at 40 steps
+    table = sweep_steps.table_of(done)
+    assert table[("LoRA", 40)][0] == pytest.approx(0.355)
+    assert sweep_steps.choose(table) == 20
+    assert sweep_steps.rankings(table) == {10: ["JACTUS", "LoRA"], 20: ["LoRA", "JACTUS"],
+                                           40: ["JACTUS", "LoRA"]}
+    with pytest.raises(SystemExit, match="at least 3"):
+        sweep_steps.main(["--steps", "5", "--orders", "0", "1"])
+    with pytest.raises(SystemExit, match="--steps"):
+        sweep_steps.main(["--steps", "0", "5"])
+    with pytest.raises(SystemExit, match="--families"):
+        sweep_steps.main(["--steps", "5", "--families", "QLoRA"])
+
+
+def test_steps_check_end_to_end_on_the_smoke_preset(tmp_path):
+    settings = tmp_path / "settings.json"
+    rates = {"lr": {f: 1e-3 for f in run_paper.FAMILIES}, "lr_head": 1e-2, "task_fraction": 0.5}
+    settings.write_text(json.dumps({"vision": rates}))
+    before = settings.read_text()
+    page = tmp_path / "steps.md"
+    result = sweep_steps.main(["--part", "vision", "--preset", "smoke", "--steps", "1", "2",
+                               "--families", "JACTUS,LoRA", "--out", str(tmp_path / "out"),
+                               "--page", str(page), "--settings", str(settings),
+                               "--no-progress"])
+    assert result["steps"] in (1, 2) and set(result["rankings"]) == {1, 2}
+    assert settings.read_text() == before  # a check: nothing written to the settings
+    done = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert len(done) == 2 * 2 * 3 * 2  # families x steps x orders x targets
+    assert {v["order"] for v in done.values()} == SEEDS
+    assert {v["steps"] for v in done.values()} == {1, 2}
+    text = page.read_text()
+    assert "test items are never scored" in text and "| JACTUS |" in text and "| LoRA |" in text
+    assert "mean over families" in text and f"**{result['steps']}**" in text
+    # the preset's own 2 steps are judged against the best of the grid
+    assert ("best of the grid on dev items" in text) == (result["steps"] == 2)
+    # a rerun resumes: nothing is tuned again
+    mtime = (tmp_path / "out" / "sweep.json").stat().st_mtime_ns
+    sweep_steps.main(["--part", "vision", "--preset", "smoke", "--steps", "1", "2",
+                      "--families", "JACTUS,LoRA", "--out", str(tmp_path / "out"),
+                      "--page", str(page), "--settings", str(settings), "--no-progress"])
+    assert (tmp_path / "out" / "sweep.json").stat().st_mtime_ns == mtime
 
 
 def test_every_preset_runs_three_seeds_and_full_is_large_enough():

@@ -1,0 +1,233 @@
+"""Check the number of tuning steps on dev items (never a test item).
+
+Protocol
+--------
+The same as :mod:`validation.sweep` (dev items in neither the tune nor the
+test part, the preset's tune items, at least three data orders): every
+family in its final configuration, at the rate (and, for JACTUS, the task
+fraction) recorded in ``--settings``, is tuned for each step count in
+``--steps`` and scored on the dev items (accuracy for vision, macro over
+targets; minus the answer NLL per token for language, macro over tasks).
+
+The page answers two questions: which step count has the best dev score,
+mean over families (:func:`choose`; ties go to fewer steps), and whether
+the ranking of the families depends on the step count. The rates were
+chosen at the preset's own steps; the page says so, and flags a best step
+count other than the preset's (the rates would then need a sweep at the new
+step count, ``python -m validation.sweep``, before the preset changes).
+
+Outputs: ``--out`` (default ``results/sweep-<part>-steps``) keeps
+``sweep.json``, one entry per (family, steps, order, target), so a rerun
+resumes; the page ``--page`` (default ``docs/results/sweep-<part>-steps.md``).
+Nothing is written to the settings file.
+
+Usage: ``python -m validation.sweep_steps --part vision --steps 75 150 300``;
+``--preset smoke`` exercises it in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from validation import run_paper
+from validation.methods import Method
+from validation.report import write_text_atomic
+from validation.sweep import FAMILY_METHODS, ORDERS, ROOT, dev_score, dev_statistics, dev_sweep
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m validation.sweep_steps", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("vision", "language"), default="vision")
+    p.add_argument("--preset", choices=("default", "full", "smoke"), default="default",
+                   help="the runner preset whose tune items, rates and calibration are used")
+    p.add_argument("--steps", type=int, nargs="+", required=True,
+                   help="step counts to compare (include the preset's own)")
+    p.add_argument("--orders", type=int, nargs="+", default=list(ORDERS),
+                   help="data orders (and initialisation seeds), at least 3")
+    p.add_argument("--families", default=",".join(FAMILY_METHODS),
+                   help="comma-separated families")
+    p.add_argument("--n-dev", type=int, default=None,
+                   help="dev items per target (vision) or per task (language); default: the preset's")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--page", type=Path, default=None,
+                   help="default docs/results/sweep-<part>-steps.md")
+    p.add_argument("--settings", type=Path, default=run_paper.SETTINGS_FILE,
+                   help="where the rates and tau are read (not written)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """The families to run; ``SystemExit`` naming the argument on a bad value."""
+    if len(set(args.orders)) < 3:
+        msg = f"--orders: the protocol needs at least 3 data orders, got {args.orders}"
+        raise SystemExit(msg)
+    bad = [s for s in args.steps if s < 1]
+    if bad:
+        msg = f"--steps: every step count must be at least 1; got {bad}"
+        raise SystemExit(msg)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = set(families) - set(FAMILY_METHODS)
+    if unknown or not families:
+        msg = f"--families: unknown {sorted(unknown)}; choose from {list(FAMILY_METHODS)}"
+        raise SystemExit(msg)
+    return families
+
+
+def final_method(family: str, task_fraction: float | None) -> Method:
+    """The family's method in the runner's final configuration (JACTUS at the chosen tau)."""
+    method = FAMILY_METHODS[family]
+    if family == "JACTUS" and task_fraction is not None:
+        method = Method(method.name, method.family, method.kind, method.retain,
+                        (("task_fraction", float(task_fraction)),))
+    return method
+
+
+def table_of(done: dict) -> dict[tuple[str, int], tuple[float, float, int]]:
+    """``(family, steps) -> (mean, sd, orders)`` of the dev score, averaged over targets per order first."""
+    pooled: dict[tuple[str, int, int], list[float]] = {}
+    for v in done.values():
+        pooled.setdefault((v["family"], v["steps"], v["order"]), []).append(v["score"])
+    by_cell: dict[tuple[str, int], list[float]] = {}
+    for (family, steps, _), scores in pooled.items():
+        by_cell.setdefault((family, steps), []).append(float(np.mean(scores)))
+    return {cell: (float(np.mean(s)), float(np.std(s, ddof=1)) if len(s) > 1 else 0.0, len(s))
+            for cell, s in sorted(by_cell.items())}
+
+
+def choose(table: dict) -> int:
+    """The step count with the best dev score, mean over families (ties: fewer steps).
+
+    Only step counts that every family in the table ran are compared.
+    """
+    families = {f for f, _ in table}
+    common = [s for s in sorted({s for _, s in table})
+              if all((f, s) in table for f in families)]
+    if not common:
+        msg = "no step count was run for every family"
+        raise SystemExit(msg)
+    return max(common, key=lambda s: (np.mean([table[(f, s)][0] for f in families]), -s))
+
+
+def rankings(table: dict) -> dict[int, list[str]]:
+    """Families from best to worst mean dev score, at each step count."""
+    out: dict[int, list[str]] = {}
+    for steps in sorted({s for _, s in table}):
+        cells = [(f, table[(f, s)][0]) for f, s in table if s == steps]
+        out[steps] = [f for f, _ in sorted(cells, key=lambda kv: -kv[1])]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the check; returns ``{"steps": best, "table": ..., "rankings": ...}``."""
+    args = _parser().parse_args(argv)
+    families = _check_args(args)
+    preset = run_paper.presets()[args.preset]
+    cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), args.settings)
+    preset_steps = cfg.steps
+    cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}-steps")
+    out, config, parts_by_name, done_path, done = sweep_dir
+    stats_cache: dict = {}
+    for family in families:
+        method = final_method(family, cfg.task_fraction)
+        for name, parts in parts_by_name.items():
+            shared = run_paper.SeedShare()
+            for steps in sorted(set(args.steps)):
+                local = replace(cfg, steps=steps)
+                for part in parts:
+                    label = f"{family} steps={steps} order={part.seed} {name}"
+                    if label in done:
+                        continue
+                    stats, key = None, ""
+                    if method.kind in ("jactus", "ctf"):
+                        stats, key = dev_statistics(part, out, stats_cache, config.progress)
+                    rec = run_paper.run_method(part, method, local, stats, part.seed,
+                                               config.progress, shared, key)
+                    score, acc = dev_score(args.part, rec)
+                    done[label] = {"family": family, "steps": steps, "lr": cfg.lrs[family],
+                                   "order": part.seed, "target": part.name, "score": score,
+                                   "dev_accuracy": acc, "seconds": rec["wall_time_s"]}
+                    run_paper.atomic_json(done_path, done)
+                    print(f"{label}: dev score {score:.4f} (accuracy {100 * acc:.1f}%)", flush=True)
+    table = table_of(done)
+    best = choose(table)
+    page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-steps.md"
+    write_page(page, args, cfg, preset_steps, table, best, parts_by_name)
+    return {"steps": best, "table": table, "rankings": rankings(table)}
+
+
+def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
+               parts_by_name: dict) -> None:
+    """The check's page: the protocol, every family's dev score per step count, the verdict."""
+    vision = args.part == "vision"
+    metric = ("dev accuracy (%), macro over targets" if vision
+              else "dev answer NLL (nats per token of the right answer), macro over tasks")
+    scale, digits = (100.0, 1) if vision else (-1.0, 3)
+    dev_items = {name: len(parts[0].test_items) if hasattr(parts[0], "test_items")
+                 else len(parts[0].test_y) for name, parts in parts_by_name.items()}
+    steps_grid = sorted({s for _, s in table})
+    families = sorted({f for f, _ in table}, key=list(FAMILY_METHODS).index)
+    argv = " ".join(["--part", args.part, "--preset", args.preset, "--steps",
+                     *map(str, args.steps)])
+    lines = [
+        f"# Tuning steps of the {args.part} part, checked on dev items",
+        "",
+        f"Written by `python -m validation.sweep_steps {argv}` on "
+        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
+        "",
+        "Protocol: every family in its final configuration, at the rate (and, for JACTUS, the "
+        "task fraction) in `validation/tuned_settings.json`, "
+        + ", ".join(f"{f} {cfg.lrs[f]:g}" for f in families)
+        + f", tuned on the {args.preset} preset's tune items for each step count below, scored "
+        "on dev items that are in neither the tune nor the test part (test items are never "
+        "scored here): "
+        + ", ".join(f"{n}: {k} dev items" for n, k in dev_items.items())
+        + f". Data orders (and initialisation seeds): {', '.join(map(str, args.orders))}. "
+        f"Cells: {metric}, mean ± sd over orders (-: not run).",
+        "",
+        "| family | " + " | ".join(f"{s} steps" for s in steps_grid) + " |",
+        "|" + "---|" * (len(steps_grid) + 1),
+    ]
+    for f in families:
+        cells = []
+        for s in steps_grid:
+            if (f, s) not in table:
+                cells.append("-")
+                continue
+            mean, sd, _ = table[(f, s)]
+            text = f"{scale * mean:.{digits}f} ± {abs(scale) * sd:.{digits}f}"
+            own_best = max((c for c in table if c[0] == f), key=lambda c: (table[c][0], -c[1]))
+            cells.append(f"**{text}**" if (f, s) == own_best else text)
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    means = {s: float(np.mean([table[(f, s)][0] for f in families if (f, s) in table]))
+             for s in steps_grid}
+    lines.append("| mean over families | "
+                 + " | ".join(f"{scale * means[s]:.{digits}f}" for s in steps_grid) + " |")
+    ranks = rankings(table)
+    lines += ["", "Families from best to worst dev score at each step count:", ""]
+    lines += [f"- {s} steps: " + " > ".join(ranks[s]) for s in steps_grid]
+    same = len({tuple(r) for r in ranks.values()}) == 1
+    lines += ["", f"Best step count, mean over families: **{best}** (bold cells: each family's "
+              "own best). The ranking of the families "
+              + ("is the same at every step count." if same else "changes with the step count.")]
+    if best == preset_steps:
+        lines.append(f"The preset's {preset_steps} steps are the best of the grid on dev items.")
+    else:
+        lines.append(f"The preset tunes for {preset_steps} steps, not the best of the grid on dev "
+                     f"items ({best}); its rates were chosen at {preset_steps} steps, so a change "
+                     "of steps needs the rates swept again at the new count first.")
+    if best == steps_grid[-1] and len(steps_grid) > 1:
+        lines.append("AT THE EDGE of the grid: more steps may score better still.")
+    page.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(page, "\n".join(lines) + "\n")
+    print(f"sweep page: {page}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

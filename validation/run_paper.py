@@ -27,9 +27,9 @@ interrupted run resumes. ``--save-models DIR`` writes every tuned model
 
 On a CPU with two or more cores the default, full and smoke presets run as
 two processes side by side (``--jobs 2``, the default there; :func:`run_jobs`):
-one runs the language methods that need the calibration statistics, the
-other the base row, LoRA and DoRA and then the vision part, each on one
-thread; this process then reads their records and writes the tables.
+one runs the language rows of JACTUS and DoRA, the other the base row, LoRA,
+SVD-LLM+LoRA and then the vision part, each on one thread (:func:`job_lanes`);
+this process then reads their records and writes the tables.
 ``--jobs 1`` runs everything in this process.
 
 The command line is read once, by :func:`run_config`, into a
@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import os
@@ -389,16 +391,35 @@ def calibration_seed(part) -> int:
 def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[CalibrationStats, float]:
     """Calibrate the part's base model once; the file lets a rerun skip it."""
     path = out / f"stats-{part.name.replace('/', '-')}-{key}.safetensors"
-    if path.exists():
-        return CalibrationStats.load(path), 0.0
-    start = time.perf_counter()
-    batches = this_process_batches(part.calibration_batches)
-    stats = calibrate(part.base, batches, part.loss, progress=progress, total=len(batches),
-                      grad_scale=part.loss_terms)
-    elapsed = time.perf_counter() - start
-    if is_main_process():
-        stats.save(path)
+    with calibration_lock(path):  # --jobs lanes: one calibrates, the other then reads the file
+        if path.exists():
+            return CalibrationStats.load(path), 0.0
+        start = time.perf_counter()
+        batches = this_process_batches(part.calibration_batches)
+        stats = calibrate(part.base, batches, part.loss, progress=progress, total=len(batches),
+                          grad_scale=part.loss_terms)
+        elapsed = time.perf_counter() - start
+        if is_main_process():
+            stats.save(path)
     return stats, elapsed
+
+
+@contextlib.contextmanager
+def calibration_lock(path: Path):
+    """Hold an exclusive lock on ``<path>.lock`` (one process of a machine at a time).
+
+    Under torchrun every rank calibrates its share of the batches together
+    (the reductions need them all), so there no lock is taken.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _mean_loss(model, batches, loss_fn) -> float:
@@ -990,9 +1011,8 @@ def main(argv: list[str] | None = None) -> Path:
     return run(config)
 
 
-#: the kinds of method whose language rows need the calibration statistics (one lane of --jobs)
-CALIBRATED_KINDS = ("jactus", "ctf")
-OTHER_KINDS = ("none", "lora", "dora")
+#: the kinds of method of each --jobs lane's language rows (the second lane then runs vision)
+LANE_KINDS = (("jactus", "dora"), ("none", "lora", "ctf"))
 
 
 def default_jobs(requested: int | None, preset: str, device: str | None) -> int:
@@ -1008,17 +1028,21 @@ def default_jobs(requested: int | None, preset: str, device: str | None) -> int:
 def job_lanes(config: RunConfig) -> list[list[list[str]]]:
     """The extra arguments of each job, by lane: lanes run side by side, a lane's jobs in turn.
 
-    Two lanes, balanced on the default preset's measured times (issue 13): the
-    language methods that need the calibration statistics (JACTUS and the
-    compress-then-LoRA rows: one calibration, then every compression), and
-    the others (base row, LoRA, DoRA), then the vision part. With one part
-    enabled only, or ``--methods`` given, everything runs in one lane.
+    Two lanes, balanced on measured times (issue 13): JACTUS (the
+    calibration, then its compressions, tuned and untuned rows) and DoRA;
+    the base row, LoRA and SVD-LLM+LoRA (whose calibration is JACTUS's: by
+    the time this lane reaches it the statistics file is written, or it
+    waits on :func:`calibration_lock`), then the vision part. A tuned model
+    costs about the same in every family, so each lane has half the tuned
+    language models: on the full preset (300 steps, about 30 min each on
+    one core) about 5 h each, where JACTUS with SVD-LLM+LoRA beside the rest
+    left one lane idle for the last 4 h. With one part enabled only, or
+    ``--methods`` given, everything runs in one lane.
     """
     lang, vis = config.preset.language.enabled, config.preset.vision.enabled
     if not lang or config.method_filter:
         return [[[]]]
-    lanes = [[["--parts", "language", "--method-kinds", ",".join(CALIBRATED_KINDS)]],
-             [["--parts", "language", "--method-kinds", ",".join(OTHER_KINDS)]]]
+    lanes = [[["--parts", "language", "--method-kinds", ",".join(kinds)]] for kinds in LANE_KINDS]
     if vis:
         lanes[1].append(["--parts", "vision"])
     return lanes

@@ -521,7 +521,8 @@ def test_saved_models_evaluate_again_without_tuning(smoke):
 
 
 def test_jobs_lanes_run_every_method_exactly_once():
-    """--jobs 2: the language methods split by kind between two lanes, vision in the second."""
+    """--jobs 2: the language methods split by kind between two lanes, vision in the second;
+    each lane has half the tuned language models of the full preset."""
     config = run_paper.run_config(["--preset", "default", "--jobs", "2"])
     lanes = run_paper.job_lanes(config)
     assert len(lanes) == 2 and lanes[1][-1] == ["--parts", "vision"]
@@ -529,9 +530,37 @@ def test_jobs_lanes_run_every_method_exactly_once():
     for method in run_paper.methods_for(config.preset.language):
         assert sum(method.kind in k for k in kinds) == 1, method.name
     assert config.jobs == 2
+    full = run_paper.run_config(["--preset", "full"]).preset.language
+    tuned = [m for m in run_paper.methods_for(full) if m.kind != "none" and m.opts.get("tune", True)]
+    per_lane = [sum(m.kind in k for m in tuned) for k in kinds]
+    assert per_lane[0] == per_lane[1] == len(tuned) // 2, per_lane
     # --methods runs in one process; so does a run of one part without language
     assert run_paper.job_lanes(run_paper.run_config(["--methods", "LoRA"])) == [[[]]]
     assert run_paper.job_lanes(run_paper.run_config(["--parts", "vision"])) == [[[]]]
+
+
+def test_calibration_lock_lets_one_process_calibrate_at_a_time(tmp_path):
+    """Two --jobs lanes reaching the same calibration: the second waits, then reads the file."""
+    import threading
+    import time
+
+    path = tmp_path / "stats.safetensors"
+    inside, order = threading.Event(), []
+
+    def first():
+        with run_paper.calibration_lock(path):
+            inside.set()
+            time.sleep(0.3)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait(5)
+    with run_paper.calibration_lock(path):
+        order.append("second in")
+    thread.join()
+    assert order == ["first out", "second in"]
+    assert (tmp_path / "stats.safetensors.lock").is_file()
 
 
 def test_default_jobs_uses_both_cores_on_cpu_only(monkeypatch):

@@ -388,6 +388,19 @@ def calibration_seed(part) -> int:
     return getattr(part, "calibration_seed", getattr(part, "seed", 0))
 
 
+#: PartConfig fields the calibration statistics depend on (with the split, part and base)
+STATISTICS_FIELDS = ("model", "n_tune", "n_test", "batch_size", "max_length",
+                     "calibration_batches", "probe_steps", "probe_lr", "targets")
+
+
+def statistics_key(cfg: PartConfig, split_seed: int, part) -> str:
+    """The key of a part's calibration statistics: everything they depend on."""
+    return fingerprint({"cfg": {k: v for k, v in asdict(cfg).items() if k in STATISTICS_FIELDS},
+                        "split": split_seed, "part": part.name,
+                        "calibration_seed": calibration_seed(part),
+                        "base": getattr(part, "base_fingerprint", None)})
+
+
 def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[CalibrationStats, float]:
     """Calibrate the part's base model once; the file lets a rerun skip it."""
     path = out / f"stats-{part.name.replace('/', '-')}-{key}.safetensors"
@@ -971,14 +984,7 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
                 continue
             stats, stats_key = None, ""
             if method.kind in ("jactus", "ctf"):
-                stats_key = fingerprint({"cfg": {k: v for k, v in asdict(cfg).items()
-                                                 if k in ("model", "n_tune", "n_test",
-                                                          "batch_size", "max_length",
-                                                          "calibration_batches", "probe_steps",
-                                                          "probe_lr", "targets")},
-                                         "split": preset.split_seed, "part": part.name,
-                                         "calibration_seed": calibration_seed(part),
-                                         "base": getattr(part, "base_fingerprint", None)})
+                stats_key = statistics_key(cfg, preset.split_seed, part)
                 if stats_key not in shared.stats:
                     shared.stats[stats_key], secs = statistics_for(part, out, stats_key, progress)
                     timings[f"{name}: calibration (seed {seed})"] = secs

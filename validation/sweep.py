@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     stats, key = None, ""
                     if method.kind in ("jactus", "ctf"):
-                        stats, key = dev_statistics(part, out, stats_cache, config.progress)
+                        stats, key = dev_statistics(part, cfg, preset.split_seed, out,
+                                                    stats_cache, config.progress)
                     rec = run_paper.run_method(part, method, local, stats, part.seed,
                                                config.progress, shared, key)
                     record(label, family, lr, part, rec)
@@ -229,9 +230,15 @@ def dev_sweep(args: argparse.Namespace, cfg, preset, default_out: str) -> tuple[
     return cfg, SweepDir(out, config, parts_by_name, done_path, done)
 
 
-def dev_statistics(part, out: Path, cache: dict, progress: bool) -> tuple[object, str]:
-    """The part's calibration statistics (calibrated once per calibration seed, file in ``out``)."""
-    key = f"dev-{part.name.replace('/', '-')}-{run_paper.calibration_seed(part)}"
+def dev_statistics(part, cfg, split_seed: int, out: Path, cache: dict,
+                   progress: bool) -> tuple[object, str]:
+    """The part's calibration statistics (calibrated once per key, file in ``out``).
+
+    The key is :func:`validation.run_paper.statistics_key`'s: a sweep rerun
+    after the calibration settings changed calibrates again instead of
+    reading a stale file.
+    """
+    key = f"dev-{part.name.replace('/', '-')}-{run_paper.statistics_key(cfg, split_seed, part)}"
     if key not in cache:
         cache[key] = run_paper.statistics_for(part, out, key, progress)[0]
     return cache[key], key

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     stats, key = None, ""
                     if method.kind in ("jactus", "ctf"):
-                        stats, key = dev_statistics(part, out, stats_cache, config.progress)
+                        stats, key = dev_statistics(part, cfg, preset.split_seed, out,
+                                                    stats_cache, config.progress)
                     rec = run_paper.run_method(part, method, local, stats, part.seed,
                                                config.progress, shared, key)
                     score, acc = dev_score(args.part, rec)

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
                     label = f"tau={tau:g} lr={lr:g} order={part.seed} {name}"
                     if label in done:
                         continue
-                    stats, key = dev_statistics(part, out, stats_cache, config.progress)
+                    stats, key = dev_statistics(part, cfg, preset.split_seed, out,
+                                                stats_cache, config.progress)
                     rec = run_paper.run_method(part, jactus_method(tau), local, stats,
                                                part.seed, config.progress, shared, key)
                     score, acc = dev_score(args.part, rec)

@@ -539,6 +539,23 @@ def test_jobs_lanes_run_every_method_exactly_once():
     assert run_paper.job_lanes(run_paper.run_config(["--parts", "vision"])) == [[[]]]
 
 
+def test_statistics_key_follows_the_calibration_settings_only():
+    """A change of calibration batches calibrates again (runner and sweeps); a change of
+    rates or steps reuses the statistics."""
+    from types import SimpleNamespace
+
+    part = SimpleNamespace(name="language", seed=1, base_fingerprint="abc")
+    cfg = run_paper.PartConfig(calibration_batches=8)
+    key = run_paper.statistics_key(cfg, 0, part)
+    assert run_paper.statistics_key(replace(cfg, steps=300, lrs={"LoRA": 1.0}), 0, part) == key
+    assert run_paper.statistics_key(replace(cfg, calibration_batches=16), 0, part) != key
+    assert run_paper.statistics_key(cfg, 1, part) != key  # another split
+    other = SimpleNamespace(name="language", seed=2, base_fingerprint="abc")
+    assert run_paper.statistics_key(cfg, 0, other) != key  # another calibration order
+    name = f"dev-language-{key}"  # the sweeps key their statistics by it too
+    assert sweep.dev_statistics(part, cfg, 0, Path("unused"), {name: "kept"}, False) == ("kept", name)
+
+
 def test_calibration_lock_lets_one_process_calibrate_at_a_time(tmp_path):
     """Two --jobs lanes reaching the same calibration: the second waits, then reads the file."""
     import threading

@@ -17,8 +17,9 @@ count other than the preset's (the rates would then need a sweep at the new
 step count, ``python -m validation.sweep``, before the preset changes).
 
 Outputs: ``--out`` (default ``results/sweep-<part>-steps``) keeps
-``sweep.json``, one entry per (family, steps, order, target), so a rerun
-resumes; the page ``--page`` (default ``docs/results/sweep-<part>-steps.md``).
+``sweep.json``, one entry per (family, rate, tau, steps, order, target), so
+a rerun resumes, and a rerun after the rates changed tunes again (the page
+uses the records at the current rates only); the page ``--page`` (default ``docs/results/sweep-<part>-steps.md``).
 Nothing is written to the settings file.
 
 Usage: ``python -m validation.sweep_steps --part vision --steps 75 150 300``;
@@ -89,6 +90,18 @@ def final_method(family: str, task_fraction: float | None) -> Method:
     return method
 
 
+def tau_label(method: Method) -> str:
+    """`` tau=<t>`` for a method with a task fraction (JACTUS), else empty."""
+    tau = method.opts.get("task_fraction")
+    return "" if tau is None else f" tau={tau:g}"
+
+
+def at_settings(done: dict, current: dict[str, tuple]) -> dict:
+    """The records made at each family's current ``(rate, task fraction)``."""
+    return {k: v for k, v in done.items() if v["family"] in current
+            and (v["lr"], v.get("task_fraction")) == current[v["family"]]}
+
+
 def table_of(done: dict) -> dict[tuple[str, int], tuple[float, float, int]]:
     """``(family, steps) -> (mean, sd, orders)`` of the dev score, averaged over targets per order first."""
     pooled: dict[tuple[str, int, int], list[float]] = {}
@@ -141,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
             for steps in sorted(set(args.steps)):
                 local = replace(cfg, steps=steps)
                 for part in parts:
-                    label = f"{family} steps={steps} order={part.seed} {name}"
+                    label = (f"{family} lr={cfg.lrs[family]:g}{tau_label(method)} steps={steps} "
+                             f"order={part.seed} {name}")
                     if label in done:
                         continue
                     stats, key = None, ""
@@ -152,11 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
                                                config.progress, shared, key)
                     score, acc = dev_score(args.part, rec)
                     done[label] = {"family": family, "steps": steps, "lr": cfg.lrs[family],
+                                   "task_fraction": method.opts.get("task_fraction"),
                                    "order": part.seed, "target": part.name, "score": score,
                                    "dev_accuracy": acc, "seconds": rec["wall_time_s"]}
                     run_paper.atomic_json(done_path, done)
                     print(f"{label}: dev score {score:.4f} (accuracy {100 * acc:.1f}%)", flush=True)
-    table = table_of(done)
+    current = {f: (cfg.lrs[f], final_method(f, cfg.task_fraction).opts.get("task_fraction"))
+               for f in FAMILY_METHODS}
+    table = table_of(at_settings(done, current))  # records made at other rates are kept, not used
     best = choose(table)
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-steps.md"
     write_page(page, args, cfg, preset_steps, table, best, parts_by_name)
@@ -214,9 +231,12 @@ def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
     lines += ["", "Families from best to worst dev score at each step count:", ""]
     lines += [f"- {s} steps: " + " > ".join(ranks[s]) for s in steps_grid]
     same = len({tuple(r) for r in ranks.values()}) == 1
+    largest_sd = max(sd for _, sd, _ in table.values())
     lines += ["", f"Best step count, mean over families: **{best}** (bold cells: each family's "
               "own best). The ranking of the families "
-              + ("is the same at every step count." if same else "changes with the step count.")]
+              + ("is the same at every step count." if same else "changes with the step count.")
+              + f" The largest sd over orders in the table is {abs(scale) * largest_sd:.{digits}f}: "
+              "differences smaller than that do not separate two cells."]
     if best == preset_steps:
         lines.append(f"The preset's {preset_steps} steps are the best of the grid on dev items.")
     else:

@@ -254,12 +254,23 @@ def test_steps_check_end_to_end_on_the_smoke_preset(tmp_path):
     assert "mean over families" in text and f"**{result['steps']}**" in text
     # the preset's own 2 steps are judged against the best of the grid
     assert ("best of the grid on dev items" in text) == (result["steps"] == 2)
+    assert {v["task_fraction"] for v in done.values() if v["family"] == "JACTUS"} == {0.5}
     # a rerun resumes: nothing is tuned again
     mtime = (tmp_path / "out" / "sweep.json").stat().st_mtime_ns
     sweep_steps.main(["--part", "vision", "--preset", "smoke", "--steps", "1", "2",
                       "--families", "JACTUS,LoRA", "--out", str(tmp_path / "out"),
                       "--page", str(page), "--settings", str(settings), "--no-progress"])
     assert (tmp_path / "out" / "sweep.json").stat().st_mtime_ns == mtime
+    # new rates (a new sweep): LoRA tunes again, and the page uses only the records at them
+    settings.write_text(json.dumps({"vision": {**rates, "lr": {**rates["lr"], "LoRA": 1e-2}}}))
+    again = sweep_steps.main(["--part", "vision", "--preset", "smoke", "--steps", "2",
+                              "--families", "LoRA", "--out", str(tmp_path / "out"),
+                              "--page", str(page), "--settings", str(settings),
+                              "--no-progress"])
+    done = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert len(done) == 24 + 3 * 2 and {v["lr"] for v in done.values()} == {1e-3, 1e-2}
+    assert set(again["table"]) == {("JACTUS", 1), ("JACTUS", 2), ("LoRA", 2)}
+    assert "LoRA 0.01" in page.read_text()
 
 
 def test_every_preset_runs_three_seeds_and_full_is_large_enough():

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)
         done[label] = {"family": family, "lr": lr, "order": part.seed, "target": part.name,
+                       "lr_head": cfg.lr_head if family != HEAD else None,
                        "score": score, "dev_accuracy": acc,
                        "dev_items": int(sum(len(v) for v in rec["correct"].values())),
                        "trainable_params": rec["trainable_params"],
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
             for lr in args.lrs:
                 local = replace(cfg, lrs={f: lr for f in FAMILY_METHODS})
                 for part in parts:
-                    label = f"{family} lr={lr:g} order={part.seed} {name}"
+                    label = f"{family} lr={lr:g}{head_label(lr_head)} order={part.seed} {name}"
                     if label in done:
                         continue
                     stats, key = None, ""
@@ -189,12 +190,25 @@ def main(argv: list[str] | None = None) -> dict:
                     rec = run_paper.run_method(part, method, local, stats, part.seed,
                                                config.progress, shared, key)
                     record(label, family, lr, part, rec)
-    # every family with results in --out (a rerun of some families keeps the others' rows)
-    chosen = {f: _merge_targets(done, f) for f in FAMILY_METHODS
-              if any(v["family"] == f for v in done.values())}
+    # every family with results in --out (a rerun of some families keeps the others' rows),
+    # at the head's chosen rate only (records made with another head rate are kept, not used)
+    done_now = at_head_rate(done, lr_head)
+    chosen = {f: _merge_targets(done_now, f) for f in FAMILY_METHODS
+              if any(v["family"] == f for v in done_now.values())}
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}.md"
-    write_page(page, args, cfg, done, chosen, lr_head, parts_by_name)
+    write_page(page, args, cfg, done_now, chosen, lr_head, parts_by_name)
     return write_settings(args.settings, args.part, chosen, lr_head, page, args)
+
+
+def head_label(lr_head: float | None) -> str:
+    """`` head=<rate>`` in a family's label when a new head trains with it (vision), else empty."""
+    return "" if lr_head is None else f" head={lr_head:g}"
+
+
+def at_head_rate(done: dict, lr_head: float | None) -> dict:
+    """The head-alone records, and the families' records made with the head at ``lr_head``."""
+    return {k: v for k, v in done.items()
+            if v["family"] == HEAD or v.get("lr_head") == lr_head}
 
 
 class SweepDir(NamedTuple):
@@ -327,6 +341,7 @@ def write_settings(path: Path, part: str, chosen: dict, lr_head, page: Path, arg
     except ValueError:
         where = str(page)
     settings[part] = {
+        **previous,  # the task fraction (sweep_tau) and its source are kept
         "lr": lrs,
         "lr_head": lr_head if lr_head is not None else previous.get("lr_head", 1e-3),
         "chosen_by_sweep": True,

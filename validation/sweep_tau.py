@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     tau, lr = choose(table)
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-tau.md"
     write_page(page, args, cfg, table, (tau, lr), parts_by_name)
-    return write_settings(args.settings, args.part, tau, lr, page, args)
+    return write_settings(args.settings, args.part, tau, lr, page, args,
+                          sorted({t for t, _ in table}))
 
 
 def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
@@ -193,7 +194,8 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
         (nxt, (m2, s2, _)) = ranked[1]
         why += (f"; next tau = {nxt[0]:g} at {nxt[1]:g} "
                 f"({scale * m2:.{digits}f} ± {abs(scale) * s2:.{digits}f})")
-    edge = len(taus) > 2 and best[0] in (taus[0], taus[-1]) and best[0] != 0.0
+    # 0 and 1 bound tau itself: a choice there is not at the edge of a grid that could grow
+    edge = len(taus) > 2 and best[0] in (taus[0], taus[-1]) and best[0] not in (0.0, 1.0)
     lines += ["", why + "." + (" AT THE EDGE of the tau grid: extend it before trusting this "
                                "choice." if edge else "")]
     page.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +203,8 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
     print(f"sweep page: {page}", flush=True)
 
 
-def write_settings(path: Path, part: str, tau: float, lr: float, page: Path, args) -> dict:
+def write_settings(path: Path, part: str, tau: float, lr: float, page: Path, args,
+                   taus: list[float] | None = None) -> dict:
     """Record the chosen task fraction and JACTUS rate for the runner (other entries kept)."""
     settings = json.loads(path.read_text()) if path.is_file() else {}
     entry = settings.setdefault(part, {})
@@ -215,7 +218,8 @@ def write_settings(path: Path, part: str, tau: float, lr: float, page: Path, arg
         f"{where} (python -m validation.sweep_tau --part {part} --preset {args.preset}, "
         f"{datetime.now(timezone.utc).date()}; mean dev "
         + ("accuracy" if part == "vision" else "answer NLL")
-        + f" over orders {list(args.orders)}, tau grid {sorted(args.task_fractions)})"
+        + f" over orders {list(args.orders)}, tau grid "
+        f"{taus if taus is not None else sorted(args.task_fractions)})"
     )
     write_text_atomic(path, json.dumps(settings, indent=1) + "\n")
     return entry

@@ -330,13 +330,18 @@ def test_sweep_selects_the_best_mean_over_orders_and_flags_edges():
 
 def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"language": {"lr": {"LoRA": 7.0}, "lr_head": 1.0}}))
+    settings.write_text(json.dumps({"language": {"lr": {"LoRA": 7.0}, "lr_head": 1.0},
+                                    "vision": {"lr": {}, "task_fraction": 0.25}}))
     page = tmp_path / "sweep.md"
-    # a family swept earlier into the same --out (a rerun of some families keeps the others)
+    # a family swept earlier into the same --out (a rerun of some families keeps the others),
+    # with the head at each rate the sweep may choose; and one with a head rate not swept
     (tmp_path / "out").mkdir()
-    earlier = {f"DoRA lr=0.5 order={o} vision/digits": {
-        "family": "DoRA", "lr": 0.5, "order": o, "target": "vision/digits", "score": 0.3}
-        for o in SEEDS}
+    earlier = {f"DoRA lr=0.5 head={h:g} order={o} vision/digits": {
+        "family": "DoRA", "lr": 0.5, "lr_head": h, "order": o, "target": "vision/digits",
+        "score": 0.3} for o in SEEDS for h in (1e-3, 1e-2)}
+    earlier |= {f"LoRA lr=9 head=5 order={o} vision/digits": {
+        "family": "LoRA", "lr": 9.0, "lr_head": 5.0, "order": o, "target": "vision/digits",
+        "score": 1.0} for o in SEEDS}  # the best score, but with another head: not used
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(earlier))
     chosen = sweep.main(["--part", "vision", "--preset", "smoke", "--lrs", "1e-3", "1e-2",
                          "--families", "LoRA", "--out", str(tmp_path / "out"), "--page", str(page),
@@ -351,6 +356,9 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     text = page.read_text()
     assert "dev items" in text and "test items are never scored" in text and "| LoRA |" in text
     assert "| DoRA |" in text and written["vision"]["lr"]["DoRA"] == 0.5
+    assert written["vision"]["task_fraction"] == 0.25  # sweep_tau's choice is kept
+    assert {v["lr_head"] for k, v in done.items() if k.startswith("LoRA lr=0.01")} == {
+        written["vision"]["lr_head"]}
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = getattr(preset, args.part)
     cfg = replace(cfg, lrs={f: 1.0 for f in FAMILY_METHODS}, lr_head=1.0)
     cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}")
-    out, config, parts_by_name, done_path, done = sweep_dir
+    _, _, parts_by_name, done_path, done = sweep_dir
 
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)
@@ -183,12 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
                     label = f"{family} lr={lr:g}{head_label(lr_head)} order={part.seed} {name}"
                     if label in done:
                         continue
-                    stats, key = None, ""
-                    if method.kind in ("jactus", "ctf"):
-                        stats, key = dev_statistics(part, cfg, preset.split_seed, out,
-                                                    stats_cache, config.progress)
-                    rec = run_paper.run_method(part, method, local, stats, part.seed,
-                                               config.progress, shared, key)
+                    rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
+                                  stats_cache, shared)
                     record(label, family, lr, part, rec)
     # every family with results in --out (a rerun of some families keeps the others' rows),
     # at the head's chosen rate only (records made with another head rate are kept, not used)
@@ -256,6 +252,21 @@ def dev_statistics(part, cfg, split_seed: int, out: Path, cache: dict,
     if key not in cache:
         cache[key] = run_paper.statistics_for(part, out, key, progress)[0]
     return cache[key], key
+
+
+def dev_run(part, method: Method, cfg, split_seed: int, sweep_dir: SweepDir, stats_cache: dict,
+            shared) -> dict:
+    """Tune ``method`` on ``part`` with ``cfg`` and score it on the dev items (the runner's engine).
+
+    The methods that compress get the part's calibration statistics
+    (:func:`dev_statistics`, calibrated once per key).
+    """
+    stats, key = None, ""
+    if method.kind in ("jactus", "ctf"):
+        stats, key = dev_statistics(part, cfg, split_seed, sweep_dir.out, stats_cache,
+                                    sweep_dir.config.progress)
+    return run_paper.run_method(part, method, cfg, stats, part.seed, sweep_dir.config.progress,
+                                shared, key)
 
 
 def _merge_targets(done: dict, family: str) -> dict:

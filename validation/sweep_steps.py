@@ -38,7 +38,7 @@ import numpy as np
 from validation import run_paper
 from validation.methods import Method
 from validation.report import write_text_atomic
-from validation.sweep import FAMILY_METHODS, ORDERS, ROOT, dev_score, dev_statistics, dev_sweep
+from validation.sweep import FAMILY_METHODS, ORDERS, ROOT, dev_run, dev_score, dev_sweep
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), args.settings)
     preset_steps = cfg.steps
     cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}-steps")
-    out, config, parts_by_name, done_path, done = sweep_dir
+    _, _, parts_by_name, done_path, done = sweep_dir
     stats_cache: dict = {}
     for family in families:
         method = final_method(family, cfg.task_fraction)
@@ -158,12 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
                              f"order={part.seed} {name}")
                     if label in done:
                         continue
-                    stats, key = None, ""
-                    if method.kind in ("jactus", "ctf"):
-                        stats, key = dev_statistics(part, cfg, preset.split_seed, out,
-                                                    stats_cache, config.progress)
-                    rec = run_paper.run_method(part, method, local, stats, part.seed,
-                                               config.progress, shared, key)
+                    rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
+                                  stats_cache, shared)
                     score, acc = dev_score(args.part, rec)
                     done[label] = {"family": family, "steps": steps, "lr": cfg.lrs[family],
                                    "task_fraction": method.opts.get("task_fraction"),

@@ -40,7 +40,7 @@ import numpy as np
 from validation import run_paper
 from validation.methods import Method
 from validation.report import write_text_atomic
-from validation.sweep import ORDERS, ROOT, dev_score, dev_statistics, dev_sweep
+from validation.sweep import ORDERS, ROOT, dev_run, dev_score, dev_sweep
 
 TAUS = (0.0, 0.1, 0.25, 0.5)
 FAMILY = "JACTUS"
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), args.settings)
     lrs = sorted(args.lrs) if args.lrs is not None else [cfg.lrs[FAMILY]]
     cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}-tau")
-    out, config, parts_by_name, done_path, done = sweep_dir
+    _, _, parts_by_name, done_path, done = sweep_dir
     stats_cache: dict = {}
     for name, parts in parts_by_name.items():
         shared = run_paper.SeedShare()
@@ -121,10 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
                     label = f"tau={tau:g} lr={lr:g} order={part.seed} {name}"
                     if label in done:
                         continue
-                    stats, key = dev_statistics(part, cfg, preset.split_seed, out,
-                                                stats_cache, config.progress)
-                    rec = run_paper.run_method(part, jactus_method(tau), local, stats,
-                                               part.seed, config.progress, shared, key)
+                    rec = dev_run(part, jactus_method(tau), local, preset.split_seed,
+                                  sweep_dir, stats_cache, shared)
                     score, acc = dev_score(args.part, rec)
                     done[label] = {"task_fraction": tau, "lr": lr, "order": part.seed,
                                    "target": part.name, "score": score, "dev_accuracy": acc,

@@ -254,6 +254,17 @@ def dev_statistics(part, cfg, split_seed: int, out: Path, cache: dict,
     return cache[key], key
 
 
+def score_scale(part_name: str) -> tuple[float, int]:
+    """How a dev score is shown: (factor, digits); accuracy in %, the answer NLL in nats."""
+    return (100.0, 1) if part_name == "vision" else (-1.0, 3)
+
+
+def mean_sd_text(part_name: str, mean: float, sd: float) -> str:
+    """A dev score's mean ± sd over orders as the pages show it (:func:`score_scale`)."""
+    scale, digits = score_scale(part_name)
+    return f"{scale * mean:.{digits}f} ± {abs(scale) * sd:.{digits}f}"
+
+
 def dev_run(part, method: Method, cfg, split_seed: int, sweep_dir: SweepDir, stats_cache: dict,
             shared) -> dict:
     """Tune ``method`` on ``part`` with ``cfg`` and score it on the dev items (the runner's engine).
@@ -319,7 +330,7 @@ def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_b
                 cells.append("-")
                 continue
             mean, sd, _ = c["table"][lr]
-            text = f"{scale * mean:.{1 if scale == 100 else 3}f} ± {abs(scale) * sd:.{1 if scale == 100 else 3}f}"
+            text = mean_sd_text(args.part, mean, sd)
             cells.append(f"**{text}**" if lr == c["lr"] else text)
         lines.append(f"| {family} | " + " | ".join(cells) + f" | {c['lr']:g} |")
     lines += ["", "Why:", ""]

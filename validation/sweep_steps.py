@@ -38,7 +38,7 @@ import numpy as np
 from validation import run_paper
 from validation.methods import Method
 from validation.report import write_text_atomic
-from validation.sweep import FAMILY_METHODS, ORDERS, ROOT, dev_run, dev_score, dev_sweep
+from validation.sweep import FAMILY_METHODS, ORDERS, ROOT, dev_run, dev_score, dev_sweep, mean_sd_text, score_scale
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -182,7 +182,7 @@ def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
     vision = args.part == "vision"
     metric = ("dev accuracy (%), macro over targets" if vision
               else "dev answer NLL (nats per token of the right answer), macro over tasks")
-    scale, digits = (100.0, 1) if vision else (-1.0, 3)
+    scale, digits = score_scale(args.part)
     dev_items = {name: len(parts[0].test_items) if hasattr(parts[0], "test_items")
                  else len(parts[0].test_y) for name, parts in parts_by_name.items()}
     steps_grid = sorted({s for _, s in table})
@@ -214,8 +214,7 @@ def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
             if (f, s) not in table:
                 cells.append("-")
                 continue
-            mean, sd, _ = table[(f, s)]
-            text = f"{scale * mean:.{digits}f} ± {abs(scale) * sd:.{digits}f}"
+            text = mean_sd_text(args.part, *table[(f, s)][:2])
             own_best = max((c for c in table if c[0] == f), key=lambda c: (table[c][0], -c[1]))
             cells.append(f"**{text}**" if (f, s) == own_best else text)
         lines.append(f"| {f} | " + " | ".join(cells) + " |")

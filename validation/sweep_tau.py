@@ -40,7 +40,7 @@ import numpy as np
 from validation import run_paper
 from validation.methods import Method
 from validation.report import write_text_atomic
-from validation.sweep import ORDERS, ROOT, dev_run, dev_score, dev_sweep
+from validation.sweep import ORDERS, ROOT, dev_run, dev_score, dev_sweep, mean_sd_text, score_scale
 
 TAUS = (0.0, 0.1, 0.25, 0.5)
 FAMILY = "JACTUS"
@@ -146,7 +146,7 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
     vision = args.part == "vision"
     metric = ("dev accuracy (%), macro over targets" if vision
               else "dev answer NLL (nats per token of the right answer), macro over tasks")
-    scale, digits = (100.0, 1) if vision else (-1.0, 3)
+    scale, digits = score_scale(args.part)
     dev_items = {name: len(parts[0].test_items) if hasattr(parts[0], "test_items")
                  else len(parts[0].test_y) for name, parts in parts_by_name.items()}
     lrs = sorted({lr for _, lr in table})
@@ -180,8 +180,7 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
             if (t, lr) not in table:
                 cells.append("-")
                 continue
-            mean, sd, _ = table[(t, lr)]
-            text = f"{scale * mean:.{digits}f} ± {abs(scale) * sd:.{digits}f}"
+            text = mean_sd_text(args.part, *table[(t, lr)][:2])
             cells.append(f"**{text}**" if (t, lr) == chosen else text)
         lines.append(f"| {t:g} | " + " | ".join(cells) + " |")
     ranked = sorted(table.items(), key=lambda kv: -kv[1][0])

@@ -265,6 +265,56 @@ def mean_sd_text(part_name: str, mean: float, sd: float) -> str:
     return f"{scale * mean:.{digits}f} ± {abs(scale) * sd:.{digits}f}"
 
 
+def dev_metric(part_name: str) -> str:
+    """The dev score the sweeps select on, in words, as the pages name it."""
+    return ("dev accuracy (%), macro over targets" if part_name == "vision"
+            else "dev answer NLL (nats per token of the right answer), macro over tasks")
+
+
+def dev_protocol(parts_by_name: dict, orders) -> str:
+    """The pages' sentence on what is scored: the dev items per target or task, the orders."""
+    dev_items = {name: len(parts[0].test_items) if hasattr(parts[0], "test_items")
+                 else len(parts[0].test_y) for name, parts in parts_by_name.items()}
+    return ("scored on dev items that are in neither the tune nor the test part (test items are "
+            "never scored here): " + ", ".join(f"{n}: {k} dev items" for n, k in dev_items.items())
+            + f". Data orders (and initialisation seeds): {', '.join(map(str, orders))}. ")
+
+
+def written_by(module: str, argv: str) -> str:
+    """The pages' first line: the command that wrote the page, and when (UTC)."""
+    return (f"Written by `python -m validation.{module} {argv}` on "
+            f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+
+
+def markdown_row(*cells: str) -> str:
+    """One row of a markdown table."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_header(*titles: str) -> list[str]:
+    """A markdown table's title row and rule."""
+    return [markdown_row(*titles), "|" + "---|" * len(titles)]
+
+
+def score_cells(part_name: str, columns, scores: dict, bold) -> list[str]:
+    """One row's cells: the mean ± sd at each column, ``-`` where not run, bold where chosen."""
+    cells = []
+    for column in columns:
+        if column not in scores:
+            cells.append("-")
+            continue
+        text = mean_sd_text(part_name, *scores[column][:2])
+        cells.append(f"**{text}**" if column == bold else text)
+    return cells
+
+
+def write_sweep_page(page: Path, lines: list[str]) -> None:
+    """Write a sweep's page atomically and say where."""
+    page.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(page, "\n".join(lines) + "\n")
+    print(f"sweep page: {page}", flush=True)
+
+
 def dev_run(part, method: Method, cfg, split_seed: int, sweep_dir: SweepDir, stats_cache: dict,
             shared) -> dict:
     """Tune ``method`` on ``part`` with ``cfg`` and score it on the dev items (the runner's engine).
@@ -297,42 +347,26 @@ def _merge_targets(done: dict, family: str) -> dict:
 
 def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_by_name) -> None:
     """The sweep's page: protocol, the dev score of every rate, what was chosen and why."""
-    metric = ("dev accuracy (%), macro over targets" if args.part == "vision"
-              else "dev answer NLL (nats per token of the right answer), macro over tasks")
     scale = 100.0 if args.part == "vision" else -1.0
-    dev_items = {name: len(parts[0].test_items) if hasattr(parts[0], "test_items")
-                 else len(parts[0].test_y) for name, parts in parts_by_name.items()}
     lines = [
         f"# Learning rates of the {args.part} part, chosen on dev items",
         "",
-        f"Written by `python -m validation.sweep --part {args.part} --preset {args.preset}` on "
-        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}; the runner reads the "
-        f"chosen rates from `validation/tuned_settings.json`.",
+        written_by("sweep", f"--part {args.part} --preset {args.preset}")
+        + "; the runner reads the chosen rates from `validation/tuned_settings.json`.",
         "",
         "Protocol: every family in its final configuration (JACTUS@0.8 with covariance task "
         "directions and mergeable cores, SVD-LLM+LoRA@0.8, LoRA@1.0, DoRA@1.0), tuned on the "
-        f"preset's tune items for {cfg.steps} steps, scored on dev items that are in neither "
-        "the tune nor the test part (test items are never scored here): "
-        + ", ".join(f"{n}: {k} dev items" for n, k in dev_items.items())
-        + f". Data orders (and initialisation seeds): {', '.join(map(str, args.orders))}. "
-        f"Selection: the best mean over orders of the {metric}.",
+        f"preset's tune items for {cfg.steps} steps, "
+        + dev_protocol(parts_by_name, args.orders)
+        + f"Selection: the best mean over orders of the {dev_metric(args.part)}.",
         "",
     ]
     tables = ([(HEAD, {"lr": lr_head, **_merge_targets(done, HEAD)})] if lr_head is not None
               else []) + list(chosen.items())
     lrs = sorted({v["lr"] for v in done.values()})
-    lines += ["| family | " + " | ".join(f"{lr:g}" for lr in lrs) + " | chosen |",
-              "|" + "---|" * (len(lrs) + 2)]
-    for family, c in tables:
-        cells = []
-        for lr in lrs:
-            if lr not in c["table"]:
-                cells.append("-")
-                continue
-            mean, sd, _ = c["table"][lr]
-            text = mean_sd_text(args.part, mean, sd)
-            cells.append(f"**{text}**" if lr == c["lr"] else text)
-        lines.append(f"| {family} | " + " | ".join(cells) + f" | {c['lr']:g} |")
+    lines += markdown_header("family", *(f"{lr:g}" for lr in lrs), "chosen")
+    lines += [markdown_row(family, *score_cells(args.part, lrs, c["table"], c["lr"]),
+                           f"{c['lr']:g}") for family, c in tables]
     lines += ["", "Why:", ""]
     for family, c in tables:
         ranked = sorted(c["table"].items(), key=lambda kv: -kv[1][0])
@@ -348,9 +382,7 @@ def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_b
     if lr_head is not None:
         lines += ["", "The head's rate was chosen first (head alone, from the linear probe) and "
                   "is the same for every family."]
-    page.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(page, "\n".join(lines) + "\n")
-    print(f"sweep page: {page}", flush=True)
+    write_sweep_page(page, lines)
 
 
 def write_settings(path: Path, part: str, chosen: dict, lr_head, page: Path, args) -> dict:

@@ -30,15 +30,28 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from validation import run_paper
 from validation.methods import Method
-from validation.report import write_text_atomic
-from validation.sweep import FAMILY_METHODS, ORDERS, ROOT, dev_run, dev_score, dev_sweep, mean_sd_text, score_scale
+from validation.sweep import (
+    FAMILY_METHODS,
+    ORDERS,
+    ROOT,
+    dev_metric,
+    dev_protocol,
+    dev_run,
+    dev_score,
+    dev_sweep,
+    markdown_header,
+    markdown_row,
+    score_cells,
+    score_scale,
+    write_sweep_page,
+    written_by,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -179,12 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
 def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
                parts_by_name: dict) -> None:
     """The check's page: the protocol, every family's dev score per step count, the verdict."""
-    vision = args.part == "vision"
-    metric = ("dev accuracy (%), macro over targets" if vision
-              else "dev answer NLL (nats per token of the right answer), macro over tasks")
     scale, digits = score_scale(args.part)
-    dev_items = {name: len(parts[0].test_items) if hasattr(parts[0], "test_items")
-                 else len(parts[0].test_y) for name, parts in parts_by_name.items()}
     steps_grid = sorted({s for _, s in table})
     families = sorted({f for f, _ in table}, key=list(FAMILY_METHODS).index)
     argv = " ".join(["--part", args.part, "--preset", args.preset, "--steps",
@@ -192,32 +200,21 @@ def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
     lines = [
         f"# Tuning steps of the {args.part} part, checked on dev items",
         "",
-        f"Written by `python -m validation.sweep_steps {argv}` on "
-        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
+        written_by("sweep_steps", argv) + ".",
         "",
         "Protocol: every family in its final configuration, at the rate (and, for JACTUS, the "
         "task fraction) in `validation/tuned_settings.json`, "
         + ", ".join(f"{f} {cfg.lrs[f]:g}" for f in families)
-        + f", tuned on the {args.preset} preset's tune items for each step count below, scored "
-        "on dev items that are in neither the tune nor the test part (test items are never "
-        "scored here): "
-        + ", ".join(f"{n}: {k} dev items" for n, k in dev_items.items())
-        + f". Data orders (and initialisation seeds): {', '.join(map(str, args.orders))}. "
-        f"Cells: {metric}, mean ± sd over orders (-: not run).",
+        + f", tuned on the {args.preset} preset's tune items for each step count below, "
+        + dev_protocol(parts_by_name, args.orders)
+        + f"Cells: {dev_metric(args.part)}, mean ± sd over orders (-: not run).",
         "",
-        "| family | " + " | ".join(f"{s} steps" for s in steps_grid) + " |",
-        "|" + "---|" * (len(steps_grid) + 1),
+        *markdown_header("family", *(f"{s} steps" for s in steps_grid)),
     ]
     for f in families:
-        cells = []
-        for s in steps_grid:
-            if (f, s) not in table:
-                cells.append("-")
-                continue
-            text = mean_sd_text(args.part, *table[(f, s)][:2])
-            own_best = max((c for c in table if c[0] == f), key=lambda c: (table[c][0], -c[1]))
-            cells.append(f"**{text}**" if (f, s) == own_best else text)
-        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+        row = {s: table[(f, s)] for s in steps_grid if (f, s) in table}
+        own_best = max(row, key=lambda s: (row[s][0], -s))
+        lines.append(markdown_row(f, *score_cells(args.part, steps_grid, row, own_best)))
     means = {s: float(np.mean([table[(f, s)][0] for f in families if (f, s) in table]))
              for s in steps_grid}
     lines.append("| mean over families | "
@@ -240,9 +237,7 @@ def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
                      "of steps needs the rates swept again at the new count first.")
     if best == steps_grid[-1] and len(steps_grid) > 1:
         lines.append("AT THE EDGE of the grid: more steps may score better still.")
-    page.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(page, "\n".join(lines) + "\n")
-    print(f"sweep page: {page}", flush=True)
+    write_sweep_page(page, lines)
 
 
 if __name__ == "__main__":

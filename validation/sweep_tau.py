@@ -40,7 +40,21 @@ import numpy as np
 from validation import run_paper
 from validation.methods import Method
 from validation.report import write_text_atomic
-from validation.sweep import ORDERS, ROOT, dev_run, dev_score, dev_sweep, mean_sd_text, score_scale
+from validation.sweep import (
+    ORDERS,
+    ROOT,
+    dev_metric,
+    dev_protocol,
+    dev_run,
+    dev_score,
+    dev_sweep,
+    markdown_header,
+    markdown_row,
+    score_cells,
+    score_scale,
+    write_sweep_page,
+    written_by,
+)
 
 TAUS = (0.0, 0.1, 0.25, 0.5)
 FAMILY = "JACTUS"
@@ -143,12 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
 def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
                parts_by_name: dict) -> None:
     """The sweep's page: the protocol, the dev score of every (tau, rate), what was chosen."""
-    vision = args.part == "vision"
-    metric = ("dev accuracy (%), macro over targets" if vision
-              else "dev answer NLL (nats per token of the right answer), macro over tasks")
     scale, digits = score_scale(args.part)
-    dev_items = {name: len(parts[0].test_items) if hasattr(parts[0], "test_items")
-                 else len(parts[0].test_y) for name, parts in parts_by_name.items()}
     lrs = sorted({lr for _, lr in table})
     taus = sorted({t for t, _ in table})
     argv = " ".join(["--part", args.part, "--preset", args.preset, "--task-fractions",
@@ -157,32 +166,23 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
     lines = [
         f"# Task fraction of the {args.part} part, chosen on dev items",
         "",
-        f"Written by `python -m validation.sweep_tau {argv}` on "
-        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}; the runner reads the "
-        "chosen task fraction and JACTUS's rate from `validation/tuned_settings.json`.",
+        written_by("sweep_tau", argv) + "; the runner reads the chosen task fraction and "
+        "JACTUS's rate from `validation/tuned_settings.json`.",
         "",
         "Protocol: JACTUS@0.8 in its final configuration (covariance task directions, mergeable "
         f"cores on the layers kept dense, {cfg.calibration_batches} calibration batches), tuned "
         f"on the preset's tune items for {cfg.steps} steps at every task fraction and rate "
-        "below, scored on dev items that are in neither the tune nor the test part (test "
-        "items are never scored here): "
-        + ", ".join(f"{n}: {k} dev items" for n, k in dev_items.items())
-        + f". Data orders (and initialisation seeds): {', '.join(map(str, args.orders))}. "
-        f"Selection: the best mean over orders of the {metric}, over every (tau, rate) pair "
-        "swept into the same folder; cells are mean ± sd over orders (-: not run).",
+        "below, " + dev_protocol(parts_by_name, args.orders)
+        + f"Selection: the best mean over orders of the {dev_metric(args.part)}, over every "
+        "(tau, rate) pair swept into the same folder; cells are mean ± sd over orders (-: not "
+        "run).",
         "",
-        "| tau | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-        "|" + "---|" * (len(lrs) + 1),
+        *markdown_header("tau", *(f"lr {lr:g}" for lr in lrs)),
     ]
     for t in taus:
-        cells = []
-        for lr in lrs:
-            if (t, lr) not in table:
-                cells.append("-")
-                continue
-            text = mean_sd_text(args.part, *table[(t, lr)][:2])
-            cells.append(f"**{text}**" if (t, lr) == chosen else text)
-        lines.append(f"| {t:g} | " + " | ".join(cells) + " |")
+        row = {lr: table[(t, lr)] for lr in lrs if (t, lr) in table}
+        bold = chosen[1] if chosen[0] == t else None
+        lines.append(markdown_row(f"{t:g}", *score_cells(args.part, lrs, row, bold)))
     ranked = sorted(table.items(), key=lambda kv: -kv[1][0])
     (best, (mean, sd, n)) = ranked[0]
     why = (f"Chosen: tau = {best[0]:g} at rate {best[1]:g}, the best mean over {n} orders "
@@ -195,9 +195,7 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
     edge = len(taus) > 2 and best[0] in (taus[0], taus[-1]) and best[0] not in (0.0, 1.0)
     lines += ["", why + "." + (" AT THE EDGE of the tau grid: extend it before trusting this "
                                "choice." if edge else "")]
-    page.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(page, "\n".join(lines) + "\n")
-    print(f"sweep page: {page}", flush=True)
+    write_sweep_page(page, lines)
 
 
 def write_settings(path: Path, part: str, tau: float, lr: float, page: Path, args,

@@ -22,7 +22,9 @@ go to ``--out`` (default ``results/<preset>``): ``results.json``,
 ``results.csv``, ``results.md``, ``summary.md`` (the verdict on the paper's
 ordering, for the README) and PNG plots. Finished methods are kept in
 ``methods/`` and skipped on a rerun with the same settings, so an
-interrupted run resumes. ``--save-models DIR`` writes every tuned model
+interrupted run resumes; a method killed while tuning resumes from its last
+checkpoint in ``checkpoints/`` (saved every 5 minutes, removed once its
+record is written), bit-identical to an uninterrupted run. ``--save-models DIR`` writes every tuned model
 (merged, safetensors, with its tokenizer and config).
 
 On a CPU with two or more cores the default, full and smoke presets run as
@@ -467,8 +469,14 @@ class SeedShare:
 
 def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress: bool,
                shared: SeedShare | None = None, stats_key: str = "",
-               save_to: Path | None = None) -> dict:
-    """Build, tune (unless untuned) and evaluate one method on one seed's part."""
+               save_to: Path | None = None, checkpoint: Path | None = None) -> dict:
+    """Build, tune (unless untuned) and evaluate one method on one seed's part.
+
+    With ``checkpoint`` the tuning loop saves its state there every few
+    minutes and resumes from it (:func:`validation.train.tune`); the
+    record's ``wall_time_s`` then adds the tuning seconds of the killed
+    earlier processes, and ``resumed_from_step`` says where it resumed.
+    """
     shared = shared or SeedShare()
     start = time.perf_counter()
     tuned = method.kind != "none" and method.opts.get("tune", True)
@@ -516,12 +524,16 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
     if method.kind == "ctf":
         reseed_adapters(built.model, seed)
     losses: list[float] = []
+    resumed: dict = {}
     if tuned:
         lr = cfg.lrs[lr_family(method.kind)]
         result = tune(built.model, part.tune_batches, part.loss, steps=cfg.steps, lr=lr,
                       seed=seed, progress=progress, desc=f"{part.name}: {method.name}",
-                      head=part.head, head_lr=cfg.lr_head)
+                      head=part.head, head_lr=cfg.lr_head, checkpoint=checkpoint)
         losses = result.losses
+        if result.resumed_from_step is not None:
+            resumed = {"resumed_from_step": result.resumed_from_step,
+                       "earlier_wall_time_s": result.earlier_wall_time_s}
     metrics = part.evaluate_metrics(built.model, progress=progress)
     record = {
         "method": method.to_dict(),
@@ -535,9 +547,10 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
         "total_params": built.total_params,
         "retain_achieved": built.retain_achieved,
         "train_losses": losses,
-        "wall_time_s": time.perf_counter() - start,
+        "wall_time_s": time.perf_counter() - start + resumed.get("earlier_wall_time_s", 0.0),
         "notes": built.notes,
         **measured,
+        **resumed,
     }
     if built.report is not None:
         record["layers"] = [
@@ -996,7 +1009,9 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
                 save_to = config.save_models / safe / f"seed{seed}" / method.key()
                 if save_to.exists():
                     save_to = None  # written by an earlier run: kept as it is
-            rec = run_method(part, method, cfg, stats, seed, progress, shared, stats_key, save_to)
+            checkpoint = out / "checkpoints" / f"{path.stem}.safetensors"
+            rec = run_method(part, method, cfg, stats, seed, progress, shared, stats_key, save_to,
+                             checkpoint=checkpoint)
             records[seed][method.name] = rec
             timings[f"{name}: {method.name} (seed {seed})"] = rec["wall_time_s"]
             acc = macro_average({t: np.asarray(v) for t, v in rec["correct"].items()})
@@ -1005,6 +1020,7 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
                 f"{rec['wall_time_s']:.0f} s")
             if is_main_process():
                 atomic_json(path, rec)
+                checkpoint.unlink(missing_ok=True)  # the record holds the result now
         shared.release_plans()
     return records
 

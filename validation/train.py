@@ -7,17 +7,26 @@ gradient clipping at 1.0. A new head (``head``: module names such as
 (cores or adapters) is the only thing that differs between methods. Under ``torchrun`` (``torch.distributed``
 initialised) the model is wrapped in ``DistributedDataParallel`` and each
 process takes its own slice of every batch.
+
+With ``checkpoint=path`` the loop's state is saved atomically every
+``checkpoint_every_s`` seconds (:mod:`validation.checkpoint`); a later call
+with the same settings resumes from it, and its parameters and losses are
+bit-identical to those of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from validation.checkpoint import TuningState, load_tuning_state, save_tuning_state, tuning_identity
 
 __all__ = ["TuneResult", "parameter_groups", "tune"]
 
@@ -28,6 +37,8 @@ class TuneResult:
     wall_time_s: float
     steps: int
     trainable_params: int
+    resumed_from_step: int | None = None  # the step a checkpoint resumed at
+    earlier_wall_time_s: float = 0.0  # tuning seconds of the interrupted earlier processes
 
 
 def _distributed() -> bool:
@@ -98,13 +109,24 @@ def tune(
     desc: str = "tune",
     head: Sequence[str] = (),
     head_lr: float | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every_s: float = 300.0,
 ) -> TuneResult:
     """Train the parameters of ``model`` that require grad for ``steps`` steps.
 
     ``batches`` is cycled in order, so every method sees the same data in
     the same order. Parameters inside the ``head`` modules train at
     ``head_lr`` (see :func:`parameter_groups`). Returns the per-step losses
-    and the wall time.
+    and the wall time (``wall_time_s`` counts this process only;
+    ``earlier_wall_time_s`` the processes a checkpoint resumed from).
+
+    With ``checkpoint`` (a ``.safetensors`` path) the state after a step is
+    saved there whenever ``checkpoint_every_s`` seconds have passed since
+    the last save (only the main process writes under torchrun), and a
+    checkpoint found there at the start, written with the same steps,
+    rates, seed and trainable parameters, is resumed. A checkpoint with
+    other settings is ignored with a warning (and overwritten by the next
+    save). The caller removes the file once the result is safe.
 
     Raises
     ------
@@ -123,12 +145,17 @@ def tune(
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     warm = max(1, steps // 10) if warmup is None else max(1, warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warm))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    identity = tuning_identity(named, steps=steps, lr=lr, head_lr=head_lr, seed=seed)
+    resumed = _resume(checkpoint, named, opt, sched, identity)
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     model.train()
-    losses: list[float] = []
+    losses: list[float] = list(resumed.losses)
     start = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    last_save = start
+    bar = tqdm(range(resumed.next_step, steps), desc=desc, disable=not progress, leave=False,
+               initial=resumed.next_step, total=steps)
     for step in bar:
         batch = _shard(batches[step % len(batches)])
         opt.zero_grad(set_to_none=True)
@@ -142,10 +169,36 @@ def tune(
         sched.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        now = time.perf_counter()
+        if checkpoint is not None and step + 1 < steps and now - last_save >= checkpoint_every_s:
+            if _main_process():
+                state = TuningState(step + 1, losses, resumed.earlier_seconds + now - start)
+                save_tuning_state(checkpoint, named, opt, sched, identity, state)
+            last_save = time.perf_counter()
     model.eval()
     return TuneResult(
         losses=losses,
         wall_time_s=time.perf_counter() - start,
         steps=steps,
         trainable_params=sum(p.numel() for p in params),
+        resumed_from_step=resumed.next_step or None,
+        earlier_wall_time_s=resumed.earlier_seconds,
     )
+
+
+def _main_process() -> bool:
+    return not _distributed() or torch.distributed.get_rank() == 0
+
+
+def _resume(checkpoint: Path | None, named, opt, sched, identity: dict) -> TuningState:
+    """The state saved at ``checkpoint``, restored; a fresh start when there is none to resume."""
+    fresh = TuningState(next_step=0, losses=[], earlier_seconds=0.0)
+    if checkpoint is None or not checkpoint.is_file():
+        return fresh
+    state = load_tuning_state(checkpoint, named, opt, sched, identity)
+    if state is None:
+        warnings.warn(f"`checkpoint` {checkpoint} was written with other tuning settings (steps, "
+                      "rates, seed or trainable parameters); starting from step 0",
+                      stacklevel=3)
+        return fresh
+    return state

@@ -79,7 +79,8 @@ def test_a_family_at_four_retains_decomposes_once_with_the_same_ranks(part_and_s
 def test_run_part_keeps_a_decomposition_while_a_later_method_shares_it(monkeypatch, tmp_path):
     seen = []
 
-    def fake_run_method(part, method, cfg, stats, seed, progress, shared, stats_key, save_to):
+    def fake_run_method(part, method, cfg, stats, seed, progress, shared, stats_key, save_to,
+                        checkpoint=None):
         signature = method.plan_signature()
         if signature is not None:
             shared.prepared.setdefault((part.seed, stats_key, signature), object())

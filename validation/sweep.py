@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)
         done[label] = {"family": family, "lr": lr, "order": part.seed, "target": part.name,
-                       "lr_head": cfg.lr_head if family != HEAD else None,
+                       "lr_head": cfg.lr_head if family != HEAD else None, "steps": cfg.steps,
                        "score": score, "dev_accuracy": acc,
                        "dev_items": int(sum(len(v) for v in rec["correct"].values())),
                        "trainable_params": rec["trainable_params"],
@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
         for name, parts in parts_by_name.items():
             for lr in args.lrs:
                 for part in parts:
-                    label = f"{HEAD} lr={lr:g} order={part.seed} {name}"
+                    label = f"{HEAD} lr={lr:g} steps={cfg.steps} order={part.seed} {name}"
                     if label not in done:
                         record(label, HEAD, lr, part, _head_only(part, lr, cfg, part.seed))
-        lr_head = _merge_targets(done, HEAD)["lr"]
+        lr_head = _merge_targets(at_run_settings(done, cfg.steps, None), HEAD)["lr"]
     cfg = replace(cfg, lr_head=lr_head)
     stats_cache: dict = {}
     tau = run_paper.tuned_settings(args.settings).get(args.part, {}).get("task_fraction") \
@@ -180,15 +180,17 @@ def main(argv: list[str] | None = None) -> dict:
             for lr in args.lrs:
                 local = replace(cfg, lrs={f: lr for f in FAMILY_METHODS})
                 for part in parts:
-                    label = f"{family} lr={lr:g}{head_label(lr_head)} order={part.seed} {name}"
+                    label = (f"{family} lr={lr:g}{head_label(lr_head)} steps={cfg.steps} "
+                             f"order={part.seed} {name}")
                     if label in done:
                         continue
                     rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
                                   stats_cache, shared)
                     record(label, family, lr, part, rec)
     # every family with results in --out (a rerun of some families keeps the others' rows),
-    # at the head's chosen rate only (records made with another head rate are kept, not used)
-    done_now = at_head_rate(done, lr_head)
+    # at the preset's steps and the head's chosen rate only (records made with other steps or
+    # another head rate are kept, not used)
+    done_now = at_run_settings(done, cfg.steps, lr_head)
     chosen = {f: _merge_targets(done_now, f) for f in FAMILY_METHODS
               if any(v["family"] == f for v in done_now.values())}
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}.md"
@@ -201,10 +203,20 @@ def head_label(lr_head: float | None) -> str:
     return "" if lr_head is None else f" head={lr_head:g}"
 
 
-def at_head_rate(done: dict, lr_head: float | None) -> dict:
-    """The head-alone records, and the families' records made with the head at ``lr_head``."""
-    return {k: v for k, v in done.items()
-            if v["family"] == HEAD or v.get("lr_head") == lr_head}
+def head_rate(part_name: str, cfg) -> float | None:
+    """The head's rate a record of ``part_name`` trains with: vision's, None for language (no head)."""
+    return cfg.lr_head if part_name == "vision" else None
+
+
+def at_run_settings(done: dict, steps: int, lr_head: float | None) -> dict:
+    """The records made at ``steps`` steps with the head at ``lr_head`` (head-alone ones: at ``steps``).
+
+    A sweep's folder keeps the records of earlier settings (another step
+    count, another head rate); they stay there, but no choice is made on
+    them. Records written before records carried their steps are not used.
+    """
+    return {k: v for k, v in done.items() if v.get("steps") == steps
+            and (v.get("family") == HEAD or v.get("lr_head") == lr_head)}
 
 
 class SweepDir(NamedTuple):

@@ -45,6 +45,8 @@ from validation.sweep import (
     dev_run,
     dev_score,
     dev_sweep,
+    head_label,
+    head_rate,
     markdown_header,
     markdown_row,
     score_cells,
@@ -110,9 +112,9 @@ def tau_label(method: Method) -> str:
 
 
 def at_settings(done: dict, current: dict[str, tuple]) -> dict:
-    """The records made at each family's current ``(rate, task fraction)``."""
+    """The records made at each family's current ``(rate, task fraction, head rate)``."""
     return {k: v for k, v in done.items() if v["family"] in current
-            and (v["lr"], v.get("task_fraction")) == current[v["family"]]}
+            and (v["lr"], v.get("task_fraction"), v.get("lr_head")) == current[v["family"]]}
 
 
 def table_of(done: dict) -> dict[tuple[str, int], tuple[float, float, int]]:
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}-steps")
     _, _, parts_by_name, done_path, done = sweep_dir
     stats_cache: dict = {}
+    head = head_rate(args.part, cfg)  # the rate records are made with (None: no head)
     for family in families:
         method = final_method(family, cfg.task_fraction)
         for name, parts in parts_by_name.items():
@@ -167,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
             for steps in sorted(set(args.steps)):
                 local = replace(cfg, steps=steps)
                 for part in parts:
-                    label = (f"{family} lr={cfg.lrs[family]:g}{tau_label(method)} steps={steps} "
-                             f"order={part.seed} {name}")
+                    label = (f"{family} lr={cfg.lrs[family]:g}{tau_label(method)}"
+                             f"{head_label(head)} steps={steps} order={part.seed} {name}")
                     if label in done:
                         continue
                     rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
@@ -176,12 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
                     score, acc = dev_score(args.part, rec)
                     done[label] = {"family": family, "steps": steps, "lr": cfg.lrs[family],
                                    "task_fraction": method.opts.get("task_fraction"),
+                                   "lr_head": head,
                                    "order": part.seed, "target": part.name, "score": score,
                                    "dev_accuracy": acc, "seconds": rec["wall_time_s"]}
                     run_paper.atomic_json(done_path, done)
                     print(f"{label}: dev score {score:.4f} (accuracy {100 * acc:.1f}%)", flush=True)
-    current = {f: (cfg.lrs[f], final_method(f, cfg.task_fraction).opts.get("task_fraction"))
-               for f in FAMILY_METHODS}
+    current = {f: (cfg.lrs[f], final_method(f, cfg.task_fraction).opts.get("task_fraction"),
+                   head) for f in FAMILY_METHODS}
     table = table_of(at_settings(done, current))  # records made at other rates are kept, not used
     best = choose(table)
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-steps.md"

@@ -43,11 +43,14 @@ from validation.report import write_text_atomic
 from validation.sweep import (
     ORDERS,
     ROOT,
+    at_run_settings,
     dev_metric,
     dev_protocol,
     dev_run,
     dev_score,
     dev_sweep,
+    head_label,
+    head_rate,
     markdown_header,
     markdown_row,
     score_cells,
@@ -126,19 +129,22 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}-tau")
     _, _, parts_by_name, done_path, done = sweep_dir
     stats_cache: dict = {}
+    head = head_rate(args.part, cfg)  # the rate records are made with (None: no head)
     for name, parts in parts_by_name.items():
         shared = run_paper.SeedShare()
         for tau in args.task_fractions:
             for lr in lrs:
                 local = replace(cfg, lrs={**cfg.lrs, FAMILY: lr}, task_fraction=tau)
                 for part in parts:
-                    label = f"tau={tau:g} lr={lr:g} order={part.seed} {name}"
+                    label = (f"tau={tau:g} lr={lr:g}{head_label(head)} steps={cfg.steps} "
+                             f"order={part.seed} {name}")
                     if label in done:
                         continue
                     rec = dev_run(part, jactus_method(tau), local, preset.split_seed,
                                   sweep_dir, stats_cache, shared)
                     score, acc = dev_score(args.part, rec)
                     done[label] = {"task_fraction": tau, "lr": lr, "order": part.seed,
+                                   "steps": cfg.steps, "lr_head": head,
                                    "target": part.name, "score": score, "dev_accuracy": acc,
                                    "trainable_params": rec["trainable_params"],
                                    "retain_achieved": rec["retain_achieved"],
@@ -146,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
                     run_paper.atomic_json(done_path, done)
                     print(f"{label}: dev score {score:.4f} (accuracy {100 * acc:.1f}%)",
                           flush=True)
-    table = table_of(done)  # every (tau, rate) in --out: a rerun adds rates or taus
+    # every (tau, rate) in --out at the preset's steps and head rate: a rerun adds rates or taus
+    table = table_of(at_run_settings(done, cfg.steps, head))
     tau, lr = choose(table)
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-tau.md"
     write_page(page, args, cfg, table, (tau, lr), parts_by_name)

@@ -185,6 +185,11 @@ def test_tau_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     rates = {"lr": {f: 1e-3 for f in run_paper.FAMILIES}, "lr_head": 1e-2}
     settings.write_text(json.dumps({"vision": rates, "language": {"lr": {"LoRA": 7.0}}}))
     page = tmp_path / "tau.md"
+    (tmp_path / "out").mkdir()
+    other_steps = {f"tau=1 lr=0.001 head=0.01 steps=99 order={o} vision/digits": {
+        "task_fraction": 1.0, "lr": 1e-3, "lr_head": 1e-2, "steps": 99, "order": o,
+        "target": "vision/digits", "score": 1.0} for o in SEEDS}  # made at 99 steps: not used
+    (tmp_path / "out" / "sweep.json").write_text(json.dumps(other_steps))
     entry = sweep_tau.main(["--part", "vision", "--preset", "smoke", "--task-fractions", "0", "0.5",
                             "--out", str(tmp_path / "out"), "--page", str(page),
                             "--settings", str(settings), "--no-progress"])
@@ -194,10 +199,11 @@ def test_tau_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     assert written["vision"]["lr"]["LoRA"] == 1e-3 and "sweep_tau" in written["vision"]["task_fraction_source"]
     done = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert {v["order"] for v in done.values()} == SEEDS
-    assert {v["task_fraction"] for v in done.values()} == {0.0, 0.5}
+    assert {v["task_fraction"] for v in done.values()} == {0.0, 0.5, 1.0}
     assert {v["target"] for v in done.values()} == {"vision/digits", "vision/digits-shifted"}
     text = page.read_text()
     assert "test items are never scored" in text and "| 0 |" in text and "| 0.5 |" in text
+    assert "| 1 |" not in text  # the records made at other steps are kept, not used
     # the runner reads the choice
     cfg = run_paper.with_learning_rates("vision", run_paper.PartConfig(), settings)
     assert cfg.task_fraction == entry["task_fraction"]
@@ -206,7 +212,8 @@ def test_tau_sweep_end_to_end_on_the_smoke_preset(tmp_path):
                     "--out", str(tmp_path / "out"), "--page", str(page),
                     "--settings", str(settings), "--no-progress"])
     done = json.loads((tmp_path / "out" / "sweep.json").read_text())
-    assert {(v["task_fraction"], v["lr"]) for v in done.values()} == {(0.0, 1e-3), (0.5, 1e-3), (0.0, 1e-2)}
+    assert {(v["task_fraction"], v["lr"]) for v in done.values() if v["steps"] != 99} == {
+        (0.0, 1e-3), (0.5, 1e-3), (0.0, 1e-2)}
     assert "lr 0.01" in page.read_text() and "| 0.5 | " in page.read_text()
 
 
@@ -271,6 +278,15 @@ def test_steps_check_end_to_end_on_the_smoke_preset(tmp_path):
     assert len(done) == 24 + 3 * 2 and {v["lr"] for v in done.values()} == {1e-3, 1e-2}
     assert set(again["table"]) == {("JACTUS", 1), ("JACTUS", 2), ("LoRA", 2)}
     assert "LoRA 0.01" in page.read_text()
+    # a new head rate: every family tunes again (its records are made with the head at it)
+    settings.write_text(json.dumps({"vision": {**rates, "lr_head": 3e-2}}))
+    again = sweep_steps.main(["--part", "vision", "--preset", "smoke", "--steps", "2",
+                              "--families", "LoRA", "--out", str(tmp_path / "out"),
+                              "--page", str(page), "--settings", str(settings),
+                              "--no-progress"])
+    done = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert len(done) == 24 + 3 * 2 + 3 * 2 and set(again["table"]) == {("LoRA", 2)}
+    assert {v["lr_head"] for v in done.values()} == {1e-2, 3e-2}
 
 
 def test_every_preset_runs_three_seeds_and_full_is_large_enough():
@@ -336,12 +352,17 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     # a family swept earlier into the same --out (a rerun of some families keeps the others),
     # with the head at each rate the sweep may choose; and one with a head rate not swept
     (tmp_path / "out").mkdir()
-    earlier = {f"DoRA lr=0.5 head={h:g} order={o} vision/digits": {
-        "family": "DoRA", "lr": 0.5, "lr_head": h, "order": o, "target": "vision/digits",
-        "score": 0.3} for o in SEEDS for h in (1e-3, 1e-2)}
-    earlier |= {f"LoRA lr=9 head=5 order={o} vision/digits": {
-        "family": "LoRA", "lr": 9.0, "lr_head": 5.0, "order": o, "target": "vision/digits",
-        "score": 1.0} for o in SEEDS}  # the best score, but with another head: not used
+    steps = run_paper.presets()["smoke"].vision.steps
+    earlier = {f"DoRA lr=0.5 head={h:g} steps={steps} order={o} vision/digits": {
+        "family": "DoRA", "lr": 0.5, "lr_head": h, "steps": steps, "order": o,
+        "target": "vision/digits", "score": 0.3} for o in SEEDS for h in (1e-3, 1e-2)}
+    earlier |= {f"LoRA lr=9 head=5 steps={steps} order={o} vision/digits": {
+        "family": "LoRA", "lr": 9.0, "lr_head": 5.0, "steps": steps, "order": o,
+        "target": "vision/digits", "score": 1.0} for o in SEEDS}  # another head: not used
+    earlier |= {f"{f} lr=7 head={h:g} steps={steps + 1} order={o} vision/digits": {
+        "family": f, "lr": 7.0, "lr_head": h, "steps": steps + 1, "order": o,
+        "target": "vision/digits", "score": 1.0}
+        for o in SEEDS for h in (1e-3, 1e-2) for f in ("LoRA", "head")}  # other steps: not used
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(earlier))
     chosen = sweep.main(["--part", "vision", "--preset", "smoke", "--lrs", "1e-3", "1e-2",
                          "--families", "LoRA", "--out", str(tmp_path / "out"), "--page", str(page),
@@ -359,6 +380,8 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     assert written["vision"]["task_fraction"] == 0.25  # sweep_tau's choice is kept
     assert {v["lr_head"] for k, v in done.items() if k.startswith("LoRA lr=0.01")} == {
         written["vision"]["lr_head"]}
+    assert written["vision"]["lr"]["LoRA"] != 7.0 and written["vision"]["lr_head"] != 7.0
+    assert {v["steps"] for k, v in done.items() if k.startswith("LoRA lr=0.01")} == {steps}
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -152,9 +152,9 @@ def presets() -> dict[str, Preset]:
                             calibration_batches=16, compress_dtype="float32",
                             retains=(0.8, 0.9), untuned_rows=True),
         vision=PartConfig(model="fmnist-vit", n_tune=500, n_test=500, n_dev=200, batch_size=32,
-                          # steps: the best mean dev accuracy over families of 75/150/300/600
-                          # at the rates chosen at 300 steps (docs/results/sweep-vision-steps.md);
-                          # the rates and tau were then swept again at it
+                          # steps: chosen on dev items in rounds (docs/results/index.md): at the
+                          # rates chosen at 600 steps, 600 is the best mean dev accuracy over
+                          # families of 300/600/1200 (docs/results/sweep-vision-steps.md)
                           steps=600, calibration_batches=8, retains=(0.8, 0.9),
                           targets=("digits", "fmnist-tops"), base_row=True, probe_steps=100,
                           untuned_rows=True),

@@ -90,7 +90,7 @@ from validation.report import (
     write_results,
     write_text_atomic,
 )
-from validation.train import tune
+from validation.train import is_main_process, tune
 
 PAPER_REPORTED = {
     "vision": {"JACTUS@0.8": 89.2, "DoRA@1.0": 87.9},
@@ -361,12 +361,6 @@ def fingerprint(obj) -> str:
 def atomic_json(path: Path, payload) -> None:
     """Create or replace the JSON file ``path`` atomically."""
     write_text_atomic(path, json.dumps(payload, indent=1, default=str))
-
-
-def is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
 
 
 def log(message: str) -> None:

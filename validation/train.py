@@ -171,7 +171,7 @@ def tune(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         now = time.perf_counter()
         if checkpoint is not None and step + 1 < steps and now - last_save >= checkpoint_every_s:
-            if _main_process():
+            if is_main_process():
                 state = TuningState(step + 1, losses, resumed.earlier_seconds + now - start)
                 save_tuning_state(checkpoint, named, opt, sched, identity, state)
             last_save = time.perf_counter()
@@ -186,7 +186,8 @@ def tune(
     )
 
 
-def _main_process() -> bool:
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of an initialised ``torch.distributed`` run."""
     return not _distributed() or torch.distributed.get_rank() == 0
 
 

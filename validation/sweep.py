@@ -25,7 +25,9 @@ Protocol
   better). A choice at an edge of the grid is flagged on the page.
 
 Outputs: ``--out`` (default ``results/sweep-<part>``) keeps ``sweep.json``,
-one entry per (family, rate, order), so a rerun resumes; at the end the
+one entry per (family, rate, order, pretrained model: vision's ViT is named
+by its weights' fingerprint), so a rerun resumes, and a rerun on another
+pretrained model tunes again instead of reusing records made on the first; at the end the
 page ``--page`` (default ``docs/results/sweep-<part>.md``) says what was
 chosen and why, and ``--settings`` (default ``validation/tuned_settings.json``,
 read by the runner) records the chosen rates with a pointer to the page.
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)
         done[label] = {"family": family, "lr": lr, "order": part.seed, "target": part.name,
+                       "base": base_of(part),
                        "lr_head": cfg.lr_head if family != HEAD else None, "steps": cfg.steps,
                        "score": score, "dev_accuracy": acc,
                        "dev_items": int(sum(len(v) for v in rec["correct"].values())),
@@ -162,10 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
         for name, parts in parts_by_name.items():
             for lr in args.lrs:
                 for part in parts:
-                    label = f"{HEAD} lr={lr:g} steps={cfg.steps} order={part.seed} {name}"
+                    label = (f"{HEAD} lr={lr:g} steps={cfg.steps} order={part.seed} {name}"
+                             f"{base_label(part)}")
                     if label not in done:
                         record(label, HEAD, lr, part, _head_only(part, lr, cfg, part.seed))
-        lr_head = _merge_targets(at_run_settings(done, cfg.steps, None), HEAD)["lr"]
+        done_here = on_current_bases(done, parts_by_name)
+        lr_head = _merge_targets(at_run_settings(done_here, cfg.steps, None), HEAD)["lr"]
     cfg = replace(cfg, lr_head=lr_head)
     stats_cache: dict = {}
     tau = run_paper.tuned_settings(args.settings).get(args.part, {}).get("task_fraction") \
@@ -181,16 +186,17 @@ def main(argv: list[str] | None = None) -> dict:
                 local = replace(cfg, lrs={f: lr for f in FAMILY_METHODS})
                 for part in parts:
                     label = (f"{family} lr={lr:g}{head_label(lr_head)} steps={cfg.steps} "
-                             f"order={part.seed} {name}")
+                             f"order={part.seed} {name}{base_label(part)}")
                     if label in done:
                         continue
                     rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
                                   stats_cache, shared)
                     record(label, family, lr, part, rec)
     # every family with results in --out (a rerun of some families keeps the others' rows),
-    # at the preset's steps and the head's chosen rate only (records made with other steps or
-    # another head rate are kept, not used)
-    done_now = at_run_settings(done, cfg.steps, lr_head)
+    # at the preset's steps and the head's chosen rate only, on the pretrained models the dev
+    # parts hold now (records made with other steps, another head rate or another pretrained
+    # ViT are kept, not used)
+    done_now = at_run_settings(on_current_bases(done, parts_by_name), cfg.steps, lr_head)
     chosen = {f: _merge_targets(done_now, f) for f in FAMILY_METHODS
               if any(v["family"] == f for v in done_now.values())}
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}.md"
@@ -217,6 +223,35 @@ def at_run_settings(done: dict, steps: int, lr_head: float | None) -> dict:
     """
     return {k: v for k, v in done.items() if v.get("steps") == steps
             and (v.get("family") == HEAD or v.get("lr_head") == lr_head)}
+
+
+def base_of(part) -> str | None:
+    """The fingerprint of the pretrained model ``part`` starts from (vision's ViT), or None."""
+    return getattr(part, "base_fingerprint", None)
+
+
+def base_label(part) -> str:
+    """`` base=<fingerprint>`` in a record's label when the part's pretrained model has one, else empty.
+
+    A vision part's ViT is pretrained per seed on the machine that runs the
+    sweep; two machines can build different bytes, so a record says which
+    model it was tuned from and a rerun on another model tunes again.
+    """
+    fingerprint = base_of(part)
+    return "" if fingerprint is None else f" base={fingerprint}"
+
+
+def on_current_bases(done: dict, parts_by_name: dict) -> dict:
+    """The records made on the pretrained model that the dev part of their target and order holds now.
+
+    Records of a target or order the sweep did not build this time, or made
+    from another pretrained model (another fingerprint, or none recorded
+    where the part has one), are kept in the folder but not used.
+    """
+    current = {(p.name, p.seed): base_of(p) for parts in parts_by_name.values() for p in parts}
+    return {k: v for k, v in done.items()
+            if (v.get("target"), v.get("order")) in current
+            and v.get("base") == current[(v["target"], v["order"])]}
 
 
 class SweepDir(NamedTuple):
@@ -287,9 +322,15 @@ def dev_protocol(parts_by_name: dict, orders) -> str:
     """The pages' sentence on what is scored: the dev items per target or task, the orders."""
     dev_items = {name: len(parts[0].test_items) if hasattr(parts[0], "test_items")
                  else len(parts[0].test_y) for name, parts in parts_by_name.items()}
+    bases = {p.seed: base_of(p) for parts in parts_by_name.values() for p in parts
+             if base_of(p) is not None}
+    pretrained = ("Pretrained ViT per order (SHA-256 of its weights, first 16 hex digits): "
+                  + ", ".join(f"{s}: `{f}`" for s, f in sorted(bases.items())) + ". "
+                  if bases else "")
     return ("scored on dev items that are in neither the tune nor the test part (test items are "
             "never scored here): " + ", ".join(f"{n}: {k} dev items" for n, k in dev_items.items())
-            + f". Data orders (and initialisation seeds): {', '.join(map(str, orders))}. ")
+            + f". Data orders (and initialisation seeds): {', '.join(map(str, orders))}. "
+            + pretrained)
 
 
 def written_by(module: str, argv: str) -> str:
@@ -357,13 +398,18 @@ def _merge_targets(done: dict, family: str) -> dict:
     return chosen
 
 
+def lrs_argv(lrs) -> str:
+    """`` --lrs ...`` as the command passed it, or empty for the default grid (:data:`LRS`)."""
+    return "" if sorted(lrs) == sorted(LRS) else " --lrs " + " ".join(f"{lr:g}" for lr in lrs)
+
+
 def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_by_name) -> None:
     """The sweep's page: protocol, the dev score of every rate, what was chosen and why."""
     scale = 100.0 if args.part == "vision" else -1.0
     lines = [
         f"# Learning rates of the {args.part} part, chosen on dev items",
         "",
-        written_by("sweep", f"--part {args.part} --preset {args.preset}")
+        written_by("sweep", f"--part {args.part} --preset {args.preset}{lrs_argv(args.lrs)}")
         + "; the runner reads the chosen rates from `validation/tuned_settings.json`.",
         "",
         "Protocol: every family in its final configuration (JACTUS@0.8 with covariance task "

@@ -40,6 +40,8 @@ from validation.sweep import (
     FAMILY_METHODS,
     ORDERS,
     ROOT,
+    base_label,
+    base_of,
     dev_metric,
     dev_protocol,
     dev_run,
@@ -49,6 +51,7 @@ from validation.sweep import (
     head_rate,
     markdown_header,
     markdown_row,
+    on_current_bases,
     score_cells,
     score_scale,
     write_sweep_page,
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
                 local = replace(cfg, steps=steps)
                 for part in parts:
                     label = (f"{family} lr={cfg.lrs[family]:g}{tau_label(method)}"
-                             f"{head_label(head)} steps={steps} order={part.seed} {name}")
+                             f"{head_label(head)} steps={steps} order={part.seed} {name}"
+                             f"{base_label(part)}")
                     if label in done:
                         continue
                     rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
@@ -180,13 +184,15 @@ def main(argv: list[str] | None = None) -> dict:
                     done[label] = {"family": family, "steps": steps, "lr": cfg.lrs[family],
                                    "task_fraction": method.opts.get("task_fraction"),
                                    "lr_head": head,
-                                   "order": part.seed, "target": part.name, "score": score,
+                                   "order": part.seed, "target": part.name, "base": base_of(part),
+                                   "score": score,
                                    "dev_accuracy": acc, "seconds": rec["wall_time_s"]}
                     run_paper.atomic_json(done_path, done)
                     print(f"{label}: dev score {score:.4f} (accuracy {100 * acc:.1f}%)", flush=True)
     current = {f: (cfg.lrs[f], final_method(f, cfg.task_fraction).opts.get("task_fraction"),
                    head) for f in FAMILY_METHODS}
-    table = table_of(at_settings(done, current))  # records made at other rates are kept, not used
+    # records made at other rates or from another pretrained model are kept, not used
+    table = table_of(at_settings(on_current_bases(done, parts_by_name), current))
     best = choose(table)
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-steps.md"
     write_page(page, args, cfg, preset_steps, table, best, parts_by_name)

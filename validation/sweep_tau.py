@@ -44,6 +44,8 @@ from validation.sweep import (
     ORDERS,
     ROOT,
     at_run_settings,
+    base_label,
+    base_of,
     dev_metric,
     dev_protocol,
     dev_run,
@@ -53,6 +55,7 @@ from validation.sweep import (
     head_rate,
     markdown_header,
     markdown_row,
+    on_current_bases,
     score_cells,
     score_scale,
     write_sweep_page,
@@ -137,13 +140,14 @@ def main(argv: list[str] | None = None) -> dict:
                 local = replace(cfg, lrs={**cfg.lrs, FAMILY: lr}, task_fraction=tau)
                 for part in parts:
                     label = (f"tau={tau:g} lr={lr:g}{head_label(head)} steps={cfg.steps} "
-                             f"order={part.seed} {name}")
+                             f"order={part.seed} {name}{base_label(part)}")
                     if label in done:
                         continue
                     rec = dev_run(part, jactus_method(tau), local, preset.split_seed,
                                   sweep_dir, stats_cache, shared)
                     score, acc = dev_score(args.part, rec)
                     done[label] = {"task_fraction": tau, "lr": lr, "order": part.seed,
+                                   "base": base_of(part),
                                    "steps": cfg.steps, "lr_head": head,
                                    "target": part.name, "score": score, "dev_accuracy": acc,
                                    "trainable_params": rec["trainable_params"],
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"{label}: dev score {score:.4f} (accuracy {100 * acc:.1f}%)",
                           flush=True)
     # every (tau, rate) in --out at the preset's steps and head rate: a rerun adds rates or taus
-    table = table_of(at_run_settings(done, cfg.steps, head))
+    table = table_of(at_run_settings(on_current_bases(done, parts_by_name), cfg.steps, head))
     tau, lr = choose(table)
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-tau.md"
     write_page(page, args, cfg, table, (tau, lr), parts_by_name)

@@ -30,6 +30,12 @@ RUNNER = ROOT / "validation" / "run_paper.py"
 SEEDS = {0, 1, 2}
 
 
+def smoke_bases() -> dict[int, str]:
+    """The fingerprint of the smoke preset's pretrained ViT per seed (what sweep records carry)."""
+    cfg = run_paper.presets()["smoke"].vision
+    return {s: run_paper.pretrained_vision_model(cfg, s, progress=False)[1] for s in SEEDS}
+
+
 # ----------------------------------------------------------------------------- units
 
 
@@ -186,9 +192,11 @@ def test_tau_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     settings.write_text(json.dumps({"vision": rates, "language": {"lr": {"LoRA": 7.0}}}))
     page = tmp_path / "tau.md"
     (tmp_path / "out").mkdir()
-    other_steps = {f"tau=1 lr=0.001 head=0.01 steps=99 order={o} vision/digits": {
+    bases = smoke_bases()
+    other_steps = {f"tau=1 lr=0.001 head=0.01 steps=99 order={o} vision/digits base={bases[o]}": {
         "task_fraction": 1.0, "lr": 1e-3, "lr_head": 1e-2, "steps": 99, "order": o,
-        "target": "vision/digits", "score": 1.0} for o in SEEDS}  # made at 99 steps: not used
+        "target": "vision/digits", "base": bases[o], "score": 1.0}
+        for o in SEEDS}  # made at 99 steps: not used
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(other_steps))
     entry = sweep_tau.main(["--part", "vision", "--preset", "smoke", "--task-fractions", "0", "0.5",
                             "--out", str(tmp_path / "out"), "--page", str(page),
@@ -353,16 +361,27 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     # with the head at each rate the sweep may choose; and one with a head rate not swept
     (tmp_path / "out").mkdir()
     steps = run_paper.presets()["smoke"].vision.steps
-    earlier = {f"DoRA lr=0.5 head={h:g} steps={steps} order={o} vision/digits": {
+    bases = smoke_bases()
+    earlier = {f"DoRA lr=0.5 head={h:g} steps={steps} order={o} vision/digits base={bases[o]}": {
         "family": "DoRA", "lr": 0.5, "lr_head": h, "steps": steps, "order": o,
-        "target": "vision/digits", "score": 0.3} for o in SEEDS for h in (1e-3, 1e-2)}
-    earlier |= {f"LoRA lr=9 head=5 steps={steps} order={o} vision/digits": {
+        "target": "vision/digits", "base": bases[o], "score": 0.3}
+        for o in SEEDS for h in (1e-3, 1e-2)}
+    earlier |= {f"LoRA lr=9 head=5 steps={steps} order={o} vision/digits base={bases[o]}": {
         "family": "LoRA", "lr": 9.0, "lr_head": 5.0, "steps": steps, "order": o,
-        "target": "vision/digits", "score": 1.0} for o in SEEDS}  # another head: not used
-    earlier |= {f"{f} lr=7 head={h:g} steps={steps + 1} order={o} vision/digits": {
+        "target": "vision/digits", "base": bases[o], "score": 1.0}
+        for o in SEEDS}  # another head: not used
+    earlier |= {f"{f} lr=7 head={h:g} steps={steps + 1} order={o} vision/digits base={bases[o]}": {
         "family": f, "lr": 7.0, "lr_head": h, "steps": steps + 1, "order": o,
-        "target": "vision/digits", "score": 1.0}
+        "target": "vision/digits", "base": bases[o], "score": 1.0}
         for o in SEEDS for h in (1e-3, 1e-2) for f in ("LoRA", "head")}  # other steps: not used
+    earlier |= {f"{f} lr=8 head={h:g} steps={steps} order={o} vision/digits base=0123456789abcdef": {
+        "family": f, "lr": 8.0, "lr_head": h, "steps": steps, "order": o,
+        "target": "vision/digits", "base": "0123456789abcdef", "score": 1.0}
+        for o in SEEDS for h in (1e-3, 1e-2) for f in ("LoRA", "head", "DoRA")}  # another ViT
+    earlier |= {f"DoRA lr=6 head={h:g} steps={steps} order={o} vision/digits": {
+        "family": "DoRA", "lr": 6.0, "lr_head": h, "steps": steps, "order": o,
+        "target": "vision/digits", "score": 1.0}
+        for o in SEEDS for h in (1e-3, 1e-2)}  # no ViT recorded: not used
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(earlier))
     chosen = sweep.main(["--part", "vision", "--preset", "smoke", "--lrs", "1e-3", "1e-2",
                          "--families", "LoRA", "--out", str(tmp_path / "out"), "--page", str(page),
@@ -382,6 +401,13 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
         written["vision"]["lr_head"]}
     assert written["vision"]["lr"]["LoRA"] != 7.0 and written["vision"]["lr_head"] != 7.0
     assert {v["steps"] for k, v in done.items() if k.startswith("LoRA lr=0.01")} == {steps}
+    # records made from another pretrained ViT (or none recorded) are kept, not used
+    assert 8.0 not in (written["vision"]["lr"]["LoRA"], written["vision"]["lr_head"])
+    assert written["vision"]["lr"]["DoRA"] == 0.5 and "| 8 |" not in text and "| 6 |" not in text
+    assert {(v["order"], v["base"]) for k, v in done.items() if k.startswith("LoRA lr=0.01")} == set(
+        bases.items())
+    assert "--lrs 0.001 0.01`" in text  # the page names the command that wrote it
+    assert "Pretrained ViT per order" in text and all(f"`{f}`" in text for f in bases.values())
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -998,6 +998,8 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
                 if stats_key not in shared.stats:
                     shared.stats[stats_key], secs = statistics_for(part, out, stats_key, progress)
                     timings[f"{name}: calibration (seed {seed})"] = secs
+                    log(f"[{name} seed {seed}] calibration: " + (
+                        f"{secs:.0f} s in this process" if secs else "read from the file"))
                 stats = shared.stats[stats_key]
             save_to = None
             if config.save_models is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -441,6 +442,10 @@ def test_smoke_writes_every_output(smoke):
         assert (out / name).stat().st_size > 0, name
     for lane in (0, 1):  # --jobs 2: two processes, each with its log
         assert (out / f"log-job{lane}.txt").stat().st_size > 0
+    # the language calibration ran in exactly one lane, and its log says how long it took
+    logs = [(out / f"log-job{lane}.txt").read_text() for lane in (0, 1)]
+    timed = [re.findall(r"\[language seed \d\] calibration: (\d+) s in this process", t) for t in logs]
+    assert sorted(len(t) for t in timed) == [0, 1], timed
     payload = _payload(out)
     lang = {r["method"] for r in payload["rows"] if r["part"] == "language"}
     vis = {r["method"] for r in payload["rows"] if r["part"] == "vision"}

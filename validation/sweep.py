@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)
-        done[label] = {"family": family, "lr": lr, "order": part.seed, "target": part.name,
-                       "base": base_of(part),
+        done[label] = {"family": family, "lr": lr, **part_fields(part),
                        "lr_head": cfg.lr_head if family != HEAD else None, "steps": cfg.steps,
                        "score": score, "dev_accuracy": acc,
                        "dev_items": int(sum(len(v) for v in rec["correct"].values())),
@@ -162,15 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     lr_head = None
     if args.part == "vision":
-        for name, parts in parts_by_name.items():
+        for parts in parts_by_name.values():
             for lr in args.lrs:
                 for part in parts:
-                    label = (f"{HEAD} lr={lr:g} steps={cfg.steps} order={part.seed} {name}"
-                             f"{base_label(part)}")
+                    label = f"{HEAD} lr={lr:g} steps={cfg.steps} {part_tag(part)}"
                     if label not in done:
                         record(label, HEAD, lr, part, _head_only(part, lr, cfg, part.seed))
-        done_here = on_current_bases(done, parts_by_name)
-        lr_head = _merge_targets(at_run_settings(done_here, cfg.steps, None), HEAD)["lr"]
+        done_here = at_run_settings(done, parts_by_name, cfg.steps, None)
+        lr_head = _merge_targets(done_here, HEAD)["lr"]
     cfg = replace(cfg, lr_head=lr_head)
     stats_cache: dict = {}
     tau = run_paper.tuned_settings(args.settings).get(args.part, {}).get("task_fraction") \
@@ -180,13 +178,13 @@ def main(argv: list[str] | None = None) -> dict:
         if family == "JACTUS" and tau is not None:  # the task fraction validation/sweep_tau.py chose
             method = Method(method.name, method.family, method.kind, method.retain,
                             (("task_fraction", float(tau)),))
-        for name, parts in parts_by_name.items():
+        for parts in parts_by_name.values():
             shared = run_paper.SeedShare()
             for lr in args.lrs:
                 local = replace(cfg, lrs={f: lr for f in FAMILY_METHODS})
                 for part in parts:
                     label = (f"{family} lr={lr:g}{head_label(lr_head)} steps={cfg.steps} "
-                             f"order={part.seed} {name}{base_label(part)}")
+                             f"{part_tag(part)}")
                     if label in done:
                         continue
                     rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
@@ -196,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     # at the preset's steps and the head's chosen rate only, on the pretrained models the dev
     # parts hold now (records made with other steps, another head rate or another pretrained
     # ViT are kept, not used)
-    done_now = at_run_settings(on_current_bases(done, parts_by_name), cfg.steps, lr_head)
+    done_now = at_run_settings(done, parts_by_name, cfg.steps, lr_head)
     chosen = {f: _merge_targets(done_now, f) for f in FAMILY_METHODS
               if any(v["family"] == f for v in done_now.values())}
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}.md"
@@ -214,14 +212,17 @@ def head_rate(part_name: str, cfg) -> float | None:
     return cfg.lr_head if part_name == "vision" else None
 
 
-def at_run_settings(done: dict, steps: int, lr_head: float | None) -> dict:
-    """The records made at ``steps`` steps with the head at ``lr_head`` (head-alone ones: at ``steps``).
+def at_run_settings(done: dict, parts_by_name: dict, steps: int, lr_head: float | None) -> dict:
+    """The records made on the current dev parts at ``steps`` steps with the head at ``lr_head``.
 
-    A sweep's folder keeps the records of earlier settings (another step
-    count, another head rate); they stay there, but no choice is made on
-    them. Records written before records carried their steps are not used.
+    Head-alone records need only the steps. A sweep's folder keeps the
+    records of earlier settings (another step count, another head rate,
+    another pretrained model: :func:`on_current_bases`); they stay there,
+    but no choice is made on them. Records written before records carried
+    their steps are not used.
     """
-    return {k: v for k, v in done.items() if v.get("steps") == steps
+    return {k: v for k, v in on_current_bases(done, parts_by_name).items()
+            if v.get("steps") == steps
             and (v.get("family") == HEAD or v.get("lr_head") == lr_head)}
 
 
@@ -239,6 +240,19 @@ def base_label(part) -> str:
     """
     fingerprint = base_of(part)
     return "" if fingerprint is None else f" base={fingerprint}"
+
+
+def part_tag(part) -> str:
+    """The end of a sweep record's label: ``order=<seed> <part>`` and its :func:`base_label`."""
+    return f"order={part.seed} {part.name}{base_label(part)}"
+
+
+def part_fields(part) -> dict:
+    """The fields that say which dev part a sweep record was made on: order, target, base model.
+
+    :func:`on_current_bases` selects records by these.
+    """
+    return {"order": part.seed, "target": part.name, "base": base_of(part)}
 
 
 def on_current_bases(done: dict, parts_by_name: dict) -> dict:

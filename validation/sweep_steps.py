@@ -40,8 +40,6 @@ from validation.sweep import (
     FAMILY_METHODS,
     ORDERS,
     ROOT,
-    base_label,
-    base_of,
     dev_metric,
     dev_protocol,
     dev_run,
@@ -52,6 +50,8 @@ from validation.sweep import (
     markdown_header,
     markdown_row,
     on_current_bases,
+    part_fields,
+    part_tag,
     score_cells,
     score_scale,
     write_sweep_page,
@@ -114,9 +114,14 @@ def tau_label(method: Method) -> str:
     return "" if tau is None else f" tau={tau:g}"
 
 
-def at_settings(done: dict, current: dict[str, tuple]) -> dict:
-    """The records made at each family's current ``(rate, task fraction, head rate)``."""
-    return {k: v for k, v in done.items() if v["family"] in current
+def at_settings(done: dict, parts_by_name: dict, current: dict[str, tuple]) -> dict:
+    """The records made on the current dev parts at each family's ``(rate, task fraction, head rate)``.
+
+    Records made from another pretrained model (:func:`validation.sweep.on_current_bases`)
+    are kept in the folder but not used.
+    """
+    return {k: v for k, v in on_current_bases(done, parts_by_name).items()
+            if v["family"] in current
             and (v["lr"], v.get("task_fraction"), v.get("lr_head")) == current[v["family"]]}
 
 
@@ -168,14 +173,13 @@ def main(argv: list[str] | None = None) -> dict:
     head = head_rate(args.part, cfg)  # the rate records are made with (None: no head)
     for family in families:
         method = final_method(family, cfg.task_fraction)
-        for name, parts in parts_by_name.items():
+        for parts in parts_by_name.values():
             shared = run_paper.SeedShare()
             for steps in sorted(set(args.steps)):
                 local = replace(cfg, steps=steps)
                 for part in parts:
                     label = (f"{family} lr={cfg.lrs[family]:g}{tau_label(method)}"
-                             f"{head_label(head)} steps={steps} order={part.seed} {name}"
-                             f"{base_label(part)}")
+                             f"{head_label(head)} steps={steps} {part_tag(part)}")
                     if label in done:
                         continue
                     rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                     done[label] = {"family": family, "steps": steps, "lr": cfg.lrs[family],
                                    "task_fraction": method.opts.get("task_fraction"),
                                    "lr_head": head,
-                                   "order": part.seed, "target": part.name, "base": base_of(part),
+                                   **part_fields(part),
                                    "score": score,
                                    "dev_accuracy": acc, "seconds": rec["wall_time_s"]}
                     run_paper.atomic_json(done_path, done)
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     current = {f: (cfg.lrs[f], final_method(f, cfg.task_fraction).opts.get("task_fraction"),
                    head) for f in FAMILY_METHODS}
     # records made at other rates or from another pretrained model are kept, not used
-    table = table_of(at_settings(on_current_bases(done, parts_by_name), current))
+    table = table_of(at_settings(done, parts_by_name, current))
     best = choose(table)
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-steps.md"
     write_page(page, args, cfg, preset_steps, table, best, parts_by_name)

@@ -44,8 +44,6 @@ from validation.sweep import (
     ORDERS,
     ROOT,
     at_run_settings,
-    base_label,
-    base_of,
     dev_metric,
     dev_protocol,
     dev_run,
@@ -55,7 +53,8 @@ from validation.sweep import (
     head_rate,
     markdown_header,
     markdown_row,
-    on_current_bases,
+    part_fields,
+    part_tag,
     score_cells,
     score_scale,
     write_sweep_page,
@@ -133,23 +132,21 @@ def main(argv: list[str] | None = None) -> dict:
     _, _, parts_by_name, done_path, done = sweep_dir
     stats_cache: dict = {}
     head = head_rate(args.part, cfg)  # the rate records are made with (None: no head)
-    for name, parts in parts_by_name.items():
+    for parts in parts_by_name.values():
         shared = run_paper.SeedShare()
         for tau in args.task_fractions:
             for lr in lrs:
                 local = replace(cfg, lrs={**cfg.lrs, FAMILY: lr}, task_fraction=tau)
                 for part in parts:
                     label = (f"tau={tau:g} lr={lr:g}{head_label(head)} steps={cfg.steps} "
-                             f"order={part.seed} {name}{base_label(part)}")
+                             f"{part_tag(part)}")
                     if label in done:
                         continue
                     rec = dev_run(part, jactus_method(tau), local, preset.split_seed,
                                   sweep_dir, stats_cache, shared)
                     score, acc = dev_score(args.part, rec)
-                    done[label] = {"task_fraction": tau, "lr": lr, "order": part.seed,
-                                   "base": base_of(part),
-                                   "steps": cfg.steps, "lr_head": head,
-                                   "target": part.name, "score": score, "dev_accuracy": acc,
+                    done[label] = {"task_fraction": tau, "lr": lr, **part_fields(part),
+                                   "steps": cfg.steps, "lr_head": head, "score": score, "dev_accuracy": acc,
                                    "trainable_params": rec["trainable_params"],
                                    "retain_achieved": rec["retain_achieved"],
                                    "seconds": rec["wall_time_s"]}
@@ -157,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"{label}: dev score {score:.4f} (accuracy {100 * acc:.1f}%)",
                           flush=True)
     # every (tau, rate) in --out at the preset's steps and head rate: a rerun adds rates or taus
-    table = table_of(at_run_settings(on_current_bases(done, parts_by_name), cfg.steps, head))
+    table = table_of(at_run_settings(done, parts_by_name, cfg.steps, head))
     tau, lr = choose(table)
     page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-tau.md"
     write_page(page, args, cfg, table, (tau, lr), parts_by_name)

@@ -253,6 +253,7 @@ class RunConfig:
     method_filter: tuple[str, ...] = ()  # run methods whose name contains one of these (empty: all)
     method_kinds: tuple[str, ...] = ()  # run methods of these kinds only (empty: all); --jobs lanes
     jobs: int = 1  # processes side by side (run_jobs); 1: this process runs everything
+    pretrain_only: bool = False  # build the vision part's pretrained ViTs, then stop; --jobs lanes
     threads: int | None = None  # torch CPU threads (None: each part's own setting)
     progress: bool = True
     paper: PaperInputs = field(default_factory=PaperInputs)
@@ -867,6 +868,7 @@ def _parser() -> argparse.ArgumentParser:
                         "one thread (default: 2 on a CPU with 2 or more cores, for every preset "
                         "but paper; 1 otherwise)")
     p.add_argument("--method-kinds", default=None, help=argparse.SUPPRESS)  # --jobs lanes
+    p.add_argument("--pretrain-only", action="store_true", help=argparse.SUPPRESS)  # --jobs lanes
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("paper preset (local paths)")
     g.add_argument("--vit-checkpoint", type=Path)
@@ -898,6 +900,7 @@ def run_config(argv: list[str] | None = None) -> RunConfig:
         method_filter=tuple(w.strip() for w in args.methods.split(",")) if args.methods else (),
         method_kinds=tuple(args.method_kinds.split(",")) if args.method_kinds else (),
         jobs=default_jobs(args.jobs, preset.name, args.device),
+        pretrain_only=args.pretrain_only,
         threads=args.threads,
         progress=not args.no_progress,
         paper=paper,
@@ -1027,6 +1030,9 @@ def main(argv: list[str] | None = None) -> Path:
     # tokenizers' thread pool and torch's forked workers do not mix; set for this process only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = run_config(argv)
+    if config.pretrain_only:
+        pretrain_vision(config)
+        return config.out
     if config.jobs > 1 and len(job_lanes(config)) > 1:
         return run_jobs(config, sys.argv[1:] if argv is None else list(argv))
     return run(config)
@@ -1049,11 +1055,15 @@ def default_jobs(requested: int | None, preset: str, device: str | None) -> int:
 def job_lanes(config: RunConfig) -> list[list[list[str]]]:
     """The extra arguments of each job, by lane: lanes run side by side, a lane's jobs in turn.
 
-    Two lanes, balanced on measured times (issue 13): JACTUS (the
-    calibration, then its compressions, tuned and untuned rows) and DoRA;
-    the base row, LoRA and SVD-LLM+LoRA (whose calibration is JACTUS's: by
-    the time this lane reaches it the statistics file is written, or it
-    waits on :func:`calibration_lock`), then the vision part. A tuned model
+    Two lanes, balanced on measured times (issue 13): the vision part's
+    pretrained ViTs (:func:`pretrain_vision`, about 70 s a seed on one
+    core for the default preset), JACTUS (the calibration, then its
+    compressions, tuned and untuned rows) and DoRA; the base row, LoRA and
+    SVD-LLM+LoRA (whose calibration is JACTUS's: by the time this lane
+    reaches it the statistics file is written, or it waits on
+    :func:`calibration_lock`), then the vision part, which reads the ViTs
+    the first lane cached. The default preset's lanes took 24.1 and 29.7
+    min with the pretraining in the second lane. A tuned model
     costs about the same in every family, so each lane has half the tuned
     language models: on the full preset (300 steps, about 30 min each on
     one core) about 5 h each, where JACTUS with SVD-LLM+LoRA beside the rest
@@ -1065,8 +1075,30 @@ def job_lanes(config: RunConfig) -> list[list[list[str]]]:
         return [[[]]]
     lanes = [[["--parts", "language", "--method-kinds", ",".join(kinds)]] for kinds in LANE_KINDS]
     if vis:
+        lanes[0].insert(0, ["--parts", "vision", "--pretrain-only"])
         lanes[1].append(["--parts", "vision"])
     return lanes
+
+
+def pretrain_vision(config: RunConfig) -> dict[int, str]:
+    """Build (or read from the cache) the vision part's pretrained ViT of every seed.
+
+    The first job of the first ``--jobs`` lane: the ViTs are cached per
+    seed, so the vision part of the other lane then reads them. Returns
+    ``{seed: fingerprint}`` and logs each.
+    """
+    cfg = config.preset.vision
+    if not cfg.enabled or cfg.model == "paper":  # the paper preset reads a local checkpoint
+        return {}
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    prints = {}
+    for seed in config.preset.seeds:
+        start = time.perf_counter()
+        prints[seed] = pretrained_vision_model(cfg, seed, config.progress)[1]
+        log(f"[vision] seed {seed}: pretrained ViT fingerprint {prints[seed]} "
+            f"({time.perf_counter() - start:.0f} s)")
+    return prints
 
 
 def run_jobs(config: RunConfig, argv: list[str]) -> Path:

@@ -446,6 +446,10 @@ def test_smoke_writes_every_output(smoke):
     logs = [(out / f"log-job{lane}.txt").read_text() for lane in (0, 1)]
     timed = [re.findall(r"\[language seed \d\] calibration: (\d+) s in this process", t) for t in logs]
     assert sorted(len(t) for t in timed) == [0, 1], timed
+    # the first lane pretrained the ViTs; the vision part of the second built the same bytes
+    vits = [dict(re.findall(r"\[vision\] seed (\d): pretrained ViT fingerprint (\w+)", t))
+            for t in logs]
+    assert set(vits[0]) == {str(s) for s in SEEDS} and vits[0] == vits[1], vits
     payload = _payload(out)
     lang = {r["method"] for r in payload["rows"] if r["part"] == "language"}
     vis = {r["method"] for r in payload["rows"] if r["part"] == "vision"}
@@ -599,7 +603,10 @@ def test_jobs_lanes_run_every_method_exactly_once():
     config = run_paper.run_config(["--preset", "default", "--jobs", "2"])
     lanes = run_paper.job_lanes(config)
     assert len(lanes) == 2 and lanes[1][-1] == ["--parts", "vision"]
-    kinds = [lane[0][lane[0].index("--method-kinds") + 1].split(",") for lane in lanes]
+    # the first lane builds the ViTs the second lane's vision part then reads
+    assert lanes[0][0] == ["--parts", "vision", "--pretrain-only"]
+    language = [next(job for job in lane if "language" in job) for lane in lanes]
+    kinds = [job[job.index("--method-kinds") + 1].split(",") for job in language]
     for method in run_paper.methods_for(config.preset.language):
         assert sum(method.kind in k for k in kinds) == 1, method.name
     assert config.jobs == 2

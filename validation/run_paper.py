@@ -708,6 +708,7 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
         "summary": {k: summarize(by_seed) for k, by_seed in groups.items()},
         "timings_s": timings,
         "wall_time_s": sum(timings.values()) if wall_s is None else wall_s,
+        "recorded_time_s": recorded_seconds(groups),
         "paper_reported": PAPER_REPORTED,
     }
     write_results(out, rows, extra)
@@ -717,7 +718,10 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
           f"torch {extra['machine']['torch']}  ",
           f"Seeds: {', '.join(map(str, preset.seeds))} (data order and initialisation; "
           f"items split with seed {preset.split_seed})  ",
-          f"Wall time: {extra['wall_time_s'] / 60:.1f} min", ""]
+          f"Wall time: {extra['wall_time_s'] / 60:.1f} min (this invocation)  ",
+          f"Method time: {extra['recorded_time_s'] / 3600:.2f} h (the sum of every method "
+          "record's own tuning and evaluation time, records of earlier invocations included)",
+          ""]
     verdict: list[str] = []
     for part_name, by_seed in groups.items():
         info = parts_info[part_name]
@@ -744,14 +748,29 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
     md += ["Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     write_text_atomic(out / "results.md", "\n".join(md))
     summary_md = [f"Preset `{preset.name}`, seeds {', '.join(map(str, preset.seeds))}, "
-                  f"{extra['date']}, {extra['wall_time_s'] / 60:.0f} min "
-                  f"({extra['machine']['cpus']} CPUs, {extra['machine']['cpu']}). "
+                  f"{extra['date']}, {extra['wall_time_s'] / 60:.0f} min of wall time in "
+                  f"this invocation, {extra['recorded_time_s'] / 3600:.1f} h of method time "
+                  "(every record's own tuning and evaluation time, records read back from "
+                  f"earlier invocations included) ({extra['machine']['cpus']} CPUs, "
+                  f"{extra['machine']['cpu']}). "
                   f"Command: `{command}`.", "", *verdict]
     for part_name in groups:
         summary_md += [f"{part_name} (accuracy %, mean ± sd over seeds):", "",
                        seed_table(extra["summary"][part_name], parts_info[part_name]["tasks"],
                                   without="boolq"), ""]
     write_text_atomic(out / "summary.md", "\n".join(summary_md))
+
+
+def recorded_seconds(groups: dict) -> float:
+    """The sum of every method record's own ``wall_time_s`` (tuning and evaluation), in seconds.
+
+    A run resumed from the records of earlier invocations reports its own
+    wall time, which leaves their work out; this is the time of the models
+    themselves, wherever and whenever they were made (a copied untuned row
+    counts its few seconds only).
+    """
+    return float(sum(rec.get("wall_time_s", 0.0) for by_seed in groups.values()
+                     for records in by_seed.values() for rec in records.values()))
 
 
 def _settings_source(part: str) -> dict:

@@ -563,6 +563,18 @@ def test_budgets_and_intervals(smoke):
     assert pooled and pooled[0]["n_items"] == 3 * 8 * 3  # items x tasks x seeds
 
 
+def test_method_time_sums_every_record_including_those_read_back(smoke):
+    """--jobs 2: the final pass reads every record the lanes wrote; its method time is theirs."""
+    out, _ = smoke
+    payload = _payload(out)
+    records = [json.loads(p.read_text()) for p in (out / "methods").glob("*.json")]
+    assert len(records) > 20
+    total = sum(r["wall_time_s"] for r in records)
+    assert total > 0
+    assert payload["recorded_time_s"] == pytest.approx(total, rel=1e-9)
+    assert "h of method time" in (out / "summary.md").read_text()
+
+
 def test_verdict_is_written_from_the_results(smoke):
     out, _ = smoke
     text = (out / "summary.md").read_text()

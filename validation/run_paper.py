@@ -1127,8 +1127,8 @@ def run_jobs(config: RunConfig, argv: list[str]) -> Path:
     ``--method-kinds``, ``--jobs 1 --threads 1 --no-progress``, and its
     output in ``<out>/log-job<lane>.txt``. Every finished method is a record
     in ``<out>/methods``, so the last step, this process running the whole
-    preset, only reads them and writes the tables; its wall time counts
-    from the start of the jobs.
+    preset on one thread like the lanes, only reads them and writes the
+    tables; its wall time counts from the start of the jobs.
     """
     started = time.perf_counter()
     out = config.out
@@ -1158,7 +1158,9 @@ def run_jobs(config: RunConfig, argv: list[str]) -> Path:
     if failed:
         msg = f"job lane(s) {failed} failed: see {out}/log-job<lane>.txt"
         raise SystemExit(msg)
-    return run(replace(config, jobs=1), started=started)
+    # one thread, as in the lanes: a model this process builds again (the smoke preset's
+    # uncached tiny ViT) then has the lanes' bytes, so their records' keys match and are read
+    return run(replace(config, jobs=1, threads=1), started=started)
 
 
 def run(config: RunConfig, started: float | None = None) -> Path:

@@ -450,6 +450,8 @@ def test_smoke_writes_every_output(smoke):
     vits = [dict(re.findall(r"\[vision\] seed (\d): pretrained ViT fingerprint (\w+)", t))
             for t in logs]
     assert set(vits[0]) == {str(s) for s in SEEDS} and vits[0] == vits[1], vits
+    # and the final pass, which reads the lanes' records, built them too (else it reran vision)
+    assert _payload(out)["pretrained_fingerprints"]["vision"] == vits[0]
     payload = _payload(out)
     lang = {r["method"] for r in payload["rows"] if r["part"] == "language"}
     vis = {r["method"] for r in payload["rows"] if r["part"] == "vision"}

@@ -392,6 +392,27 @@ def plot_predicted_vs_measured(points: Sequence[Mapping], part: str, path: Path)
     plt.close(fig)
 
 
+UNTUNED_PREFIX = "untuned: "
+
+
+def family_styles(families, palette: Sequence) -> dict[str, dict]:
+    """Line style per family of the accuracy plot: a colour of its own for every tuned family;
+    an untuned family (``"untuned: X"``) in X's colour, dashed, with hollow markers.
+
+    ``palette``: the colours, in order (a tuned family takes the next one;
+    they repeat only past its length).
+    """
+    tuned = sorted({f.removeprefix(UNTUNED_PREFIX) for f in families})
+    colour = {f: palette[i % len(palette)] for i, f in enumerate(tuned)}
+    styles = {}
+    for f in families:
+        base = f.removeprefix(UNTUNED_PREFIX)
+        untuned = base != f
+        styles[f] = {"color": colour[base], "linestyle": "--" if untuned else "-",
+                     "markerfacecolor": "none" if untuned else colour[base]}
+    return styles
+
+
 def plot_accuracy_vs_retain(rows: Sequence[ResultRow], part: str, path: Path) -> None:
     """Average accuracy against achieved retained fraction, one line per method family.
 
@@ -419,12 +440,15 @@ def plot_accuracy_vs_retain(rows: Sequence[ResultRow], part: str, path: Path) ->
             hi = group[0].ci_high if group[0].ci_high is not None else mean
         retain = float(np.mean([r.retain_achieved for r in group]))
         families.setdefault(family, []).append((retain, mean, lo, hi))
+    # ten strong colours, then their light shades
+    palette = [*plt.get_cmap("tab10").colors, *plt.get_cmap("tab20").colors[1::2]]
+    styles = family_styles(families, palette)
     for family, pts in sorted(families.items()):
         pts.sort()
         x = [p[0] for p in pts]
         y = [100 * p[1] for p in pts]
         err = [[100 * (p[1] - p[2]) for p in pts], [100 * (p[3] - p[1]) for p in pts]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=family)
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=family, **styles[family])
     ax.set_xlabel("retained fraction of parameters (achieved)")
     ax.set_ylabel("average accuracy (%)")
     ax.set_title(f"{part}: accuracy vs retained parameters (mean ± sd over seeds)")

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from validation import run_paper, sweep, sweep_steps, sweep_tau
-from validation.report import claim_lines, summarize
+from validation.report import claim_lines, family_styles, summarize
 from validation.train import parameter_groups, tune
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -796,3 +796,19 @@ def test_record_key_depends_on_what_the_method_uses_only():
     untuned = Method("JACTUS@0.8 untuned", "untuned: JACTUS", "jactus", 0.8,
                      (("task_fraction", 0.25), ("tune", False)))
     assert key(other_family, untuned) == key(cfg, untuned)  # no rate enters an untuned row
+
+
+def test_accuracy_plot_styles_tell_every_family_apart():
+    """12 families (the full preset's vision plot): no two tuned ones share a colour; an untuned
+    row takes its family's colour, dashed and hollow, so the legend pairs them."""
+    families = ["DoRA", "JACTUS", "LoRA", "SVD+LoRA", "SVD-LLM+LoRA", "base",
+                "ablation: gradient directions", "ablation: tau=0", "ablation: uniform ranks",
+                "ablation: no grad whitening", "untuned: JACTUS", "untuned: SVD-LLM+LoRA"]
+    palette = [f"C{i}" for i in range(20)]
+    styles = family_styles(families, palette)
+    tuned = [f for f in families if not f.startswith("untuned: ")]
+    assert len({styles[f]["color"] for f in tuned}) == len(tuned)
+    for base in ("JACTUS", "SVD-LLM+LoRA"):
+        assert styles[f"untuned: {base}"]["color"] == styles[base]["color"]
+        assert styles[f"untuned: {base}"]["linestyle"] == "--" != styles[base]["linestyle"]
+        assert styles[f"untuned: {base}"]["markerfacecolor"] == "none"

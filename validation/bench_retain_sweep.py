@@ -58,10 +58,10 @@ def floor_inputs(model: Any, stats: Any) -> list[tuple[str, np.ndarray]]:
     diagonal); ``M = L_gᵀ W L_x`` from the Cholesky factors, built here,
     untimed.
     """
-    from jactus_linalg import DEFAULT_DAMPING
+    from validation.bench_factorization import contract_damping
 
     def damped(cov: np.ndarray) -> np.ndarray:
-        return cov + DEFAULT_DAMPING * float(np.mean(np.diag(cov))) * np.eye(cov.shape[0])
+        return cov + contract_damping(cov) * np.eye(cov.shape[0])
 
     modules = dict(model.named_modules())
     inputs: dict[str, np.ndarray] = {}

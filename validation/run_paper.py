@@ -301,9 +301,13 @@ def build_language(cfg: PartConfig, preset: Preset, config: RunConfig,
 
 
 def pretrained_vision_model(cfg: PartConfig, seed: int, progress: bool):
-    """The pretrained ViT of ``seed`` (its seed is the run's seed) and its weights' fingerprint."""
+    """The pretrained ViT of ``seed`` (its seed is the run's seed) and its weights' fingerprint.
+
+    Logs the fingerprint and the seconds it took (pretraining, or reading the cache).
+    """
     from validation import vision  # noqa: PLC0415
 
+    start = time.perf_counter()
     if cfg.model == "fmnist-vit":
         model = vision.pretrained_vit(seed=seed, progress=progress,
                                       classes=vision.PRETRAIN_CLASSES)
@@ -312,7 +316,10 @@ def pretrained_vision_model(cfg: PartConfig, seed: int, progress: bool):
     else:
         msg = f"unknown vision model {cfg.model!r}"
         raise ValueError(msg)
-    return model, vision.weights_fingerprint(model)
+    fingerprint = vision.weights_fingerprint(model)
+    log(f"[vision] seed {seed}: pretrained ViT fingerprint {fingerprint} "
+        f"({time.perf_counter() - start:.0f} s)")
+    return model, fingerprint
 
 
 def build_vision(cfg: PartConfig, preset: Preset, config: RunConfig,
@@ -337,7 +344,6 @@ def build_vision(cfg: PartConfig, preset: Preset, config: RunConfig,
     grouped = {f"vision/{t}": [] for t in cfg.targets}
     for seed in preset.seeds:
         pretrained, print_ = pretrained_vision_model(cfg, seed, config.progress)
-        log(f"[vision] seed {seed}: pretrained ViT fingerprint {print_}")
         for target, task in tasks.items():
             model = vision.replace_head(copy.deepcopy(pretrained), num_labels=task.num_labels,
                                         seed=seed)
@@ -1104,20 +1110,15 @@ def pretrain_vision(config: RunConfig) -> dict[int, str]:
 
     The first job of the first ``--jobs`` lane: the ViTs are cached per
     seed, so the vision part of the other lane then reads them. Returns
-    ``{seed: fingerprint}`` and logs each.
+    ``{seed: fingerprint}`` (:func:`pretrained_vision_model` logs each).
     """
     cfg = config.preset.vision
     if not cfg.enabled or cfg.model == "paper":  # the paper preset reads a local checkpoint
         return {}
     if config.threads:
         torch.set_num_threads(config.threads)
-    prints = {}
-    for seed in config.preset.seeds:
-        start = time.perf_counter()
-        prints[seed] = pretrained_vision_model(cfg, seed, config.progress)[1]
-        log(f"[vision] seed {seed}: pretrained ViT fingerprint {prints[seed]} "
-            f"({time.perf_counter() - start:.0f} s)")
-    return prints
+    return {seed: pretrained_vision_model(cfg, seed, config.progress)[1]
+            for seed in config.preset.seeds}
 
 
 def run_jobs(config: RunConfig, argv: list[str]) -> Path:

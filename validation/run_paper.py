@@ -12,9 +12,11 @@ Usage
 Each method starts from the same base model and is tuned for the same steps
 on the same data in the same order; only the learning rate differs between
 method families, each chosen on dev items (never test items) by
-``validation/sweep.py`` and read from ``validation/tuned_settings.json``; a
-new head trains at one rate for every method. Every preset runs several
-seeds (``--seeds``): each seed sets the data order and the initialisation
+``validation/sweep.py`` and read from ``validation/tuned_settings.json``
+(``validation/tuned_settings-<preset>.json`` for a preset swept in its own
+configuration: :func:`settings_for`); a new head trains at one rate for
+every method. Every preset runs several seeds (``--seeds``): each seed sets
+the data order and the initialisation
 (LoRA adapters, the new head, and the pretrained ViT, whose seed is the
 run's seed and whose weights' fingerprint is recorded). Tables show the mean
 and sd over seeds; paired comparisons pool the items of every seed. Results
@@ -97,7 +99,8 @@ PAPER_REPORTED = {
     "language": {"JACTUS@0.8": 80.9, "DoRA@1.0": 79.7},
 }
 
-#: Learning rates chosen by ``validation/sweep.py`` on dev items, per part.
+#: Learning rates chosen by ``validation/sweep.py`` on dev items, per part, for the default
+#: preset; another preset's own choices go to :func:`preset_settings_file`.
 SETTINGS_FILE = Path(__file__).resolve().with_name("tuned_settings.json")
 
 
@@ -201,6 +204,45 @@ def tuned_settings(path: Path = SETTINGS_FILE) -> dict:
         msg = f"{path} is missing: run validation/sweep.py to choose the learning rates"
         raise SystemExit(msg)
     return json.loads(path.read_text())
+
+
+def preset_settings_file(preset: str) -> Path:
+    """The file the sweeps write ``preset``'s tuned settings to.
+
+    ``validation/tuned_settings.json`` for the default preset,
+    ``validation/tuned_settings-<preset>.json`` for any other, so that a
+    preset tuned in its own configuration (the full preset's 300 steps) keeps
+    its own rates beside the default preset's.
+    """
+    return SETTINGS_FILE if preset == "default" else SETTINGS_FILE.with_name(
+        f"tuned_settings-{preset}.json")
+
+
+def settings_for(preset: str, part: str) -> Path:
+    """The file ``preset``'s ``part`` reads its tuned settings from.
+
+    The preset's own file (:func:`preset_settings_file`) when it holds an
+    entry for ``part``; else the default preset's file, whose rates were
+    chosen in the default preset's configuration: the tables say which
+    (:func:`settings_source`).
+    """
+    own = preset_settings_file(preset)
+    if own.is_file() and part in tuned_settings(own):
+        return own
+    return SETTINGS_FILE
+
+
+def sweep_settings_files(settings: Path | None, preset: str, part: str) -> tuple[Path, Path]:
+    """Where a sweep of ``preset``'s ``part`` reads its settings and where it writes its choice.
+
+    ``settings`` (a sweep's ``--settings``) is both when given. Otherwise
+    the sweep writes to the preset's own file (:func:`preset_settings_file`)
+    and reads what the runner would read (:func:`settings_for`): the
+    preset's own entry, or the default preset's until it has one.
+    """
+    if settings is not None:
+        return settings, settings
+    return settings_for(preset, part), preset_settings_file(preset)
 
 
 def with_learning_rates(part: str, cfg: PartConfig, path: Path = SETTINGS_FILE) -> PartConfig:
@@ -704,7 +746,7 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available()},
         "settings": {k: asdict(getattr(preset, k)) for k in ("language", "vision")},
-        "learning_rates": {k: _settings_source(k) for k in ("language", "vision")},
+        "learning_rates": {k: settings_source(preset.name, k) for k in ("language", "vision")},
         "seeds": list(preset.seeds),
         "split_seed": preset.split_seed,
         "splits": {k: v["splits"] for k, v in parts_info.items()},
@@ -732,7 +774,7 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
     for part_name, by_seed in groups.items():
         info = parts_info[part_name]
         summary = extra["summary"][part_name]
-        md += [f"## {part_name}", "", _rates_line(part_name, extra["learning_rates"]), ""]
+        md += [f"## {part_name}", "", _rates_line(part_name, extra["learning_rates"], preset.name), ""]
         md += [seed_table(summary, info["tasks"], without="boolq"), ""]
         if any(s.get("metrics") for s in summary.values()):
             md += [metrics_table(summary), ""]
@@ -779,20 +821,33 @@ def recorded_seconds(groups: dict) -> float:
                      for records in by_seed.values() for rec in records.values()))
 
 
-def _settings_source(part: str) -> dict:
+def settings_source(preset: str, part: str) -> dict:
+    """Where ``preset``'s ``part`` took its rates from: the entry's fields and the file's name.
+
+    ``tuned_for`` is the preset whose configuration the rates were chosen
+    in: ``preset`` itself, or ``"default"`` when ``preset`` has no entry of
+    its own for the part (:func:`settings_for`).
+    """
+    path = settings_for(preset, part)
     try:
-        chosen = tuned_settings().get(part, {})
+        chosen = tuned_settings(path).get(part, {})
     except SystemExit:
         return {}
-    return {k: chosen.get(k) for k in ("lr", "lr_head", "source", "selected_by", "chosen_by_sweep")}
+    fields = {k: chosen.get(k) for k in ("lr", "lr_head", "source", "selected_by", "chosen_by_sweep")}
+    tuned_for = preset if path == preset_settings_file(preset) else "default"
+    return {**fields, "file": f"validation/{path.name}", "tuned_for": tuned_for}
 
 
-def _rates_line(part: str, sources: dict) -> str:
+def _rates_line(part: str, sources: dict, preset: str) -> str:
     src = sources.get(part.split("/")[0], {})
     if not src:
         return "Learning rates: set in the preset."
     how = ("chosen by validation/sweep.py on dev items" if src.get("chosen_by_sweep")
            else "NOT yet chosen by the dev-item sweep protocol (pre-protocol defaults)")
+    tuned_for = src.get("tuned_for", preset)
+    if tuned_for != preset:
+        how += (f" in the {tuned_for} preset's configuration, NOT this preset's "
+                f"(no entry in validation/tuned_settings-{preset}.json)")
     return (f"Learning rates ({how}; {src.get('source', '')}): "
             + ", ".join(f"{k} {v:g}" for k, v in (src.get("lr") or {}).items())
             + (f", head {src['lr_head']:g}" if src.get("lr_head") else "") + ".")
@@ -955,8 +1010,10 @@ def configure(preset: Preset, args: argparse.Namespace) -> Preset:
         raise SystemExit(msg)
     lang = replace(over(preset.language), enabled="language" in parts)
     vis = replace(over(preset.vision), enabled="vision" in parts, **vision_changes)
-    lang = with_learning_rates("language", lang) if lang.enabled else lang
-    vis = with_learning_rates("vision", vis) if vis.enabled else vis
+    lang = with_learning_rates("language", lang, settings_for(preset.name, "language")) \
+        if lang.enabled else lang
+    vis = with_learning_rates("vision", vis, settings_for(preset.name, "vision")) \
+        if vis.enabled else vis
     seeds = preset.seeds if args.seeds is None else tuple(args.seeds)
     return replace(preset, language=lang, vision=vis, seeds=seeds)
 

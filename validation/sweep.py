@@ -24,13 +24,17 @@ Protocol
   log-likelihood per token for language (macro over tasks; lower is
   better). A choice at an edge of the grid is flagged on the page.
 
-Outputs: ``--out`` (default ``results/sweep-<part>``) keeps ``sweep.json``,
+Outputs: ``--out`` (default ``results/sweep-<part>``, ``results/sweep-<part>-<preset>``
+for a preset other than the default) keeps ``sweep.json``,
 one entry per (family, rate, order, pretrained model: vision's ViT is named
 by its weights' fingerprint), so a rerun resumes, and a rerun on another
 pretrained model tunes again instead of reusing records made on the first; at the end the
-page ``--page`` (default ``docs/results/sweep-<part>.md``) says what was
-chosen and why, and ``--settings`` (default ``validation/tuned_settings.json``,
-read by the runner) records the chosen rates with a pointer to the page.
+page ``--page`` (default ``docs/results/sweep-<part>.md``, likewise) says what was
+chosen and why, and ``--settings`` records the chosen rates with a pointer to
+the page, for the runner: by default the preset's own file
+(``validation/tuned_settings.json`` for the default preset,
+``validation/tuned_settings-<preset>.json`` for another, which the runner
+reads for that preset instead of the default preset's).
 
 Usage: ``python -m validation.sweep --part vision`` (or ``--part
 language``); ``--preset smoke`` exercises the protocol in seconds.
@@ -125,7 +129,11 @@ def _parser() -> argparse.ArgumentParser:
                         "preset's n_dev (default preset: 200 and 16)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--page", type=Path, default=None, help="default docs/results/sweep-<part>.md")
-    p.add_argument("--settings", type=Path, default=run_paper.SETTINGS_FILE)
+    p.add_argument("--settings", type=Path, default=None,
+                   help="where the chosen rates are written and tau is read; default: the "
+                        "preset's own file (validation/tuned_settings.json for the default preset, "
+                        "validation/tuned_settings-<preset>.json otherwise), tau read from the "
+                        "default preset's file until the preset's own has it")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     preset = run_paper.presets()[args.preset]
     cfg = getattr(preset, args.part)
     cfg = replace(cfg, lrs={f: 1.0 for f in FAMILY_METHODS}, lr_head=1.0)
-    cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}")
+    cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args))
     _, _, parts_by_name, done_path, done = sweep_dir
 
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
@@ -171,8 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
         lr_head = _merge_targets(done_here, HEAD)["lr"]
     cfg = replace(cfg, lr_head=lr_head)
     stats_cache: dict = {}
-    tau = run_paper.tuned_settings(args.settings).get(args.part, {}).get("task_fraction") \
-        if args.settings.is_file() else None
+    read_from, write_to = run_paper.sweep_settings_files(args.settings, args.preset, args.part)
+    inherited = tau_fields(read_from, args.part)
+    tau = inherited.get("task_fraction")
     for family in families:
         method = FAMILY_METHODS[family]
         if family == "JACTUS" and tau is not None:  # the task fraction validation/sweep_tau.py chose
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if label in done:
                         continue
                     rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
-                                  stats_cache, shared)
+                                  stats_cache, shared, label)
                     record(label, family, lr, part, rec)
     # every family with results in --out (a rerun of some families keeps the others' rows),
     # at the preset's steps and the head's chosen rate only, on the pretrained models the dev
@@ -197,9 +206,29 @@ def main(argv: list[str] | None = None) -> dict:
     done_now = at_run_settings(done, parts_by_name, cfg.steps, lr_head)
     chosen = {f: _merge_targets(done_now, f) for f in FAMILY_METHODS
               if any(v["family"] == f for v in done_now.values())}
-    page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}.md"
+    page = args.page or ROOT / "docs" / "results" / f"{sweep_name(args)}.md"
     write_page(page, args, cfg, done_now, chosen, lr_head, parts_by_name)
-    return write_settings(args.settings, args.part, chosen, lr_head, page, args)
+    return write_settings(write_to, args.part, chosen, lr_head, page, args, inherited)
+
+
+def tau_fields(path: Path, part: str) -> dict:
+    """The task fraction ``validation/sweep_tau.py`` chose for ``part`` in ``path``, with its source.
+
+    Empty when the file or its entry has none (JACTUS then sweeps at the
+    package's default tau).
+    """
+    entry = run_paper.tuned_settings(path).get(part, {}) if path.is_file() else {}
+    return {k: entry[k] for k in ("task_fraction", "task_fraction_source") if k in entry}
+
+
+def sweep_name(args: argparse.Namespace, kind: str = "") -> str:
+    """``sweep-<part>[-<kind>][-<preset>]``: the default name of a sweep's folder and page.
+
+    The default preset's sweeps keep the short names; another preset's
+    (``--preset full``) get their own, so that neither overwrites the other.
+    """
+    name = f"sweep-{args.part}" + (f"-{kind}" if kind else "")
+    return name if args.preset == "default" else f"{name}-{args.preset}"
 
 
 def head_label(lr_head: float | None) -> str:
@@ -383,18 +412,32 @@ def write_sweep_page(page: Path, lines: list[str]) -> None:
 
 
 def dev_run(part, method: Method, cfg, split_seed: int, sweep_dir: SweepDir, stats_cache: dict,
-            shared) -> dict:
+            shared, label: str) -> dict:
     """Tune ``method`` on ``part`` with ``cfg`` and score it on the dev items (the runner's engine).
 
     The methods that compress get the part's calibration statistics
-    (:func:`dev_statistics`, calibrated once per key).
+    (:func:`dev_statistics`, calibrated once per key). The tuning loop
+    checkpoints to :func:`checkpoint_path` of the record's ``label`` every
+    few minutes, so a sweep killed mid-model resumes that model where it
+    stopped (a full-preset language model is half an hour of one core); the
+    checkpoint is removed once the model is scored.
     """
     stats, key = None, ""
     if method.kind in ("jactus", "ctf"):
         stats, key = dev_statistics(part, cfg, split_seed, sweep_dir.out, stats_cache,
                                     sweep_dir.config.progress)
-    return run_paper.run_method(part, method, cfg, stats, part.seed, sweep_dir.config.progress,
-                                shared, key)
+    checkpoint = checkpoint_path(sweep_dir.out, label)
+    rec = run_paper.run_method(part, method, cfg, stats, part.seed, sweep_dir.config.progress,
+                               shared, key, checkpoint=checkpoint)
+    if rec.get("resumed_from_step") is not None:
+        print(f"{label}: resumed from its checkpoint at step {rec['resumed_from_step']}", flush=True)
+    checkpoint.unlink(missing_ok=True)
+    return rec
+
+
+def checkpoint_path(out: Path, label: str) -> Path:
+    """Where the tuning loop of the sweep record ``label`` checkpoints, in ``out/checkpoints``."""
+    return out / "checkpoints" / f"{run_paper.fingerprint(label)}.safetensors"
 
 
 def _merge_targets(done: dict, family: str) -> dict:
@@ -424,7 +467,7 @@ def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_b
         f"# Learning rates of the {args.part} part, chosen on dev items",
         "",
         written_by("sweep", f"--part {args.part} --preset {args.preset}{lrs_argv(args.lrs)}")
-        + "; the runner reads the chosen rates from `validation/tuned_settings.json`.",
+        + f"; the runner reads the chosen rates from `{settings_name(args)}`.",
         "",
         "Protocol: every family in its final configuration (JACTUS@0.8 with covariance task "
         "directions and mergeable cores, SVD-LLM+LoRA@0.8, LoRA@1.0, DoRA@1.0), tuned on the "
@@ -457,10 +500,30 @@ def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_b
     write_sweep_page(page, lines)
 
 
-def write_settings(path: Path, part: str, chosen: dict, lr_head, page: Path, args) -> dict:
-    """Record the chosen rates for the runner (other parts' entries are kept)."""
+def settings_name(args) -> str:
+    """The settings file a sweep writes (``--settings`` or the preset's own), as its page names it."""
+    return repo_path_text(args.settings or run_paper.preset_settings_file(args.preset))
+
+
+def repo_path_text(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it, else as given."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def write_settings(path: Path, part: str, chosen: dict, lr_head, page: Path, args,
+                   inherited: dict | None = None) -> dict:
+    """Record the chosen rates for the runner (other parts' entries are kept).
+
+    ``inherited`` (the task fraction the families were swept with, read
+    from another preset's file) fills the fields the part's entry in
+    ``path`` lacks, so that the runner trains at the tau the rates were
+    chosen at.
+    """
     settings = json.loads(path.read_text()) if path.is_file() else {}
-    previous = settings.get(part, {})
+    previous = {**(inherited or {}), **settings.get(part, {})}
     lrs = {**previous.get("lr", {}), **{f: c["lr"] for f, c in chosen.items()}}
     try:
         where = str(page.resolve().relative_to(ROOT))

@@ -52,8 +52,10 @@ from validation.sweep import (
     on_current_bases,
     part_fields,
     part_tag,
+    repo_path_text,
     score_cells,
     score_scale,
+    sweep_name,
     write_sweep_page,
     written_by,
 )
@@ -76,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--page", type=Path, default=None,
                    help="default docs/results/sweep-<part>-steps.md")
-    p.add_argument("--settings", type=Path, default=run_paper.SETTINGS_FILE,
-                   help="where the rates and tau are read (not written)")
+    p.add_argument("--settings", type=Path, default=None,
+                   help="where the rates and tau are read (not written); default: what the "
+                        "runner reads for --preset (run_paper.settings_for)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -165,9 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     families = _check_args(args)
     preset = run_paper.presets()[args.preset]
-    cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), args.settings)
+    read_from, _ = run_paper.sweep_settings_files(args.settings, args.preset, args.part)
+    cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), read_from)
     preset_steps = cfg.steps
-    cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}-steps")
+    cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args, "steps"))
     _, _, parts_by_name, done_path, done = sweep_dir
     stats_cache: dict = {}
     head = head_rate(args.part, cfg)  # the rate records are made with (None: no head)
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if label in done:
                         continue
                     rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
-                                  stats_cache, shared)
+                                  stats_cache, shared, label)
                     score, acc = dev_score(args.part, rec)
                     done[label] = {"family": family, "steps": steps, "lr": cfg.lrs[family],
                                    "task_fraction": method.opts.get("task_fraction"),
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     # records made at other rates or from another pretrained model are kept, not used
     table = table_of(at_settings(done, parts_by_name, current))
     best = choose(table)
-    page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-steps.md"
+    page = args.page or ROOT / "docs" / "results" / f"{sweep_name(args, 'steps')}.md"
     write_page(page, args, cfg, preset_steps, table, best, parts_by_name)
     return {"steps": best, "table": table, "rankings": rankings(table)}
 
@@ -207,6 +211,7 @@ def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
                parts_by_name: dict) -> None:
     """The check's page: the protocol, every family's dev score per step count, the verdict."""
     scale, digits = score_scale(args.part)
+    read_from, _ = run_paper.sweep_settings_files(args.settings, args.preset, args.part)
     steps_grid = sorted({s for _, s in table})
     families = sorted({f for f, _ in table}, key=list(FAMILY_METHODS).index)
     argv = " ".join(["--part", args.part, "--preset", args.preset, "--steps",
@@ -217,7 +222,7 @@ def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
         written_by("sweep_steps", argv) + ".",
         "",
         "Protocol: every family in its final configuration, at the rate (and, for JACTUS, the "
-        "task fraction) in `validation/tuned_settings.json`, "
+        f"task fraction) in `{repo_path_text(read_from)}`, "
         + ", ".join(f"{f} {cfg.lrs[f]:g}" for f in families)
         + f", tuned on the {args.preset} preset's tune items for each step count below, "
         + dev_protocol(parts_by_name, args.orders)

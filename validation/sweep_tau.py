@@ -57,6 +57,8 @@ from validation.sweep import (
     part_tag,
     score_cells,
     score_scale,
+    settings_name,
+    sweep_name,
     write_sweep_page,
     written_by,
 )
@@ -86,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--page", type=Path, default=None,
                    help="default docs/results/sweep-<part>-tau.md")
-    p.add_argument("--settings", type=Path, default=run_paper.SETTINGS_FILE)
+    p.add_argument("--settings", type=Path, default=None,
+                   help="where JACTUS's rate is read and the choice written; default: the "
+                        "preset's own file (run_paper.preset_settings_file), which must hold the "
+                        "part's rates (validation/sweep.py writes them)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -121,14 +126,31 @@ def choose(table: dict) -> tuple[float, float]:
     return max(table, key=lambda pair: (table[pair][0], -pair[0], -pair[1]))
 
 
+def own_rates_file(preset: str, part: str) -> Path:
+    """The preset's own settings file, which must already hold the part's rates.
+
+    The task fraction is chosen at the rates chosen for the same preset, so
+    a preset without its own rates (``--preset full`` before
+    ``validation.sweep --preset full``) stops here, naming the command.
+    """
+    path = run_paper.preset_settings_file(preset)
+    if not (path.is_file() and part in run_paper.tuned_settings(path)):
+        msg = (f"--preset {preset}: {path.name} has no {part} rates of its own; run "
+               f"python -m validation.sweep --part {part} --preset {preset} first, "
+               "or pass --settings")
+        raise SystemExit(msg)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the sweep; returns the part's settings as written."""
     args = _parser().parse_args(argv)
     _check_args(args)
     preset = run_paper.presets()[args.preset]
-    cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), args.settings)
+    settings = args.settings or own_rates_file(args.preset, args.part)
+    cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), settings)
     lrs = sorted(args.lrs) if args.lrs is not None else [cfg.lrs[FAMILY]]
-    cfg, sweep_dir = dev_sweep(args, cfg, preset, f"sweep-{args.part}-tau")
+    cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args, "tau"))
     _, _, parts_by_name, done_path, done = sweep_dir
     stats_cache: dict = {}
     head = head_rate(args.part, cfg)  # the rate records are made with (None: no head)
@@ -143,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if label in done:
                         continue
                     rec = dev_run(part, jactus_method(tau), local, preset.split_seed,
-                                  sweep_dir, stats_cache, shared)
+                                  sweep_dir, stats_cache, shared, label)
                     score, acc = dev_score(args.part, rec)
                     done[label] = {"task_fraction": tau, "lr": lr, **part_fields(part),
                                    "steps": cfg.steps, "lr_head": head, "score": score, "dev_accuracy": acc,
@@ -156,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     # every (tau, rate) in --out at the preset's steps and head rate: a rerun adds rates or taus
     table = table_of(at_run_settings(done, parts_by_name, cfg.steps, head))
     tau, lr = choose(table)
-    page = args.page or ROOT / "docs" / "results" / f"sweep-{args.part}-tau.md"
+    page = args.page or ROOT / "docs" / "results" / f"{sweep_name(args, 'tau')}.md"
     write_page(page, args, cfg, table, (tau, lr), parts_by_name)
-    return write_settings(args.settings, args.part, tau, lr, page, args,
+    return write_settings(settings, args.part, tau, lr, page, args,
                           sorted({t for t, _ in table}))
 
 
@@ -175,7 +197,7 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
         f"# Task fraction of the {args.part} part, chosen on dev items",
         "",
         written_by("sweep_tau", argv) + "; the runner reads the chosen task fraction and "
-        "JACTUS's rate from `validation/tuned_settings.json`.",
+        f"JACTUS's rate from `{settings_name(args)}`.",
         "",
         "Protocol: JACTUS@0.8 in its final configuration (covariance task directions, mergeable "
         f"cores on the layers kept dense, {cfg.calibration_batches} calibration batches), tuned "

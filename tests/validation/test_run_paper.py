@@ -10,7 +10,9 @@ the paper's ordering. Fast unit tests of the pieces come first.
 
 from __future__ import annotations
 
+import argparse
 import csv
+import functools
 import json
 import re
 import subprocess
@@ -153,6 +155,58 @@ def test_learning_rates_come_from_the_settings_file(tmp_path):
     for part in ("language", "vision"):
         cfg = run_paper.with_learning_rates(part, run_paper.PartConfig())
         assert set(cfg.lrs) >= set(run_paper.FAMILIES) and cfg.lr_head > 0
+
+
+def test_a_preset_reads_its_own_settings_file_and_says_when_it_has_none(tmp_path, monkeypatch):
+    default_file = tmp_path / "tuned_settings.json"
+    monkeypatch.setattr(run_paper, "SETTINGS_FILE", default_file)
+    rates = {"lr": {f: 0.5 for f in run_paper.FAMILIES}, "lr_head": 0.25, "chosen_by_sweep": True,
+             "source": "default page"}
+    default_file.write_text(json.dumps({"vision": rates, "language": {**rates, "task_fraction": 0.0}}))
+    own = run_paper.preset_settings_file("full")
+    assert run_paper.preset_settings_file("default") == default_file
+    assert own == tmp_path / "tuned_settings-full.json"
+    # no file of its own yet: the full preset reads the default preset's rates, and says so
+    assert run_paper.settings_for("full", "language") == default_file
+    source = run_paper.settings_source("full", "language")
+    assert source["tuned_for"] == "default" and source["file"] == "validation/tuned_settings.json"
+    line = run_paper._rates_line("language", {"language": source}, "full")
+    assert "in the default preset's configuration, NOT this preset's" in line
+    assert "tuned_settings-full.json" in line
+    # its own entry for one part: that part reads it, the other part still the default's
+    own.write_text(json.dumps({"language": {**rates, "lr": {f: 0.125 for f in run_paper.FAMILIES},
+                                            "source": "full page"}}))
+    assert run_paper.settings_for("full", "language") == own
+    assert run_paper.settings_for("full", "vision") == default_file
+    assert run_paper.settings_for("default", "language") == default_file
+    cfg = run_paper.with_learning_rates("language", run_paper.PartConfig(),
+                                        run_paper.settings_for("full", "language"))
+    assert cfg.lrs["JACTUS"] == 0.125
+    source = run_paper.settings_source("full", "language")
+    assert source["tuned_for"] == "full" and source["source"] == "full page"
+    assert "NOT" not in run_paper._rates_line("language", {"language": source}, "full")
+    assert run_paper.settings_source("default", "language")["tuned_for"] == "default"
+    # the runner's command line takes the preset's own rates
+    config = run_paper.run_config(["--preset", "full", "--parts", "language"])
+    assert config.preset.language.lrs["LoRA"] == 0.125
+    from jactus_linalg import DEFAULT_TASK_FRACTION
+
+    assert config.preset.language.task_fraction == DEFAULT_TASK_FRACTION  # own entry has none
+    # a sweep reads what the runner reads and writes the preset's own file; --settings is both
+    assert run_paper.sweep_settings_files(None, "full", "vision") == (default_file, own)
+    assert run_paper.sweep_settings_files(None, "default", "vision") == (default_file, default_file)
+    assert run_paper.sweep_settings_files(tmp_path / "x.json", "full", "vision") == (
+        tmp_path / "x.json", tmp_path / "x.json")
+    # the tau sweep needs the preset's own rates for the part (it tunes tau at them)
+    assert sweep_tau.own_rates_file("full", "language") == own
+    with pytest.raises(SystemExit, match=re.escape("validation.sweep --part vision --preset full")):
+        sweep_tau.own_rates_file("full", "vision")
+    # the sweeps' folders and pages keep the default preset's names and give others their own
+    args = argparse.Namespace(part="language", preset="full")
+    assert sweep.sweep_name(args) == "sweep-language-full"
+    assert sweep.sweep_name(args, "tau") == "sweep-language-tau-full"
+    assert sweep.sweep_name(argparse.Namespace(part="vision", preset="default"), "steps") == (
+        "sweep-vision-steps")
 
 
 def test_task_fraction_comes_from_the_settings_file_unless_set(tmp_path):
@@ -353,10 +407,15 @@ def test_sweep_selects_the_best_mean_over_orders_and_flags_edges():
         sweep.main(["--orders", "0", "1"])
 
 
-def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
-    settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"language": {"lr": {"LoRA": 7.0}, "lr_head": 1.0},
-                                    "vision": {"lr": {}, "task_fraction": 0.25}}))
+def test_sweep_end_to_end_on_the_smoke_preset(tmp_path, monkeypatch):
+    # no --settings: the sweep writes the smoke preset's own file and reads tau from the
+    # default preset's until its own has one
+    default_file = tmp_path / "tuned_settings.json"
+    monkeypatch.setattr(run_paper, "SETTINGS_FILE", default_file)
+    default_file.write_text(json.dumps({"vision": {"lr": {"LoRA": 3.0}, "task_fraction": 0.25,
+                                                   "task_fraction_source": "tau page"}}))
+    settings = tmp_path / "tuned_settings-smoke.json"
+    settings.write_text(json.dumps({"language": {"lr": {"LoRA": 7.0}, "lr_head": 1.0}}))
     page = tmp_path / "sweep.md"
     # a family swept earlier into the same --out (a rerun of some families keeps the others),
     # with the head at each rate the sweep may choose; and one with a head rate not swept
@@ -384,10 +443,24 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
         "target": "vision/digits", "score": 1.0}
         for o in SEEDS for h in (1e-3, 1e-2)}  # no ViT recorded: not used
     (tmp_path / "out" / "sweep.json").write_text(json.dumps(earlier))
+    # every model's tuning loop checkpoints (here after every step) where the record's label
+    # says, and the checkpoint is gone once the model is scored
+    monkeypatch.setattr(run_paper, "tune", functools.partial(tune, checkpoint_every_s=0.0))
+    checkpoints: list[tuple[Path, bool]] = []
+    run_method = run_paper.run_method
+
+    def spy(*a, checkpoint=None, **k):
+        rec = run_method(*a, checkpoint=checkpoint, **k)
+        checkpoints.append((checkpoint, checkpoint.is_file()))
+        return rec
+
+    monkeypatch.setattr(run_paper, "run_method", spy)
     chosen = sweep.main(["--part", "vision", "--preset", "smoke", "--lrs", "1e-3", "1e-2",
                          "--families", "LoRA", "--out", str(tmp_path / "out"), "--page", str(page),
-                         "--settings", str(settings), "--no-progress"])
+                         "--no-progress"])
     assert chosen["lr"]["LoRA"] in (1e-3, 1e-2) and chosen["lr_head"] in (1e-3, 1e-2)
+    assert json.loads(default_file.read_text())["vision"]["lr"] == {"LoRA": 3.0}  # untouched
+    assert run_paper.settings_for("smoke", "vision") == settings
     written = json.loads(settings.read_text())
     assert written["language"]["lr"] == {"LoRA": 7.0}  # other parts kept
     assert written["vision"]["chosen_by_sweep"] is True
@@ -397,7 +470,9 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     text = page.read_text()
     assert "dev items" in text and "test items are never scored" in text and "| LoRA |" in text
     assert "| DoRA |" in text and written["vision"]["lr"]["DoRA"] == 0.5
-    assert written["vision"]["task_fraction"] == 0.25  # sweep_tau's choice is kept
+    # sweep_tau's choice, read from the default preset's file, travels with the rates chosen at it
+    assert written["vision"]["task_fraction"] == 0.25
+    assert written["vision"]["task_fraction_source"] == "tau page"
     assert {v["lr_head"] for k, v in done.items() if k.startswith("LoRA lr=0.01")} == {
         written["vision"]["lr_head"]}
     assert written["vision"]["lr"]["LoRA"] != 7.0 and written["vision"]["lr_head"] != 7.0
@@ -407,7 +482,15 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     assert written["vision"]["lr"]["DoRA"] == 0.5 and "| 8 |" not in text and "| 6 |" not in text
     assert {(v["order"], v["base"]) for k, v in done.items() if k.startswith("LoRA lr=0.01")} == set(
         bases.items())
+    new_labels = set(done) - set(earlier)
+    assert {path for path, _ in checkpoints} == {
+        sweep.checkpoint_path(tmp_path / "out", label) for label in new_labels
+        if not label.startswith("head")}  # the head alone trains outside run_method
+    assert all(saved for _, saved in checkpoints) and len(checkpoints) == len(new_labels) - len(
+        [label for label in new_labels if label.startswith("head")])
+    assert not any((tmp_path / "out" / "checkpoints").glob("*"))
     assert "--lrs 0.001 0.01`" in text  # the page names the command that wrote it
+    assert f"`{settings}`" in text  # and the file the runner reads its choice from
     assert "Pretrained ViT per order" in text and all(f"`{f}`" in text for f in bases.values())
 
 

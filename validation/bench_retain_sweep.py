@@ -15,6 +15,10 @@ count) with the synthetic float64 statistics of ``bench.synthetic_stats``:
     covariance (once per input group, as ``compress`` shares it), of each
     damped gradient covariance, and a ``gesdd`` SVD of each whitened weight
     :math:`M = L_g^\\top W L_x` (built untimed), all by scipy in float64.
+    Unlike the per-layer floor of ``bench_factorization.lapack_floor``,
+    it leaves out the un-whitening (two ``trsm`` at each layer's rank): the
+    ranks come from the global allocation, which the floor does not run, so
+    this floor is the lower, stricter one.
 
 The three functions are timed side by side in rotating order
 (``bench.rounds``); a ratio is the median of the per-round ratios, of wall

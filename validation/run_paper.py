@@ -746,7 +746,8 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available()},
         "settings": {k: asdict(getattr(preset, k)) for k in ("language", "vision")},
-        "learning_rates": {k: settings_source(preset.name, k) for k in ("language", "vision")},
+        "learning_rates": {k: settings_source(preset.name, k, getattr(preset, k))
+                           for k in ("language", "vision")},
         "seeds": list(preset.seeds),
         "split_seed": preset.split_seed,
         "splits": {k: v["splits"] for k, v in parts_info.items()},
@@ -795,18 +796,37 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
                    + ", ".join(f"seed {s}: `{f}`" for s, f in info["fingerprints"].items()), ""]
     md += ["Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     write_text_atomic(out / "results.md", "\n".join(md))
-    summary_md = [f"Preset `{preset.name}`, seeds {', '.join(map(str, preset.seeds))}, "
-                  f"{extra['date']}, {extra['wall_time_s'] / 60:.0f} min of wall time in "
-                  f"this invocation, {extra['recorded_time_s'] / 3600:.1f} h of method time "
-                  "(every record's own tuning and evaluation time, records read back from "
-                  f"earlier invocations included) ({extra['machine']['cpus']} CPUs, "
-                  f"{extra['machine']['cpu']}). "
-                  f"Command: `{command}`.", "", *verdict]
+    summary_md = [*summary_header(preset, extra, groups), *verdict]
     for part_name in groups:
         summary_md += [f"{part_name} (accuracy %, mean ± sd over seeds):", "",
                        seed_table(extra["summary"][part_name], parts_info[part_name]["tasks"],
                                   without="boolq"), ""]
     write_text_atomic(out / "summary.md", "\n".join(summary_md))
+
+
+def summary_header(preset: Preset, extra: dict, groups: dict) -> list[str]:
+    """The paragraphs above ``summary.md``'s verdict: the run, its times, where rates came from.
+
+    The rates' paragraph is there only when a part read rates chosen in
+    another preset's configuration, one that tunes differently
+    (:func:`settings_source`).
+    """
+    machine = extra["machine"]
+    lines = [f"Preset `{preset.name}`, seeds {', '.join(map(str, preset.seeds))}, "
+             f"{extra['date']}, on {machine['cpus']} CPUs ({machine['cpu']}). "
+             f"Command: `{extra['command']}`.", "",
+             f"Time: {extra['wall_time_s'] / 60:.0f} min of wall time in this invocation; "
+             f"{extra['recorded_time_s'] / 3600:.1f} h of method time, the sum of every "
+             "record's own tuning and evaluation time (records read back from earlier "
+             "invocations included).", ""]
+    borrowed = [part for part in groups if part in extra["learning_rates"]
+                and not extra["learning_rates"][part].get("same_configuration", True)]
+    if borrowed:
+        lines += ["Learning rates: " + "; ".join(
+            f"{part}'s were chosen in the {extra['learning_rates'][part]['tuned_for']} preset's "
+            "configuration, not this one's" for part in borrowed)
+            + f" (no entry in validation/tuned_settings-{preset.name}.json).", ""]
+    return lines
 
 
 def recorded_seconds(groups: dict) -> float:
@@ -821,12 +841,15 @@ def recorded_seconds(groups: dict) -> float:
                      for records in by_seed.values() for rec in records.values()))
 
 
-def settings_source(preset: str, part: str) -> dict:
+def settings_source(preset: str, part: str, cfg: PartConfig | None = None) -> dict:
     """Where ``preset``'s ``part`` took its rates from: the entry's fields and the file's name.
 
     ``tuned_for`` is the preset whose configuration the rates were chosen
     in: ``preset`` itself, or ``"default"`` when ``preset`` has no entry of
-    its own for the part (:func:`settings_for`).
+    its own for the part (:func:`settings_for`). ``same_configuration``
+    says whether the run's ``cfg`` tunes exactly as that preset's part does
+    (:func:`tuning_configuration`): the full preset's vision part does, its
+    language part (300 steps) does not.
     """
     path = settings_for(preset, part)
     try:
@@ -835,7 +858,21 @@ def settings_source(preset: str, part: str) -> dict:
         return {}
     fields = {k: chosen.get(k) for k in ("lr", "lr_head", "source", "selected_by", "chosen_by_sweep")}
     tuned_for = preset if path == preset_settings_file(preset) else "default"
-    return {**fields, "file": f"validation/{path.name}", "tuned_for": tuned_for}
+    same = tuned_for == preset or (cfg is not None and tuning_configuration(cfg) == (
+        tuning_configuration(getattr(presets()[tuned_for], part))))
+    return {**fields, "file": f"validation/{path.name}", "tuned_for": tuned_for,
+            "same_configuration": same}
+
+
+def tuning_configuration(cfg: PartConfig) -> dict:
+    """The settings a learning rate is chosen for: ``cfg`` without its rates and method selection.
+
+    Two parts with the same tuning configuration train on the same items,
+    for the same steps, at the same sizes, so a rate chosen for one is
+    chosen for the other.
+    """
+    left_out = {*METHOD_SELECTION_FIELDS, "lrs", "lr_head", "enabled"}
+    return {k: v for k, v in asdict(cfg).items() if k not in left_out}
 
 
 def _rates_line(part: str, sources: dict, preset: str) -> str:
@@ -845,7 +882,9 @@ def _rates_line(part: str, sources: dict, preset: str) -> str:
     how = ("chosen by validation/sweep.py on dev items" if src.get("chosen_by_sweep")
            else "NOT yet chosen by the dev-item sweep protocol (pre-protocol defaults)")
     tuned_for = src.get("tuned_for", preset)
-    if tuned_for != preset:
+    if tuned_for != preset and src.get("same_configuration"):
+        how += f" in the {tuned_for} preset's configuration, the same as this preset's"
+    elif tuned_for != preset:
         how += (f" in the {tuned_for} preset's configuration, NOT this preset's "
                 f"(no entry in validation/tuned_settings-{preset}.json)")
     return (f"Learning rates ({how}; {src.get('source', '')}): "

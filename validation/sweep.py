@@ -37,7 +37,11 @@ the page, for the runner: by default the preset's own file
 reads for that preset instead of the default preset's).
 
 Usage: ``python -m validation.sweep --part vision`` (or ``--part
-language``); ``--preset smoke`` exercises the protocol in seconds.
+language``); ``--preset smoke`` exercises the protocol in seconds. On
+several cores, run one process per group of families, each with its own
+``--out`` (and ``--settings`` copy), then one more with ``--merge-from``
+their folders: it copies their records into its ``--out``, runs nothing
+they ran, and makes the choice over every family.
 """
 
 from __future__ import annotations
@@ -134,8 +138,34 @@ def _parser() -> argparse.ArgumentParser:
                         "preset's own file (validation/tuned_settings.json for the default preset, "
                         "validation/tuned_settings-<preset>.json otherwise), tau read from the "
                         "default preset's file until the preset's own has it")
+    p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="first copy into --out the records of these sweep folders (sweeps of "
+                        "other families run side by side, one process per core)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def merge_records(done: dict, folders: list[Path]) -> int:
+    """Add to ``done`` the records of the ``sweep.json`` in each of ``folders``; return how many.
+
+    A sweep can run as several processes, each with its own ``--out`` and
+    ``--families``; this brings their records into one folder, where the
+    choice is made. A label already in ``done`` must carry the same score.
+    """
+    added = 0
+    for folder in folders:
+        path = folder / "sweep.json"
+        if not path.is_file():
+            msg = f"--merge-from: {path} does not exist"
+            raise SystemExit(msg)
+        for label, rec in json.loads(path.read_text()).items():
+            if label in done and done[label]["score"] != rec["score"]:
+                msg = (f"--merge-from: {label!r} has score {rec['score']} in {path} but "
+                       f"{done[label]['score']} in --out")
+                raise SystemExit(msg)
+            added += label not in done
+            done[label] = rec
+    return added
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -154,6 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = replace(cfg, lrs={f: 1.0 for f in FAMILY_METHODS}, lr_head=1.0)
     cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args))
     _, _, parts_by_name, done_path, done = sweep_dir
+    if args.merge_from:
+        added = merge_records(done, args.merge_from)
+        run_paper.atomic_json(done_path, done)
+        print(f"--merge-from: {added} records added to {done_path}", flush=True)
 
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)

@@ -173,6 +173,27 @@ def test_a_preset_reads_its_own_settings_file_and_says_when_it_has_none(tmp_path
     line = run_paper._rates_line("language", {"language": source}, "full")
     assert "in the default preset's configuration, NOT this preset's" in line
     assert "tuned_settings-full.json" in line
+    # given the run's part, the source says whether it tunes as the default preset's does:
+    # the full preset's language part (300 steps) does not, its vision part does
+    full, default = run_paper.presets()["full"], run_paper.presets()["default"]
+    assert not run_paper.settings_source("full", "language", full.language)["same_configuration"]
+    vision = run_paper.settings_source("full", "vision", full.vision)
+    assert vision["tuned_for"] == "default" and vision["same_configuration"]
+    assert "the same as this preset's" in run_paper._rates_line("vision", {"vision": vision}, "full")
+    assert run_paper.tuning_configuration(full.vision) == run_paper.tuning_configuration(
+        replace(default.vision, lrs={"LoRA": 1.0}, retains=(0.5,), threads=1))
+    assert run_paper.tuning_configuration(full.vision) != run_paper.tuning_configuration(
+        replace(default.vision, steps=601))
+    extra = {"date": "now", "command": "python validation/run_paper.py --preset full",
+             "machine": {"cpus": 2, "cpu": "cpu"}, "wall_time_s": 60.0, "recorded_time_s": 7200.0,
+             "learning_rates": {"language": run_paper.settings_source("full", "language",
+                                                                      full.language),
+                                "vision": vision}}
+    header = "\n".join(run_paper.summary_header(full, extra, {"language": {}, "vision": {}}))
+    assert "Command: `python validation/run_paper.py --preset full`" in header
+    assert "2.0 h of method time" in header and "1 min of wall time" in header
+    assert "language's were chosen in the default preset's configuration, not this one's" in header
+    assert "vision's" not in header
     # its own entry for one part: that part reads it, the other part still the default's
     own.write_text(json.dumps({"language": {**rates, "lr": {f: 0.125 for f in run_paper.FAMILIES},
                                             "source": "full page"}}))
@@ -405,6 +426,22 @@ def test_sweep_selects_the_best_mean_over_orders_and_flags_edges():
     assert sweep.select(done, "LoRA")["edge"]
     with pytest.raises(SystemExit, match="at least 3"):
         sweep.main(["--orders", "0", "1"])
+
+
+def test_sweep_merges_the_records_of_sweeps_run_side_by_side(tmp_path):
+    for name, records in (("a", {"JACTUS x": {"score": 1.0}, "both": {"score": 2.0}}),
+                          ("b", {"LoRA y": {"score": 3.0}, "both": {"score": 2.0}}),
+                          ("c", {"both": {"score": 9.0}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text(json.dumps(records))
+    done = {"DoRA z": {"score": 4.0}}
+    assert sweep.merge_records(done, [tmp_path / "a", tmp_path / "b"]) == 3
+    assert done == {"DoRA z": {"score": 4.0}, "JACTUS x": {"score": 1.0}, "both": {"score": 2.0},
+                    "LoRA y": {"score": 3.0}}
+    with pytest.raises(SystemExit, match=re.escape("'both' has score 9.0")):
+        sweep.merge_records(done, [tmp_path / "c"])
+    with pytest.raises(SystemExit, match=r"--merge-from: .*does not exist"):
+        sweep.merge_records(done, [tmp_path / "missing"])
 
 
 def test_sweep_end_to_end_on_the_smoke_preset(tmp_path, monkeypatch):
@@ -658,6 +695,16 @@ def test_method_time_sums_every_record_including_those_read_back(smoke):
     assert total > 0
     assert payload["recorded_time_s"] == pytest.approx(total, rel=1e-9)
     assert "h of method time" in (out / "summary.md").read_text()
+
+
+def test_summary_says_the_smoke_presets_rates_were_chosen_for_the_default_preset(smoke):
+    out, _ = smoke
+    head = (out / "summary.md").read_text().split("**language.**")[0]
+    assert head.startswith("Preset `smoke`") and "Command: `" in head
+    for part in ("language", "vision"):
+        assert f"{part}'s were chosen in the default preset's configuration, not this one's" in head
+        assert _payload(out)["learning_rates"][part]["tuned_for"] == "default"
+    assert "NOT this preset's" in (out / "results.md").read_text()
 
 
 def test_verdict_is_written_from_the_results(smoke):

@@ -823,7 +823,7 @@ def summary_header(preset: Preset, extra: dict, groups: dict) -> list[str]:
                 and not extra["learning_rates"][part].get("same_configuration", True)]
     if borrowed:
         lines += ["Learning rates: " + "; ".join(
-            f"{part}'s were chosen in the {extra['learning_rates'][part]['tuned_for']} preset's "
+            f"the {part} rates were chosen in the {extra['learning_rates'][part]['tuned_for']} preset's "
             "configuration, not this one's" for part in borrowed)
             + f" (no entry in validation/tuned_settings-{preset.name}.json).", ""]
     return lines

@@ -192,8 +192,8 @@ def test_a_preset_reads_its_own_settings_file_and_says_when_it_has_none(tmp_path
     header = "\n".join(run_paper.summary_header(full, extra, {"language": {}, "vision": {}}))
     assert "Command: `python validation/run_paper.py --preset full`" in header
     assert "2.0 h of method time" in header and "1 min of wall time" in header
-    assert "language's were chosen in the default preset's configuration, not this one's" in header
-    assert "vision's" not in header
+    assert "the language rates were chosen in the default preset's configuration, not this one's" in header
+    assert "the vision rates" not in header
     # its own entry for one part: that part reads it, the other part still the default's
     own.write_text(json.dumps({"language": {**rates, "lr": {f: 0.125 for f in run_paper.FAMILIES},
                                             "source": "full page"}}))
@@ -702,7 +702,7 @@ def test_summary_says_the_smoke_presets_rates_were_chosen_for_the_default_preset
     head = (out / "summary.md").read_text().split("**language.**")[0]
     assert head.startswith("Preset `smoke`") and "Command: `" in head
     for part in ("language", "vision"):
-        assert f"{part}'s were chosen in the default preset's configuration, not this one's" in head
+        assert f"the {part} rates were chosen in the default preset's configuration, not this one's" in head
         assert _payload(out)["learning_rates"][part]["tuned_for"] == "default"
     assert "NOT this preset's" in (out / "results.md").read_text()
 

@@ -330,6 +330,9 @@ def build_language(cfg: PartConfig, preset: Preset, config: RunConfig,
     else:
         msg = f"unknown language model {cfg.model!r}"
         raise ValueError(msg)
+    device = local_device(config)
+    if device is not None:
+        model = model.to(device)
     parts = [LanguagePart(
         model, tokenizer, n_tune=cfg.n_tune, n_test=cfg.n_test, seed=seed,
         batch_size=cfg.batch_size, max_length=cfg.max_length,
@@ -339,7 +342,23 @@ def build_language(cfg: PartConfig, preset: Preset, config: RunConfig,
     ) for seed in preset.seeds]
     for part in parts:
         part.base_shared = True  # one base model, one calibration: seeds share compressions
+        part.device_label = None if device is None else device.type
     return {"language": parts}
+
+
+def local_device(config: RunConfig) -> torch.device | None:
+    """The device ``--device`` puts the default, full and smoke presets' language part on.
+
+    None (the part stays on the CPU) unless ``--device`` names another
+    device. The records, statistics and sweep records made there carry the
+    device in their keys, so they never mix with the CPU's; the vision
+    part of these presets stays on the CPU (its ViTs are pretrained there,
+    checked by their fingerprints).
+    """
+    name = config.paper.device
+    if name is None or torch.device(name).type == "cpu":
+        return None
+    return torch.device(name)
 
 
 def pretrained_vision_model(cfg: PartConfig, seed: int, progress: bool):
@@ -379,6 +398,9 @@ def build_vision(cfg: PartConfig, preset: Preset, config: RunConfig,
         return grouped
     from validation import vision  # noqa: PLC0415
 
+    if local_device(config) is not None:
+        log(f"--device {config.paper.device}: the vision part of the {preset.name} preset stays "
+            "on the CPU (only its language part moves)")
     tasks = {t: vision.vision_task(t, preset.split_seed, cfg.n_tune, cfg.n_test, cfg.n_dev)
              for t in cfg.targets}
     if evaluate_on == "dev":
@@ -446,7 +468,18 @@ def statistics_key(cfg: PartConfig, split_seed: int, part) -> str:
     return fingerprint({"cfg": {k: v for k, v in asdict(cfg).items() if k in STATISTICS_FIELDS},
                         "split": split_seed, "part": part.name,
                         "calibration_seed": calibration_seed(part),
-                        "base": getattr(part, "base_fingerprint", None)})
+                        "base": getattr(part, "base_fingerprint", None),
+                        **device_field(part)})
+
+
+def device_field(part) -> dict:
+    """``{"device": <type>}`` for a part ``--device`` moved off the CPU, else empty.
+
+    Empty on the CPU, so that the keys of CPU records and statistics are the
+    ones they had before parts could move.
+    """
+    label = getattr(part, "device_label", None)
+    return {} if label is None else {"device": label}
 
 
 def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[CalibrationStats, float]:
@@ -988,6 +1021,9 @@ def _parser() -> argparse.ArgumentParser:
                         "but paper; 1 otherwise)")
     p.add_argument("--method-kinds", default=None, help=argparse.SUPPRESS)  # --jobs lanes
     p.add_argument("--pretrain-only", action="store_true", help=argparse.SUPPRESS)  # --jobs lanes
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda: the paper preset's parts (default cuda when available); the "
+                        "language part of the other presets (default cpu)")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("paper preset (local paths)")
     g.add_argument("--vit-checkpoint", type=Path)
@@ -996,7 +1032,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--llama-checkpoint", type=Path)
     g.add_argument("--commonsense-train", type=Path, help="commonsense_170k.json")
     g.add_argument("--commonsense-test", type=Path, help="folder with <task>/test.json")
-    g.add_argument("--device", default=None, help="cpu or cuda (paper preset default: cuda)")
     g.add_argument("--dtype", default="bfloat16", help="model dtype for the paper preset")
     return p
 
@@ -1063,7 +1098,7 @@ METHOD_SELECTION_FIELDS = ("retains", "ablations", "svd_ctf", "base_row", "untun
 
 
 def record_key(cfg: PartConfig, method: Method, split_seed: int, seed: int, part_name: str,
-               base_fingerprint: str | None) -> str:
+               base_fingerprint: str | None, device: dict | None = None) -> str:
     """The key of one method's saved record: everything that method's result depends on.
 
     The part's settings without the fields that only select methods
@@ -1071,12 +1106,13 @@ def record_key(cfg: PartConfig, method: Method, split_seed: int, seed: int, part
     method's own options) and with only this method's learning rate, so that
     a rerun after another family's rate or tau changed (a new sweep) still
     reuses the records it can: a long run survives the sweeps of the others.
+    ``device`` is the part's :func:`device_field` (empty on the CPU).
     """
     settings = {k: v for k, v in asdict(cfg).items() if k not in METHOD_SELECTION_FIELDS}
     tuned = method.kind != "none" and method.opts.get("tune", True)
     settings["lrs"] = cfg.lrs.get(lr_family(method.kind)) if tuned else None
     part_key = fingerprint({"cfg": settings, "split": split_seed, "seed": seed, "part": part_name,
-                            "base": base_fingerprint})
+                            "base": base_fingerprint, **(device or {})})
     return fingerprint({"part": part_key, "method": method.to_dict()})
 
 
@@ -1110,7 +1146,7 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
         for part in parts:
             seed = part.seed
             key = record_key(cfg, method, preset.split_seed, seed, part.name,
-                             getattr(part, "base_fingerprint", None))
+                             getattr(part, "base_fingerprint", None), device_field(part))
             path = out / "methods" / f"{safe}__seed{seed}__{method.key()}__{key}.json"
             if path.exists():
                 records[seed][method.name] = json.loads(path.read_text())

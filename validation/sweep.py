@@ -138,11 +138,19 @@ def _parser() -> argparse.ArgumentParser:
                         "preset's own file (validation/tuned_settings.json for the default preset, "
                         "validation/tuned_settings-<preset>.json otherwise), tau read from the "
                         "default preset's file until the preset's own has it")
+    add_device_argument(p)
     p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
                    help="first copy into --out the records of these sweep folders (sweeps of "
                         "other families run side by side, one process per core)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """``--device``: where the language part tunes (the runner's ``--device``; default the CPU)."""
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda: where the language part's models tune and are scored "
+                        "(default cpu); records made off the CPU say so in their labels")
 
 
 def merge_records(done: dict, folders: list[Path]) -> int:
@@ -305,30 +313,45 @@ def base_label(part) -> str:
     return "" if fingerprint is None else f" base={fingerprint}"
 
 
+def device_of(part) -> str | None:
+    """The device ``--device`` moved ``part`` to (``"cuda"``), or None on the CPU."""
+    return getattr(part, "device_label", None)
+
+
 def part_tag(part) -> str:
-    """The end of a sweep record's label: ``order=<seed> <part>`` and its :func:`base_label`."""
-    return f"order={part.seed} {part.name}{base_label(part)}"
+    """The end of a sweep record's label: ``order=<seed> <part>``, its :func:`base_label` and device.
+
+    `` device=<type>`` only off the CPU, so CPU labels stay as they were.
+    """
+    device = device_of(part)
+    return (f"order={part.seed} {part.name}{base_label(part)}"
+            + ("" if device is None else f" device={device}"))
 
 
 def part_fields(part) -> dict:
-    """The fields that say which dev part a sweep record was made on: order, target, base model.
+    """The fields that say which dev part a sweep record was made on: order, target, base, device.
 
-    :func:`on_current_bases` selects records by these.
+    :func:`on_current_bases` selects records by these; ``device`` is
+    written only off the CPU.
     """
-    return {"order": part.seed, "target": part.name, "base": base_of(part)}
+    device = device_of(part)
+    return {"order": part.seed, "target": part.name, "base": base_of(part),
+            **({} if device is None else {"device": device})}
 
 
 def on_current_bases(done: dict, parts_by_name: dict) -> dict:
-    """The records made on the pretrained model that the dev part of their target and order holds now.
+    """The records made on the pretrained model and device the dev part of their target and order has now.
 
-    Records of a target or order the sweep did not build this time, or made
+    Records of a target or order the sweep did not build this time, made
     from another pretrained model (another fingerprint, or none recorded
-    where the part has one), are kept in the folder but not used.
+    where the part has one) or on another device (``--device``) are kept in
+    the folder but not used.
     """
-    current = {(p.name, p.seed): base_of(p) for parts in parts_by_name.values() for p in parts}
+    current = {(p.name, p.seed): (base_of(p), device_of(p))
+               for parts in parts_by_name.values() for p in parts}
     return {k: v for k, v in done.items()
             if (v.get("target"), v.get("order")) in current
-            and v.get("base") == current[(v["target"], v["order"])]}
+            and (v.get("base"), v.get("device")) == current[(v["target"], v["order"])]}
 
 
 class SweepDir(NamedTuple):
@@ -356,7 +379,8 @@ def dev_sweep(args: argparse.Namespace, cfg, preset, default_out: str) -> tuple[
     preset = replace(preset, seeds=tuple(args.orders))
     out = args.out or Path("results") / default_out
     out.mkdir(parents=True, exist_ok=True)
-    config = run_paper.RunConfig(preset=preset, out=out, progress=not args.no_progress)
+    config = run_paper.RunConfig(preset=preset, out=out, progress=not args.no_progress,
+                                 paper=run_paper.PaperInputs(device=args.device))
     builder = run_paper.build_vision if args.part == "vision" else run_paper.build_language
     parts_by_name = builder(cfg, preset, config, evaluate_on="dev")
     done_path = out / "sweep.json"

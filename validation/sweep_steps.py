@@ -40,6 +40,7 @@ from validation.sweep import (
     FAMILY_METHODS,
     ORDERS,
     ROOT,
+    add_device_argument,
     dev_metric,
     dev_protocol,
     dev_run,
@@ -81,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", type=Path, default=None,
                    help="where the rates and tau are read (not written); default: what the "
                         "runner reads for --preset (run_paper.settings_for)")
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 

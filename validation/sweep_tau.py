@@ -43,6 +43,7 @@ from validation.report import write_text_atomic
 from validation.sweep import (
     ORDERS,
     ROOT,
+    add_device_argument,
     at_run_settings,
     dev_metric,
     dev_protocol,
@@ -92,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where JACTUS's rate is read and the choice written; default: the "
                         "preset's own file (run_paper.preset_settings_file), which must hold the "
                         "part's rates (validation/sweep.py writes them)")
+    add_device_argument(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 

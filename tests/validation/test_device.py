@@ -1,0 +1,75 @@
+"""``--device``: the default, full and smoke presets' language part off the CPU.
+
+Records, statistics and sweep records made on another device carry it in
+their keys and labels, so that they never mix with the CPU's (the CPU's
+keys are the ones they were before parts could move). The CUDA case runs
+under ``pytest -m cuda`` on a machine with a GPU and skips itself elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from validation import run_paper, sweep
+from validation.methods import Method
+
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                             reason="CUDA is not available on this machine")
+
+
+def _config(device: str | None) -> run_paper.RunConfig:
+    return run_paper.RunConfig(preset=run_paper.presets()["smoke"], out=Path("unused"),
+                               progress=False, paper=run_paper.PaperInputs(device=device))
+
+
+def test_the_language_part_moves_only_when_a_device_other_than_the_cpu_is_named():
+    assert run_paper.local_device(_config(None)) is None
+    assert run_paper.local_device(_config("cpu")) is None
+    assert run_paper.local_device(_config("cuda")) == torch.device("cuda")
+    assert run_paper.local_device(_config("cuda:1")) == torch.device("cuda", 1)
+
+
+def test_keys_and_labels_carry_a_device_other_than_the_cpu():
+    class Part:
+        name, seed, base_fingerprint = "language", 1, None
+
+    cpu, gpu = Part(), Part()
+    gpu.device_label = "cuda"
+    assert run_paper.device_field(cpu) == {} and run_paper.device_field(gpu) == {"device": "cuda"}
+    cfg = run_paper.presets()["smoke"].language
+    method = Method("LoRA@1.0", "LoRA", "lora")
+    before = run_paper.record_key(cfg, method, 0, 1, "language", None)  # the CPU key as it was
+    assert run_paper.record_key(cfg, method, 0, 1, "language", None, {}) == before
+    assert run_paper.record_key(cfg, method, 0, 1, "language", None, {"device": "cuda"}) != before
+    assert run_paper.statistics_key(cfg, 0, cpu) != run_paper.statistics_key(cfg, 0, gpu)
+    assert sweep.part_tag(cpu) == "order=1 language"
+    assert sweep.part_tag(gpu) == "order=1 language device=cuda"
+    assert "device" not in sweep.part_fields(cpu) and sweep.part_fields(gpu)["device"] == "cuda"
+    # a sweep uses the records made on the device its parts are on now, and keeps the others
+    done = {sweep.part_tag(p): {**sweep.part_fields(p), "score": s} for p, s in ((cpu, 1.0), (gpu, 2.0))}
+    assert list(sweep.on_current_bases(done, {"language": [cpu]})) == ["order=1 language"]
+    assert list(sweep.on_current_bases(done, {"language": [gpu]})) == ["order=1 language device=cuda"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])])
+def test_language_sweep_on_a_device(tmp_path, device):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"language": {"task_fraction": 0.0}}))
+    out = tmp_path / "out"
+    chosen = sweep.main(["--part", "language", "--preset", "smoke", "--lrs", "1e-3",
+                         "--families", "JACTUS,LoRA", "--device", device, "--out", str(out),
+                         "--page", str(tmp_path / "page.md"), "--settings", str(settings),
+                         "--no-progress"])
+    assert chosen["lr"] == {"JACTUS": 1e-3, "LoRA": 1e-3}
+    done = json.loads((out / "sweep.json").read_text())
+    assert len(done) == 6 and all(math.isfinite(v["score"]) for v in done.values())
+    if device == "cpu":  # the CPU's labels and fields are the ones they were
+        assert not any("device" in label or "device" in v for label, v in done.items())
+    else:
+        assert all(label.endswith(" device=cuda") and v["device"] == "cuda"
+                   for label, v in done.items())

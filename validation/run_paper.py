@@ -221,15 +221,23 @@ def preset_settings_file(preset: str) -> Path:
 def settings_for(preset: str, part: str) -> Path:
     """The file ``preset``'s ``part`` reads its tuned settings from.
 
-    The preset's own file (:func:`preset_settings_file`) when it holds an
-    entry for ``part``; else the default preset's file, whose rates were
-    chosen in the default preset's configuration: the tables say which
+    The preset's own file (:func:`preset_settings_file`) when its entry for
+    ``part`` is complete (a rate for every family and the head's,
+    :func:`complete_entry`: a sweep of some families only does not make
+    one); else the default preset's file, whose rates were chosen in the
+    default preset's configuration: the tables say which
     (:func:`settings_source`).
     """
     own = preset_settings_file(preset)
-    if own.is_file() and part in tuned_settings(own):
+    if own.is_file() and complete_entry(tuned_settings(own).get(part)):
         return own
     return SETTINGS_FILE
+
+
+def complete_entry(entry: dict | None) -> bool:
+    """Whether a settings entry has a rate for every family (:data:`FAMILIES`) and the head's."""
+    return (entry is not None and set(FAMILIES) <= set(entry.get("lr", {}))
+            and entry.get("lr_head") is not None)
 
 
 def sweep_settings_files(settings: Path | None, preset: str, part: str) -> tuple[Path, Path]:
@@ -808,7 +816,8 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
     for part_name, by_seed in groups.items():
         info = parts_info[part_name]
         summary = extra["summary"][part_name]
-        md += [f"## {part_name}", "", _rates_line(part_name, extra["learning_rates"], preset.name), ""]
+        md += [f"## {part_name}", "", _rates_line(part_name, extra["learning_rates"], preset.name,
+                                              getattr(preset, part_name.split("/")[0])), ""]
         md += [seed_table(summary, info["tasks"], without="boolq"), ""]
         if any(s.get("metrics") for s in summary.values()):
             md += [metrics_table(summary), ""]
@@ -884,6 +893,9 @@ def settings_source(preset: str, part: str, cfg: PartConfig | None = None) -> di
     (:func:`tuning_configuration`): the full preset's vision part does, its
     language part (300 steps) does not.
     """
+    known = presets().get(preset)
+    if known is not None and sets_its_own_rates(getattr(known, part), part):
+        return {}  # the paper preset: "set in the preset"
     path = settings_for(preset, part)
     try:
         chosen = tuned_settings(path).get(part, {})
@@ -897,6 +909,15 @@ def settings_source(preset: str, part: str, cfg: PartConfig | None = None) -> di
             "same_configuration": same}
 
 
+def sets_its_own_rates(cfg: PartConfig, part: str) -> bool:
+    """Whether ``cfg`` sets every family's rate and, for vision (a new head), the head's.
+
+    Such a part (the paper preset's) trains at none of the settings file's
+    rates.
+    """
+    return set(FAMILIES) <= set(cfg.lrs) and (part == "language" or cfg.lr_head is not None)
+
+
 def tuning_configuration(cfg: PartConfig) -> dict:
     """The settings a learning rate is chosen for: ``cfg`` without its rates and method selection.
 
@@ -908,10 +929,19 @@ def tuning_configuration(cfg: PartConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in left_out}
 
 
-def _rates_line(part: str, sources: dict, preset: str) -> str:
+def _rates_line(part: str, sources: dict, preset: str, cfg: PartConfig | None = None) -> str:
+    """Where the part's rates came from, and the rates the run trained with (``cfg``'s).
+
+    Without ``cfg``, the rates of the settings entry.
+    """
     src = sources.get(part.split("/")[0], {})
+    rates = dict(cfg.lrs) if cfg is not None else dict(src.get("lr") or {})
+    head = cfg.lr_head if cfg is not None else src.get("lr_head")
+    head = None if part.startswith("language") else head  # no new head there
     if not src:
-        return "Learning rates: set in the preset."
+        return ("Learning rates (set in the preset): "
+                + ", ".join(f"{k} {v:g}" for k, v in rates.items())
+                + (f", head {head:g}" if head else "") + ".")
     how = ("chosen by validation/sweep.py on dev items" if src.get("chosen_by_sweep")
            else "NOT yet chosen by the dev-item sweep protocol (pre-protocol defaults)")
     tuned_for = src.get("tuned_for", preset)
@@ -921,8 +951,8 @@ def _rates_line(part: str, sources: dict, preset: str) -> str:
         how += (f" in the {tuned_for} preset's configuration, NOT this preset's "
                 f"(no entry in validation/tuned_settings-{preset}.json)")
     return (f"Learning rates ({how}; {src.get('source', '')}): "
-            + ", ".join(f"{k} {v:g}" for k, v in (src.get("lr") or {}).items())
-            + (f", head {src['lr_head']:g}" if src.get("lr_head") else "") + ".")
+            + ", ".join(f"{k} {v:g}" for k, v in rates.items())
+            + (f", head {head:g}" if head else "") + ".")
 
 
 def _comparison_lines(comps: list[dict]) -> list[str]:

@@ -194,7 +194,26 @@ def test_a_preset_reads_its_own_settings_file_and_says_when_it_has_none(tmp_path
     assert "2.0 h of method time" in header and "1 min of wall time" in header
     assert "the language rates were chosen in the default preset's configuration, not this one's" in header
     assert "the vision rates" not in header
-    # its own entry for one part: that part reads it, the other part still the default's
+    # the rates line names the rates the run trained with, which may not be the file's
+    line = run_paper._rates_line("vision", {"vision": vision}, "full",
+                                 replace(full.vision, lrs={f: 0.7 for f in run_paper.FAMILIES},
+                                         lr_head=0.2))
+    assert "JACTUS 0.7" in line and "head 0.2" in line and "JACTUS 0.5" not in line
+    # the paper preset sets its rates: no file is named, nothing is said to be borrowed
+    paper = run_paper.presets()["paper"]
+    for part in ("language", "vision"):
+        assert run_paper.settings_source("paper", part, getattr(paper, part)) == {}
+    line = run_paper._rates_line("vision", {"vision": {}}, "paper", paper.vision)
+    assert line == "Learning rates (set in the preset): " + ", ".join(
+        f"{f} 0.001" for f in run_paper.FAMILIES) + ", head 0.001."
+    paper_extra = {**extra, "learning_rates": {"language": {}, "vision": {}}}
+    assert "Learning rates" not in "\n".join(
+        run_paper.summary_header(paper, paper_extra, {"language": {}, "vision": {}}))
+    # an entry of some families only (a sweep of --families LoRA) is not the preset's own yet
+    own.write_text(json.dumps({"language": {**rates, "lr": {"LoRA": 0.125}}}))
+    assert run_paper.settings_for("full", "language") == default_file
+    assert not run_paper.complete_entry({"lr": {f: 1.0 for f in run_paper.FAMILIES}})  # no head
+    # its own complete entry for one part: that part reads it, the other part still the default's
     own.write_text(json.dumps({"language": {**rates, "lr": {f: 0.125 for f in run_paper.FAMILIES},
                                             "source": "full page"}}))
     assert run_paper.settings_for("full", "language") == own

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -79,12 +80,30 @@ HEAD = "head"
 
 
 def dev_score(part_name: str, rec: dict) -> tuple[float, float]:
-    """(score to maximise, dev accuracy): vision accuracy, language minus the answer NLL."""
+    """(score to maximise, dev accuracy): vision accuracy, language minus the answer NLL.
+
+    A model whose training diverged (:func:`diverged_record`) scores
+    ``-inf``, below every model that trained, with no accuracy (NaN).
+    """
+    if rec.get("diverged"):
+        return -math.inf, math.nan
     acc = float(np.mean([np.mean(v) for v in rec["correct"].values()]))
     if part_name == "language":
         nll = float(np.mean([np.mean(v) for v in rec["metrics"]["answer_nll"].values()]))
         return -nll, acc
     return acc, acc
+
+
+def mean_sd_n(scores: list[float]) -> tuple[float, float, int]:
+    """Mean, sample sd (0 for one score) and count of dev scores over orders.
+
+    A diverged order (``-inf``, :func:`dev_score`) makes the mean ``-inf``
+    and the sd 0: the cell is shown as diverged and never chosen.
+    """
+    n = len(scores)
+    if any(score == -math.inf for score in scores):
+        return -math.inf, 0.0, n
+    return float(np.mean(scores)), float(np.std(scores, ddof=1)) if n > 1 else 0.0, n
 
 
 def select(done: dict, family: str) -> dict | None:
@@ -95,8 +114,7 @@ def select(done: dict, family: str) -> dict | None:
             by_lr.setdefault(v["lr"], []).append(v["score"])
     if not by_lr:
         return None
-    table = {lr: (float(np.mean(s)), float(np.std(s, ddof=1)) if len(s) > 1 else 0.0, len(s))
-             for lr, s in sorted(by_lr.items())}
+    table = {lr: mean_sd_n(s) for lr, s in sorted(by_lr.items())}
     best = max(table, key=lambda lr: (table[lr][0], -lr))
     lrs = sorted(table)
     return {"lr": best, "table": table, "edge": best in (lrs[0], lrs[-1]) and len(lrs) > 2}
@@ -409,6 +427,8 @@ def score_scale(part_name: str) -> tuple[float, int]:
 
 def mean_sd_text(part_name: str, mean: float, sd: float) -> str:
     """A dev score's mean ± sd over orders as the pages show it (:func:`score_scale`)."""
+    if mean == -math.inf:
+        return "diverged"  # at least one order's training diverged (dev_score)
     scale, digits = score_scale(part_name)
     return f"{scale * mean:.{digits}f} ± {abs(scale) * sd:.{digits}f}"
 
@@ -485,12 +505,25 @@ def dev_run(part, method: Method, cfg, split_seed: int, sweep_dir: SweepDir, sta
         stats, key = dev_statistics(part, cfg, split_seed, sweep_dir.out, stats_cache,
                                     sweep_dir.config.progress)
     checkpoint = checkpoint_path(sweep_dir.out, label)
-    rec = run_paper.run_method(part, method, cfg, stats, part.seed, sweep_dir.config.progress,
-                               shared, key, checkpoint=checkpoint)
+    start = time.perf_counter()
+    try:
+        rec = run_paper.run_method(part, method, cfg, stats, part.seed, sweep_dir.config.progress,
+                                   shared, key, checkpoint=checkpoint)
+    except FloatingPointError as err:  # a rate too high for the steps: the worst score, not a crash
+        print(f"{label}: training diverged ({err}); scored below every rate that trained",
+              flush=True)
+        checkpoint.unlink(missing_ok=True)
+        return diverged_record(str(err), time.perf_counter() - start)
     if rec.get("resumed_from_step") is not None:
         print(f"{label}: resumed from its checkpoint at step {rec['resumed_from_step']}", flush=True)
     checkpoint.unlink(missing_ok=True)
     return rec
+
+
+def diverged_record(reason: str, seconds: float) -> dict:
+    """The record of a model whose training loss became non-finite (:func:`dev_score`: ``-inf``)."""
+    return {"diverged": reason, "correct": {}, "metrics": {}, "trainable_params": None,
+            "retain_achieved": None, "wall_time_s": seconds}
 
 
 def checkpoint_path(out: Path, label: str) -> Path:
@@ -546,7 +579,9 @@ def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_b
         best, runner_up = ranked[0], ranked[1] if len(ranked) > 1 else None
         why = (f"- {family}: {c['lr']:g}, the best mean over {best[1][2]} orders "
                f"({scale * best[1][0]:.3g} ± {abs(scale) * best[1][1]:.2g})")
-        if runner_up is not None:
+        if runner_up is not None and runner_up[1][0] == -math.inf:
+            why += f"; next {runner_up[0]:g}, whose training diverged"
+        elif runner_up is not None:
             why += (f"; next {runner_up[0]:g} at {scale * runner_up[1][0]:.3g} "
                     f"± {abs(scale) * runner_up[1][1]:.2g}")
         if c["edge"]:

@@ -50,6 +50,7 @@ from validation.sweep import (
     head_rate,
     markdown_header,
     markdown_row,
+    mean_sd_n,
     on_current_bases,
     part_fields,
     part_tag,
@@ -138,7 +139,7 @@ def table_of(done: dict) -> dict[tuple[str, int], tuple[float, float, int]]:
     by_cell: dict[tuple[str, int], list[float]] = {}
     for (family, steps, _), scores in pooled.items():
         by_cell.setdefault((family, steps), []).append(float(np.mean(scores)))
-    return {cell: (float(np.mean(s)), float(np.std(s, ddof=1)) if len(s) > 1 else 0.0, len(s))
+    return {cell: mean_sd_n(s)
             for cell, s in sorted(by_cell.items())}
 
 

@@ -54,6 +54,7 @@ from validation.sweep import (
     head_rate,
     markdown_header,
     markdown_row,
+    mean_sd_n,
     part_fields,
     part_tag,
     score_cells,
@@ -119,7 +120,7 @@ def table_of(done: dict) -> dict[tuple[float, float], tuple[float, float, int]]:
     by_pair: dict[tuple[float, float], list[float]] = {}
     for (tau, lr, _), scores in pooled.items():
         by_pair.setdefault((tau, lr), []).append(float(np.mean(scores)))
-    return {pair: (float(np.mean(s)), float(np.std(s, ddof=1)) if len(s) > 1 else 0.0, len(s))
+    return {pair: mean_sd_n(s)
             for pair, s in sorted(by_pair.items())}
 
 

@@ -961,3 +961,30 @@ def test_accuracy_plot_styles_tell_every_family_apart():
         assert styles[f"untuned: {base}"]["color"] == styles[base]["color"]
         assert styles[f"untuned: {base}"]["linestyle"] == "--" != styles[base]["linestyle"]
         assert styles[f"untuned: {base}"]["markerfacecolor"] == "none"
+
+
+def test_a_rate_whose_training_diverges_scores_below_every_rate_and_the_sweep_goes_on(
+        tmp_path, monkeypatch):
+    run_method = run_paper.run_method
+
+    def diverging_at_high_rates(part, method, cfg, *a, **k):
+        if cfg.lrs["LoRA"] >= 1e-2 and part.seed == 1:
+            msg = "non-finite training loss at step 1 (test); lower the learning rate"
+            raise FloatingPointError(msg)
+        return run_method(part, method, cfg, *a, **k)
+
+    monkeypatch.setattr(run_paper, "run_method", diverging_at_high_rates)
+    settings, page = tmp_path / "settings.json", tmp_path / "page.md"
+    settings.write_text(json.dumps({"language": {"task_fraction": 0.0}}))
+    chosen = sweep.main(["--part", "language", "--preset", "smoke", "--lrs", "1e-3", "1e-2",
+                         "--families", "LoRA", "--out", str(tmp_path / "out"), "--page", str(page),
+                         "--settings", str(settings), "--no-progress"])
+    assert chosen["lr"]["LoRA"] == 1e-3  # one diverged order sinks the rate
+    done = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    diverged = [v for v in done.values() if v["score"] == -float("inf")]
+    assert len(diverged) == 1 and diverged[0]["lr"] == 1e-2 and diverged[0]["order"] == 1
+    assert all(np.isfinite(v["score"]) for v in done.values() if v not in diverged)
+    text = page.read_text()
+    assert "| diverged |" in text and "next 0.01, whose training diverged" in text
+    assert sweep.mean_sd_n([-1.0, -float("inf")]) == (-float("inf"), 0.0, 2)
+    assert sweep.mean_sd_n([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5), 2)

@@ -206,16 +206,23 @@ def tuned_settings(path: Path = SETTINGS_FILE) -> dict:
     return json.loads(path.read_text())
 
 
-def preset_settings_file(preset: str) -> Path:
-    """The file the sweeps write ``preset``'s tuned settings to.
+#: The presets whose sweeps' choices the runner reads (:func:`preset_settings_file`); a sweep of
+#: another preset (smoke: a check of the machinery) writes into its own folder only.
+SWEPT_PRESETS = ("default", "full")
+
+
+def preset_settings_file(preset: str) -> Path | None:
+    """The file the sweeps write ``preset``'s tuned settings to, and the runner reads.
 
     ``validation/tuned_settings.json`` for the default preset,
-    ``validation/tuned_settings-<preset>.json`` for any other, so that a
-    preset tuned in its own configuration (the full preset's 300 steps) keeps
-    its own rates beside the default preset's.
+    ``validation/tuned_settings-<preset>.json`` for the other presets of
+    :data:`SWEPT_PRESETS` (the full preset, tuned in its own configuration,
+    keeps its own rates beside the default preset's); None for the rest.
     """
-    return SETTINGS_FILE if preset == "default" else SETTINGS_FILE.with_name(
-        f"tuned_settings-{preset}.json")
+    if preset == "default":
+        return SETTINGS_FILE
+    return SETTINGS_FILE.with_name(f"tuned_settings-{preset}.json") if preset in SWEPT_PRESETS \
+        else None
 
 
 def settings_for(preset: str, part: str) -> Path:
@@ -229,7 +236,7 @@ def settings_for(preset: str, part: str) -> Path:
     (:func:`settings_source`).
     """
     own = preset_settings_file(preset)
-    if own.is_file() and complete_entry(tuned_settings(own).get(part)):
+    if own is not None and own.is_file() and complete_entry(tuned_settings(own).get(part)):
         return own
     return SETTINGS_FILE
 
@@ -240,17 +247,21 @@ def complete_entry(entry: dict | None) -> bool:
             and entry.get("lr_head") is not None)
 
 
-def sweep_settings_files(settings: Path | None, preset: str, part: str) -> tuple[Path, Path]:
+def sweep_settings_files(settings: Path | None, preset: str, part: str,
+                         out: Path) -> tuple[Path, Path]:
     """Where a sweep of ``preset``'s ``part`` reads its settings and where it writes its choice.
 
     ``settings`` (a sweep's ``--settings``) is both when given. Otherwise
-    the sweep writes to the preset's own file (:func:`preset_settings_file`)
-    and reads what the runner would read (:func:`settings_for`): the
-    preset's own entry, or the default preset's until it has one.
+    the sweep reads what the runner would read (:func:`settings_for`: the
+    preset's own entry, or the default preset's until it has one) and
+    writes to the preset's own file (:func:`preset_settings_file`), or, for
+    a preset outside :data:`SWEPT_PRESETS`, to ``settings.json`` in its
+    folder ``out`` (which no run reads).
     """
     if settings is not None:
         return settings, settings
-    return settings_for(preset, part), preset_settings_file(preset)
+    own = preset_settings_file(preset)
+    return settings_for(preset, part), own if own is not None else out / "settings.json"
 
 
 def with_learning_rates(part: str, cfg: PartConfig, path: Path = SETTINGS_FILE) -> PartConfig:

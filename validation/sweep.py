@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         lr_head = _merge_targets(done_here, HEAD)["lr"]
     cfg = replace(cfg, lr_head=lr_head)
     stats_cache: dict = {}
-    read_from, write_to = run_paper.sweep_settings_files(args.settings, args.preset, args.part)
+    read_from, write_to = run_paper.sweep_settings_files(args.settings, args.preset, args.part,
+                                                         sweep_dir.out)
     inherited = tau_fields(read_from, args.part)
     tau = inherited.get("task_fraction")
     for family in families:
@@ -266,8 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     done_now = at_run_settings(done, parts_by_name, cfg.steps, lr_head)
     chosen = {f: _merge_targets(done_now, f) for f in FAMILY_METHODS
               if any(v["family"] == f for v in done_now.values())}
-    page = args.page or ROOT / "docs" / "results" / f"{sweep_name(args)}.md"
-    write_page(page, args, cfg, done_now, chosen, lr_head, parts_by_name)
+    page = args.page or default_page(args, sweep_dir.out)
+    write_page(page, args, cfg, done_now, chosen, lr_head, parts_by_name, write_to)
     return write_settings(write_to, args.part, chosen, lr_head, page, args, inherited)
 
 
@@ -289,6 +290,25 @@ def sweep_name(args: argparse.Namespace, kind: str = "") -> str:
     """
     name = f"sweep-{args.part}" + (f"-{kind}" if kind else "")
     return name if args.preset == "default" else f"{name}-{args.preset}"
+
+
+def runner_reads(args: argparse.Namespace, settings: Path) -> str:
+    """The end of a page's first line: whether the runner reads the sweep's settings file."""
+    if settings == run_paper.preset_settings_file(args.preset):
+        return f", which the runner reads for the {args.preset} preset."
+    return " (not a file the runner reads)."
+
+
+def default_page(args: argparse.Namespace, out: Path, kind: str = "") -> Path:
+    """Where a sweep's page goes without ``--page``: ``docs/results/<sweep_name>.md``.
+
+    For a preset outside :data:`validation.run_paper.SWEPT_PRESETS` (the
+    smoke preset) the page goes into the sweep's folder ``out`` instead,
+    so that a check of the machinery never writes into the docs.
+    """
+    name = f"{sweep_name(args, kind)}.md"
+    return ROOT / "docs" / "results" / name if args.preset in run_paper.SWEPT_PRESETS \
+        else out / name
 
 
 def head_label(lr_head: float | None) -> str:
@@ -551,14 +571,15 @@ def lrs_argv(lrs) -> str:
     return "" if sorted(lrs) == sorted(LRS) else " --lrs " + " ".join(f"{lr:g}" for lr in lrs)
 
 
-def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_by_name) -> None:
+def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_by_name,
+               settings: Path) -> None:
     """The sweep's page: protocol, the dev score of every rate, what was chosen and why."""
     scale = 100.0 if args.part == "vision" else -1.0
     lines = [
         f"# Learning rates of the {args.part} part, chosen on dev items",
         "",
         written_by("sweep", f"--part {args.part} --preset {args.preset}{lrs_argv(args.lrs)}")
-        + f"; the runner reads the chosen rates from `{settings_name(args)}`.",
+        + f"; the chosen rates are in `{repo_path_text(settings)}`" + runner_reads(args, settings),
         "",
         "Protocol: every family in its final configuration (JACTUS@0.8 with covariance task "
         "directions and mergeable cores, SVD-LLM+LoRA@0.8, LoRA@1.0, DoRA@1.0), tuned on the "
@@ -591,11 +612,6 @@ def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_b
         lines += ["", "The head's rate was chosen first (head alone, from the linear probe) and "
                   "is the same for every family."]
     write_sweep_page(page, lines)
-
-
-def settings_name(args) -> str:
-    """The settings file a sweep writes (``--settings`` or the preset's own), as its page names it."""
-    return repo_path_text(args.settings or run_paper.preset_settings_file(args.preset))
 
 
 def repo_path_text(path: Path) -> str:

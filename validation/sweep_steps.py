@@ -39,8 +39,8 @@ from validation.methods import Method
 from validation.sweep import (
     FAMILY_METHODS,
     ORDERS,
-    ROOT,
     add_device_argument,
+    default_page,
     dev_metric,
     dev_protocol,
     dev_run,
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     families = _check_args(args)
     preset = run_paper.presets()[args.preset]
-    read_from, _ = run_paper.sweep_settings_files(args.settings, args.preset, args.part)
+    read_from = args.settings or run_paper.settings_for(args.preset, args.part)
     cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), read_from)
     preset_steps = cfg.steps
     cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args, "steps"))
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     # records made at other rates or from another pretrained model are kept, not used
     table = table_of(at_settings(done, parts_by_name, current))
     best = choose(table)
-    page = args.page or ROOT / "docs" / "results" / f"{sweep_name(args, 'steps')}.md"
+    page = args.page or default_page(args, sweep_dir.out, "steps")
     write_page(page, args, cfg, preset_steps, table, best, parts_by_name)
     return {"steps": best, "table": table, "rankings": rankings(table)}
 
@@ -214,7 +214,7 @@ def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
                parts_by_name: dict) -> None:
     """The check's page: the protocol, every family's dev score per step count, the verdict."""
     scale, digits = score_scale(args.part)
-    read_from, _ = run_paper.sweep_settings_files(args.settings, args.preset, args.part)
+    read_from = args.settings or run_paper.settings_for(args.preset, args.part)
     steps_grid = sorted({s for _, s in table})
     families = sorted({f for f, _ in table}, key=list(FAMILY_METHODS).index)
     argv = " ".join(["--part", args.part, "--preset", args.preset, "--steps",

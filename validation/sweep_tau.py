@@ -45,6 +45,7 @@ from validation.sweep import (
     ROOT,
     add_device_argument,
     at_run_settings,
+    default_page,
     dev_metric,
     dev_protocol,
     dev_run,
@@ -57,9 +58,10 @@ from validation.sweep import (
     mean_sd_n,
     part_fields,
     part_tag,
+    repo_path_text,
+    runner_reads,
     score_cells,
     score_scale,
-    settings_name,
     sweep_name,
     write_sweep_page,
     written_by,
@@ -129,20 +131,29 @@ def choose(table: dict) -> tuple[float, float]:
     return max(table, key=lambda pair: (table[pair][0], -pair[0], -pair[1]))
 
 
-def own_rates_file(preset: str, part: str) -> Path:
-    """The preset's own settings file, which must already hold the part's rates.
+def tau_settings_files(args: argparse.Namespace) -> tuple[Path, Path]:
+    """Where the tau sweep reads JACTUS's rate and where it writes its choice.
 
-    The task fraction is chosen at the rates chosen for the same preset, so
-    a preset without its own rates (``--preset full`` before
-    ``validation.sweep --preset full``) stops here, naming the command.
+    ``--settings`` is both when given. A preset of
+    :data:`validation.run_paper.SWEPT_PRESETS` reads and writes its own file
+    (:func:`validation.run_paper.preset_settings_file`), which must already
+    hold the part's rates: tau is chosen at the rates chosen for the same
+    preset, so ``--preset full`` before ``validation.sweep --preset full``
+    stops here, naming the command. Another preset (smoke) reads the
+    default preset's file and writes ``settings.json`` in its ``--out``.
     """
-    path = run_paper.preset_settings_file(preset)
-    if not (path.is_file() and part in run_paper.tuned_settings(path)):
-        msg = (f"--preset {preset}: {path.name} has no {part} rates of its own; run "
-               f"python -m validation.sweep --part {part} --preset {preset} first, "
+    if args.settings is not None:
+        return args.settings, args.settings
+    own = run_paper.preset_settings_file(args.preset)
+    if own is None:
+        out = args.out or Path("results") / sweep_name(args, "tau")
+        return run_paper.settings_for(args.preset, args.part), out / "settings.json"
+    if not (own.is_file() and args.part in run_paper.tuned_settings(own)):
+        msg = (f"--preset {args.preset}: {own.name} has no {args.part} rates of its own; run "
+               f"python -m validation.sweep --part {args.part} --preset {args.preset} first, "
                "or pass --settings")
         raise SystemExit(msg)
-    return path
+    return own, own
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     _check_args(args)
     preset = run_paper.presets()[args.preset]
-    settings = args.settings or own_rates_file(args.preset, args.part)
-    cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), settings)
+    read_from, settings = tau_settings_files(args)
+    cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), read_from)
     lrs = sorted(args.lrs) if args.lrs is not None else [cfg.lrs[FAMILY]]
     cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args, "tau"))
     _, _, parts_by_name, done_path, done = sweep_dir
@@ -181,14 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
     # every (tau, rate) in --out at the preset's steps and head rate: a rerun adds rates or taus
     table = table_of(at_run_settings(done, parts_by_name, cfg.steps, head))
     tau, lr = choose(table)
-    page = args.page or ROOT / "docs" / "results" / f"{sweep_name(args, 'tau')}.md"
-    write_page(page, args, cfg, table, (tau, lr), parts_by_name)
+    page = args.page or default_page(args, sweep_dir.out, "tau")
+    write_page(page, args, cfg, table, (tau, lr), parts_by_name, settings)
     return write_settings(settings, args.part, tau, lr, page, args,
                           sorted({t for t, _ in table}))
 
 
 def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
-               parts_by_name: dict) -> None:
+               parts_by_name: dict, settings: Path) -> None:
     """The sweep's page: the protocol, the dev score of every (tau, rate), what was chosen."""
     scale, digits = score_scale(args.part)
     lrs = sorted({lr for _, lr in table})
@@ -199,8 +210,8 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
     lines = [
         f"# Task fraction of the {args.part} part, chosen on dev items",
         "",
-        written_by("sweep_tau", argv) + "; the runner reads the chosen task fraction and "
-        f"JACTUS's rate from `{settings_name(args)}`.",
+        written_by("sweep_tau", argv) + "; the chosen task fraction and JACTUS's rate are in "
+        f"`{repo_path_text(settings)}`" + runner_reads(args, settings),
         "",
         "Protocol: JACTUS@0.8 in its final configuration (covariance task directions, mergeable "
         f"cores on the layers kept dense, {cfg.calibration_batches} calibration batches), tuned "

@@ -232,15 +232,27 @@ def test_a_preset_reads_its_own_settings_file_and_says_when_it_has_none(tmp_path
     from jactus_linalg import DEFAULT_TASK_FRACTION
 
     assert config.preset.language.task_fraction == DEFAULT_TASK_FRACTION  # own entry has none
-    # a sweep reads what the runner reads and writes the preset's own file; --settings is both
-    assert run_paper.sweep_settings_files(None, "full", "vision") == (default_file, own)
-    assert run_paper.sweep_settings_files(None, "default", "vision") == (default_file, default_file)
-    assert run_paper.sweep_settings_files(tmp_path / "x.json", "full", "vision") == (
+    # a sweep reads what the runner reads and writes the preset's own file; --settings is both;
+    # the smoke preset has no file of its own: its sweeps write into their folder
+    out = tmp_path / "out"
+    assert run_paper.sweep_settings_files(None, "full", "vision", out) == (default_file, own)
+    assert run_paper.sweep_settings_files(None, "default", "vision", out) == (
+        default_file, default_file)
+    assert run_paper.sweep_settings_files(tmp_path / "x.json", "full", "vision", out) == (
         tmp_path / "x.json", tmp_path / "x.json")
+    assert run_paper.preset_settings_file("smoke") is None
+    assert run_paper.sweep_settings_files(None, "smoke", "vision", out) == (
+        default_file, out / "settings.json")
     # the tau sweep needs the preset's own rates for the part (it tunes tau at them)
-    assert sweep_tau.own_rates_file("full", "language") == own
+    tau_args = argparse.Namespace(settings=None, preset="full", part="language", out=None)
+    assert sweep_tau.tau_settings_files(tau_args) == (own, own)
     with pytest.raises(SystemExit, match=re.escape("validation.sweep --part vision --preset full")):
-        sweep_tau.own_rates_file("full", "vision")
+        sweep_tau.tau_settings_files(argparse.Namespace(**{**vars(tau_args), "part": "vision"}))
+    smoke_args = argparse.Namespace(settings=None, preset="smoke", part="vision", out=out)
+    assert sweep_tau.tau_settings_files(smoke_args) == (default_file, out / "settings.json")
+    assert sweep.default_page(smoke_args, out, "tau") == out / "sweep-vision-tau-smoke.md"
+    assert sweep.default_page(tau_args, out) == (
+        sweep.ROOT / "docs" / "results" / "sweep-language-full.md")
     # the sweeps' folders and pages keep the default preset's names and give others their own
     args = argparse.Namespace(part="language", preset="full")
     assert sweep.sweep_name(args) == "sweep-language-full"
@@ -464,18 +476,18 @@ def test_sweep_merges_the_records_of_sweeps_run_side_by_side(tmp_path):
 
 
 def test_sweep_end_to_end_on_the_smoke_preset(tmp_path, monkeypatch):
-    # no --settings: the sweep writes the smoke preset's own file and reads tau from the
-    # default preset's until its own has one
+    # no --settings, no --page: a sweep of the smoke preset (a check of the machinery) reads tau
+    # from the default preset's file and writes its settings and page into its own folder only
     default_file = tmp_path / "tuned_settings.json"
     monkeypatch.setattr(run_paper, "SETTINGS_FILE", default_file)
     default_file.write_text(json.dumps({"vision": {"lr": {"LoRA": 3.0}, "task_fraction": 0.25,
                                                    "task_fraction_source": "tau page"}}))
-    settings = tmp_path / "tuned_settings-smoke.json"
+    (tmp_path / "out").mkdir()
+    settings = tmp_path / "out" / "settings.json"
     settings.write_text(json.dumps({"language": {"lr": {"LoRA": 7.0}, "lr_head": 1.0}}))
-    page = tmp_path / "sweep.md"
+    page = tmp_path / "out" / "sweep-vision-smoke.md"
     # a family swept earlier into the same --out (a rerun of some families keeps the others),
     # with the head at each rate the sweep may choose; and one with a head rate not swept
-    (tmp_path / "out").mkdir()
     steps = run_paper.presets()["smoke"].vision.steps
     bases = smoke_bases()
     earlier = {f"DoRA lr=0.5 head={h:g} steps={steps} order={o} vision/digits base={bases[o]}": {
@@ -512,11 +524,11 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_paper, "run_method", spy)
     chosen = sweep.main(["--part", "vision", "--preset", "smoke", "--lrs", "1e-3", "1e-2",
-                         "--families", "LoRA", "--out", str(tmp_path / "out"), "--page", str(page),
-                         "--no-progress"])
+                         "--families", "LoRA", "--out", str(tmp_path / "out"), "--no-progress"])
     assert chosen["lr"]["LoRA"] in (1e-3, 1e-2) and chosen["lr_head"] in (1e-3, 1e-2)
     assert json.loads(default_file.read_text())["vision"]["lr"] == {"LoRA": 3.0}  # untouched
-    assert run_paper.settings_for("smoke", "vision") == settings
+    assert run_paper.settings_for("smoke", "vision") == default_file  # runs never read the sweep's
+    assert not list((sweep.ROOT / "docs" / "results").glob("*smoke*"))
     written = json.loads(settings.read_text())
     assert written["language"]["lr"] == {"LoRA": 7.0}  # other parts kept
     assert written["vision"]["chosen_by_sweep"] is True
@@ -546,7 +558,7 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path, monkeypatch):
         [label for label in new_labels if label.startswith("head")])
     assert not any((tmp_path / "out" / "checkpoints").glob("*"))
     assert "--lrs 0.001 0.01`" in text  # the page names the command that wrote it
-    assert f"`{settings}`" in text  # and the file the runner reads its choice from
+    assert f"`{settings}` (not a file the runner reads)" in text  # and where its choice went
     assert "Pretrained ViT per order" in text and all(f"`{f}`" in text for f in bases.values())
 
 

@@ -491,6 +491,11 @@ def statistics_key(cfg: PartConfig, split_seed: int, part) -> str:
                         **device_field(part)})
 
 
+def part_device(part) -> str:
+    """The device type the part's base model is on (``"cpu"``, ``"cuda"``)."""
+    return next(part.base.parameters()).device.type
+
+
 def device_field(part) -> dict:
     """``{"device": <type>}`` for a part ``--device`` moved off the CPU, else empty.
 
@@ -509,8 +514,11 @@ def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[Calibrati
             return CalibrationStats.load(path), 0.0
         start = time.perf_counter()
         batches = this_process_batches(part.calibration_batches)
+        # a part --device moved keeps the CPU's float64 statistics (calibrate's CUDA default is
+        # float32, for the paper preset's 7B model), so that a sweep there matches the CPU's
+        dtype = "float64" if device_field(part) else None
         stats = calibrate(part.base, batches, part.loss, progress=progress, total=len(batches),
-                          grad_scale=part.loss_terms)
+                          grad_scale=part.loss_terms, dtype=dtype)
         elapsed = time.perf_counter() - start
         if is_main_process():
             stats.save(path)
@@ -800,6 +808,7 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
         "settings": {k: asdict(getattr(preset, k)) for k in ("language", "vision")},
         "learning_rates": {k: settings_source(preset.name, k, getattr(preset, k))
                            for k in ("language", "vision")},
+        "devices": {k: v.get("device", "cpu") for k, v in parts_info.items()},
         "seeds": list(preset.seeds),
         "split_seed": preset.split_seed,
         "splits": {k: v["splits"] for k, v in parts_info.items()},
@@ -865,8 +874,10 @@ def summary_header(preset: Preset, extra: dict, groups: dict) -> list[str]:
     (:func:`settings_source`).
     """
     machine = extra["machine"]
+    moved = {part: d for part, d in extra.get("devices", {}).items() if d != "cpu"}
+    where = "".join(f", {part} on {d}" for part, d in sorted(moved.items()))
     lines = [f"Preset `{preset.name}`, seeds {', '.join(map(str, preset.seeds))}, "
-             f"{extra['date']}, on {machine['cpus']} CPUs ({machine['cpu']}). "
+             f"{extra['date']}, on {machine['cpus']} CPUs ({machine['cpu']}){where}. "
              f"Command: `{extra['command']}`.", "",
              f"Time: {extra['wall_time_s'] / 60:.0f} min of wall time in this invocation; "
              f"{extra['recorded_time_s'] / 3600:.1f} h of method time, the sum of every "
@@ -1379,6 +1390,7 @@ def run(config: RunConfig, started: float | None = None) -> Path:
             "tasks": tasks,
             "splits": {n: ps[0].split_ids for n, ps in parts_by_name.items()},
             "fingerprints": fingerprints,
+            "device": part_device(next(iter(parts_by_name.values()))[0]),
         }
         if is_main_process():
             write_outputs(out, preset, groups, parts_info, command, timings,

@@ -474,6 +474,11 @@ def dev_protocol(parts_by_name: dict, orders) -> str:
             + pretrained)
 
 
+def device_argv(args: argparse.Namespace) -> str:
+    """`` --device <name>`` as the command passed it, or empty (the CPU, the default)."""
+    return f" --device {args.device}" if args.device else ""
+
+
 def written_by(module: str, argv: str) -> str:
     """The pages' first line: the command that wrote the page, and when (UTC)."""
     return (f"Written by `python -m validation.{module} {argv}` on "
@@ -578,7 +583,8 @@ def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_b
     lines = [
         f"# Learning rates of the {args.part} part, chosen on dev items",
         "",
-        written_by("sweep", f"--part {args.part} --preset {args.preset}{lrs_argv(args.lrs)}")
+        written_by("sweep", f"--part {args.part} --preset {args.preset}{lrs_argv(args.lrs)}"
+                   f"{device_argv(args)}")
         + f"; the chosen rates are in `{repo_path_text(settings)}`" + runner_reads(args, settings),
         "",
         "Protocol: every family in its final configuration (JACTUS@0.8 with covariance task "
@@ -643,7 +649,8 @@ def write_settings(path: Path, part: str, chosen: dict, lr_head, page: Path, arg
         "lr": lrs,
         "lr_head": lr_head if lr_head is not None else previous.get("lr_head", 1e-3),
         "chosen_by_sweep": True,
-        "source": f"{where} (python -m validation.sweep --part {part} --preset {args.preset}, "
+        "source": f"{where} (python -m validation.sweep --part {part} --preset {args.preset}"
+                  f"{device_argv(args)}, "
                   f"{datetime.now(timezone.utc).date()})",
         "selected_by": ("mean dev accuracy" if part == "vision" else "mean dev answer NLL")
                        + f" over orders {list(args.orders)}, grid {sorted(args.lrs)}",

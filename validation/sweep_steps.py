@@ -46,6 +46,7 @@ from validation.sweep import (
     dev_run,
     dev_score,
     dev_sweep,
+    device_argv,
     head_label,
     head_rate,
     markdown_header,
@@ -222,7 +223,7 @@ def write_page(page: Path, args, cfg, preset_steps: int, table: dict, best: int,
     lines = [
         f"# Tuning steps of the {args.part} part, checked on dev items",
         "",
-        written_by("sweep_steps", argv) + ".",
+        written_by("sweep_steps", argv + device_argv(args)) + ".",
         "",
         "Protocol: every family in its final configuration, at the rate (and, for JACTUS, the "
         f"task fraction) in `{repo_path_text(read_from)}`, "

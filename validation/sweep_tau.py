@@ -51,6 +51,7 @@ from validation.sweep import (
     dev_run,
     dev_score,
     dev_sweep,
+    device_argv,
     head_label,
     head_rate,
     markdown_header,
@@ -210,7 +211,7 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
     lines = [
         f"# Task fraction of the {args.part} part, chosen on dev items",
         "",
-        written_by("sweep_tau", argv) + "; the chosen task fraction and JACTUS's rate are in "
+        written_by("sweep_tau", argv + device_argv(args)) + "; the chosen task fraction and JACTUS's rate are in "
         f"`{repo_path_text(settings)}`" + runner_reads(args, settings),
         "",
         "Protocol: JACTUS@0.8 in its final configuration (covariance task directions, mergeable "
@@ -254,7 +255,8 @@ def write_settings(path: Path, part: str, tau: float, lr: float, page: Path, arg
     except ValueError:
         where = str(page)
     entry["task_fraction_source"] = (
-        f"{where} (python -m validation.sweep_tau --part {part} --preset {args.preset}, "
+        f"{where} (python -m validation.sweep_tau --part {part} --preset {args.preset}"
+        f"{device_argv(args)}, "
         f"{datetime.now(timezone.utc).date()}; mean dev "
         + ("accuracy" if part == "vision" else "answer NLL")
         + f" over orders {list(args.orders)}, tau grid "

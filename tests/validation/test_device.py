@@ -70,6 +70,8 @@ def test_language_sweep_on_a_device(tmp_path, device):
                          "--page", str(tmp_path / "page.md"), "--settings", str(settings),
                          "--no-progress"])
     assert chosen["lr"] == {"JACTUS": 1e-3, "LoRA": 1e-3}
+    assert f"--device {device}" in chosen["source"]  # the settings say where they were chosen
+    assert f"--lrs 0.001 --device {device}`" in (tmp_path / "page.md").read_text()
     done = json.loads((out / "sweep.json").read_text())
     assert len(done) == 6 and all(math.isfinite(v["score"]) for v in done.values())
     if device == "cpu":  # the CPU's labels and fields are the ones they were
@@ -77,3 +79,14 @@ def test_language_sweep_on_a_device(tmp_path, device):
     else:
         assert all(label.endswith(" device=cuda") and v["device"] == "cuda"
                    for label, v in done.items())
+
+
+def test_the_summary_names_a_part_run_off_the_cpu():
+    full = run_paper.presets()["full"]
+    extra = {"date": "now", "command": "c", "machine": {"cpus": 2, "cpu": "cpu"},
+             "wall_time_s": 60.0, "recorded_time_s": 60.0, "learning_rates": {},
+             "devices": {"language": "cuda", "vision": "cpu"}}
+    header = run_paper.summary_header(full, extra, {"language": {}, "vision": {}})[0]
+    assert header.endswith("on 2 CPUs (cpu), language on cuda. Command: `c`.")
+    extra["devices"]["language"] = "cpu"
+    assert "on cuda" not in run_paper.summary_header(full, extra, {})[0]

@@ -736,6 +736,7 @@ def test_summary_says_the_smoke_presets_rates_were_chosen_for_the_default_preset
         assert f"the {part} rates were chosen in the default preset's configuration, not this one's" in head
         assert _payload(out)["learning_rates"][part]["tuned_for"] == "default"
     assert "NOT this preset's" in (out / "results.md").read_text()
+    assert _payload(out)["devices"] == {"language": "cpu", "vision": "cpu"}
 
 
 def test_verdict_is_written_from_the_results(smoke):

@@ -58,6 +58,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jactus_linalg import DEFAULT_TASK_FRACTION
 from validation import run_paper
 from validation.methods import Method
 from validation.parts import hf_loss
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)
         done[label] = {"family": family, "lr": lr, **part_fields(part),
+                       **({"task_fraction": jactus_tau} if family == "JACTUS" else {}),
                        "lr_head": cfg.lr_head if family != HEAD else None, "steps": cfg.steps,
                        "score": score, "dev_accuracy": acc,
                        "dev_items": int(sum(len(v) for v in rec["correct"].values())),
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                          sweep_dir.out)
     inherited = tau_fields(read_from, args.part)
     tau = inherited.get("task_fraction")
+    jactus_tau = float(tau) if tau is not None else DEFAULT_TASK_FRACTION  # what JACTUS trains at
     for family in families:
         method = FAMILY_METHODS[family]
         if family == "JACTUS" and tau is not None:  # the task fraction validation/sweep_tau.py chose
@@ -264,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     # at the preset's steps and the head's chosen rate only, on the pretrained models the dev
     # parts hold now (records made with other steps, another head rate or another pretrained
     # ViT are kept, not used)
-    done_now = at_run_settings(done, parts_by_name, cfg.steps, lr_head)
+    done_now = at_task_fraction(at_run_settings(done, parts_by_name, cfg.steps, lr_head),
+                                jactus_tau)
     chosen = {f: _merge_targets(done_now, f) for f in FAMILY_METHODS
               if any(v["family"] == f for v in done_now.values())}
     page = args.page or default_page(args, sweep_dir.out)
@@ -333,6 +337,17 @@ def at_run_settings(done: dict, parts_by_name: dict, steps: int, lr_head: float 
     return {k: v for k, v in on_current_bases(done, parts_by_name).items()
             if v.get("steps") == steps
             and (v.get("family") == HEAD or v.get("lr_head") == lr_head)}
+
+
+def at_task_fraction(done: dict, tau: float) -> dict:
+    """``done`` without the JACTUS records made at another task fraction than ``tau``.
+
+    A JACTUS record says the tau it trained at (its label does not, so that
+    labels stay those of the records made before records carried it; those
+    are used as they are).
+    """
+    return {k: v for k, v in done.items()
+            if v.get("family") != "JACTUS" or v.get("task_fraction", tau) == tau}
 
 
 def base_of(part) -> str | None:

@@ -74,6 +74,7 @@ def test_language_sweep_on_a_device(tmp_path, device):
     assert f"--lrs 0.001 --device {device}`" in (tmp_path / "page.md").read_text()
     done = json.loads((out / "sweep.json").read_text())
     assert len(done) == 6 and all(math.isfinite(v["score"]) for v in done.values())
+    assert {v.get("task_fraction") for v in done.values() if v["family"] == "JACTUS"} == {0.0}
     if device == "cpu":  # the CPU's labels and fields are the ones they were
         assert not any("device" in label or "device" in v for label, v in done.items())
     else:

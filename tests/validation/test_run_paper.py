@@ -459,6 +459,15 @@ def test_sweep_selects_the_best_mean_over_orders_and_flags_edges():
         sweep.main(["--orders", "0", "1"])
 
 
+def test_jactus_records_of_another_task_fraction_are_kept_but_not_used():
+    done = {"a": {"family": "JACTUS", "task_fraction": 0.0},
+            "b": {"family": "JACTUS", "task_fraction": 0.5},
+            "c": {"family": "JACTUS"},  # made before records carried their tau: used
+            "d": {"family": "LoRA"}}
+    assert set(sweep.at_task_fraction(done, 0.0)) == {"a", "c", "d"}
+    assert set(sweep.at_task_fraction(done, 0.5)) == {"b", "c", "d"}
+
+
 def test_sweep_merges_the_records_of_sweeps_run_side_by_side(tmp_path):
     for name, records in (("a", {"JACTUS x": {"score": 1.0}, "both": {"score": 2.0}}),
                           ("b", {"LoRA y": {"score": 3.0}, "both": {"score": 2.0}}),

@@ -25,16 +25,21 @@ Protocol
   better). A choice at an edge of the grid is flagged on the page.
 
 Outputs: ``--out`` (default ``results/sweep-<part>``, ``results/sweep-<part>-<preset>``
-for a preset other than the default) keeps ``sweep.json``,
-one entry per (family, rate, order, pretrained model: vision's ViT is named
-by its weights' fingerprint), so a rerun resumes, and a rerun on another
-pretrained model tunes again instead of reusing records made on the first; at the end the
-page ``--page`` (default ``docs/results/sweep-<part>.md``, likewise) says what was
-chosen and why, and ``--settings`` records the chosen rates with a pointer to
-the page, for the runner: by default the preset's own file
-(``validation/tuned_settings.json`` for the default preset,
-``validation/tuned_settings-<preset>.json`` for another, which the runner
-reads for that preset instead of the default preset's).
+for a preset other than the default) keeps ``sweep.json``, one entry per
+(family, rate, order, pretrained model: vision's ViT is named by its
+weights' fingerprint; device, off the CPU), so a rerun resumes, and a rerun
+on another pretrained model tunes again instead of reusing records made on
+the first; each model's tuning checkpoints to ``--out``/checkpoints, so a
+sweep killed mid-model resumes it; a model whose training diverges gets the
+worst score. At the end the page ``--page`` says what was chosen and why,
+and ``--settings`` records the chosen rates with a pointer to the page.
+By default both go where the runner reads them for a preset of
+:data:`validation.run_paper.SWEPT_PRESETS`: the page to
+``docs/results/sweep-<part>[-<preset>].md``, the rates to the preset's own
+file (``validation/tuned_settings.json`` for the default preset,
+``validation/tuned_settings-full.json`` for the full one, which the runner
+reads for that preset once it holds every family's rate); a sweep of the
+smoke preset writes both into ``--out`` only.
 
 Usage: ``python -m validation.sweep --part vision`` (or ``--part
 language``); ``--preset smoke`` exercises the protocol in seconds. On

@@ -274,11 +274,29 @@ def main(argv: list[str] | None = None) -> dict:
     # ViT are kept, not used)
     done_now = at_task_fraction(at_run_settings(done, parts_by_name, cfg.steps, lr_head),
                                 jactus_tau)
-    chosen = {f: _merge_targets(done_now, f) for f in FAMILY_METHODS
-              if any(v["family"] == f for v in done_now.values())}
+    swept = {f: _merge_targets(done_now, f) for f in FAMILY_METHODS
+             if any(v["family"] == f for v in done_now.values())}
+    chosen, short = split_by_orders(swept, len(set(args.orders)))
+    for family, missing in short.items():
+        print(f"{family}: not chosen, rates {missing} lack some of the {len(set(args.orders))} "
+              f"orders (records merged or left by another run); sweep --families {family}",
+              flush=True)
     page = args.page or default_page(args, sweep_dir.out)
-    write_page(page, args, cfg, done_now, chosen, lr_head, parts_by_name, write_to)
+    write_page(page, args, cfg, done_now, chosen, lr_head, parts_by_name, write_to, short)
     return write_settings(write_to, args.part, chosen, lr_head, page, args, inherited)
+
+
+def split_by_orders(swept: dict, orders: int) -> tuple[dict, dict]:
+    """The families whose every rate has ``orders`` orders, and the others with their short rates.
+
+    A family is chosen only on complete orders: a folder can hold a
+    family's records that this invocation did not sweep (``--merge-from``,
+    an earlier ``--families`` run stopped midway).
+    """
+    short = {f: [lr for lr, (_, _, n) in c["table"].items() if n < orders]
+             for f, c in swept.items()}
+    return ({f: c for f, c in swept.items() if not short[f]},
+            {f: lrs for f, lrs in short.items() if lrs})
 
 
 def tau_fields(path: Path, part: str) -> dict:
@@ -597,7 +615,7 @@ def lrs_argv(lrs) -> str:
 
 
 def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_by_name,
-               settings: Path) -> None:
+               settings: Path, short: dict | None = None) -> None:
     """The sweep's page: protocol, the dev score of every rate, what was chosen and why."""
     scale = 100.0 if args.part == "vision" else -1.0
     lines = [
@@ -634,6 +652,9 @@ def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_b
         if c["edge"]:
             why += "; AT THE EDGE of the grid: extend it (--lrs) before trusting this choice"
         lines.append(why + ".")
+    for family, lrs in (short or {}).items():
+        lines.append(f"- {family}: NOT chosen; the rates {', '.join(f'{lr:g}' for lr in lrs)} "
+                     f"lack some of the {len(set(args.orders))} orders.")
     if lr_head is not None:
         lines += ["", "The head's rate was chosen first (head alone, from the linear probe) and "
                   "is the same for every family."]

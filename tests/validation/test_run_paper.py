@@ -468,6 +468,13 @@ def test_jactus_records_of_another_task_fraction_are_kept_but_not_used():
     assert set(sweep.at_task_fraction(done, 0.5)) == {"b", "c", "d"}
 
 
+def test_a_family_is_chosen_only_when_every_rate_has_every_order():
+    swept = {"LoRA": {"table": {1e-3: (0.5, 0.1, 3), 1e-2: (0.6, 0.1, 3)}},
+             "JACTUS": {"table": {1e-3: (0.9, 0.0, 2), 1e-2: (0.1, 0.1, 3)}}}
+    chosen, short = sweep.split_by_orders(swept, 3)
+    assert list(chosen) == ["LoRA"] and short == {"JACTUS": [1e-3]}
+
+
 def test_sweep_merges_the_records_of_sweeps_run_side_by_side(tmp_path):
     for name, records in (("a", {"JACTUS x": {"score": 1.0}, "both": {"score": 2.0}}),
                           ("b", {"LoRA y": {"score": 3.0}, "both": {"score": 2.0}}),

@@ -177,12 +177,14 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
                         "(default cpu); records made off the CPU say so in their labels")
 
 
-def merge_records(done: dict, folders: list[Path]) -> int:
+def merge_records(done: dict, folders: list[Path], preset: str | None = None) -> int:
     """Add to ``done`` the records of the ``sweep.json`` in each of ``folders``; return how many.
 
     A sweep can run as several processes, each with its own ``--out`` and
     ``--families``; this brings their records into one folder, where the
-    choice is made. A label already in ``done`` must carry the same score.
+    choice is made. A label already in ``done`` must carry the same score,
+    and a record that names its preset must name ``preset`` (records
+    written before records named it are taken as they are).
     """
     added = 0
     for folder in folders:
@@ -191,6 +193,10 @@ def merge_records(done: dict, folders: list[Path]) -> int:
             msg = f"--merge-from: {path} does not exist"
             raise SystemExit(msg)
         for label, rec in json.loads(path.read_text()).items():
+            if preset is not None and rec.get("preset", preset) != preset:
+                msg = (f"--merge-from: {label!r} in {path} was made with --preset "
+                       f"{rec['preset']}, not {preset}")
+                raise SystemExit(msg)
             if label in done and done[label]["score"] != rec["score"]:
                 msg = (f"--merge-from: {label!r} has score {rec['score']} in {path} but "
                        f"{done[label]['score']} in --out")
@@ -217,13 +223,13 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args))
     _, _, parts_by_name, done_path, done = sweep_dir
     if args.merge_from:
-        added = merge_records(done, args.merge_from)
+        added = merge_records(done, args.merge_from, args.preset)
         run_paper.atomic_json(done_path, done)
         print(f"--merge-from: {added} records added to {done_path}", flush=True)
 
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)
-        done[label] = {"family": family, "lr": lr, **part_fields(part),
+        done[label] = {"family": family, "lr": lr, **part_fields(part), "preset": args.preset,
                        **({"task_fraction": jactus_tau} if family == "JACTUS" else {}),
                        "lr_head": cfg.lr_head if family != HEAD else None, "steps": cfg.steps,
                        "score": score, "dev_accuracy": acc,

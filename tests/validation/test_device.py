@@ -75,6 +75,7 @@ def test_language_sweep_on_a_device(tmp_path, device):
     done = json.loads((out / "sweep.json").read_text())
     assert len(done) == 6 and all(math.isfinite(v["score"]) for v in done.values())
     assert {v.get("task_fraction") for v in done.values() if v["family"] == "JACTUS"} == {0.0}
+    assert {v["preset"] for v in done.values()} == {"smoke"}
     if device == "cpu":  # the CPU's labels and fields are the ones they were
         assert not any("device" in label or "device" in v for label, v in done.items())
     else:

@@ -489,6 +489,11 @@ def test_sweep_merges_the_records_of_sweeps_run_side_by_side(tmp_path):
         sweep.merge_records(done, [tmp_path / "c"])
     with pytest.raises(SystemExit, match=r"--merge-from: .*does not exist"):
         sweep.merge_records(done, [tmp_path / "missing"])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "sweep.json").write_text(json.dumps({"x": {"score": 1.0, "preset": "default"}}))
+    with pytest.raises(SystemExit, match="made with --preset default, not full"):
+        sweep.merge_records(done, [tmp_path / "d"], "full")
+    assert sweep.merge_records(done, [tmp_path / "d"], "default") == 1
 
 
 def test_sweep_end_to_end_on_the_smoke_preset(tmp_path, monkeypatch):

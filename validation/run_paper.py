@@ -361,7 +361,6 @@ def build_language(cfg: PartConfig, preset: Preset, config: RunConfig,
     ) for seed in preset.seeds]
     for part in parts:
         part.base_shared = True  # one base model, one calibration: seeds share compressions
-        part.device_label = None if device is None else device.type
     return {"language": parts}
 
 
@@ -496,17 +495,30 @@ def part_device(part) -> str:
     return next(part.base.parameters()).device.type
 
 
+def off_cpu_device(part) -> str | None:
+    """The device type of a part whose base model is off the CPU (``"cuda"``), else None."""
+    device = part_device(part)
+    return None if device == "cpu" else device
+
+
 def device_field(part) -> dict:
-    """``{"device": <type>}`` for a part ``--device`` moved off the CPU, else empty.
+    """``{"device": <type>}`` for a part off the CPU (:func:`off_cpu_device`), else empty.
 
     Empty on the CPU, so that the keys of CPU records and statistics are the
     ones they had before parts could move.
     """
-    label = getattr(part, "device_label", None)
-    return {} if label is None else {"device": label}
+    device = off_cpu_device(part)
+    return {} if device is None else {"device": device}
 
 
-def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[CalibrationStats, float]:
+def statistics_dtype(cfg: PartConfig) -> str | None:
+    """The dtype calibration accumulates in: float64 (calibrate's CPU default) on every device,
+    but the paper preset's (calibrate's CUDA default, float32, for a 7B model's memory)."""
+    return None if cfg.model == "paper" else "float64"
+
+
+def statistics_for(part, out: Path, key: str, progress: bool,
+                   dtype: str | None = None) -> tuple[CalibrationStats, float]:
     """Calibrate the part's base model once; the file lets a rerun skip it."""
     path = out / f"stats-{part.name.replace('/', '-')}-{key}.safetensors"
     with calibration_lock(path):  # --jobs lanes: one calibrates, the other then reads the file
@@ -514,9 +526,6 @@ def statistics_for(part, out: Path, key: str, progress: bool) -> tuple[Calibrati
             return CalibrationStats.load(path), 0.0
         start = time.perf_counter()
         batches = this_process_batches(part.calibration_batches)
-        # a part --device moved keeps the CPU's float64 statistics (calibrate's CUDA default is
-        # float32, for the paper preset's 7B model), so that a sweep there matches the CPU's
-        dtype = "float64" if device_field(part) else None
         stats = calibrate(part.base, batches, part.loss, progress=progress, total=len(batches),
                           grad_scale=part.loss_terms, dtype=dtype)
         elapsed = time.perf_counter() - start
@@ -1208,7 +1217,8 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
             if method.kind in ("jactus", "ctf"):
                 stats_key = statistics_key(cfg, preset.split_seed, part)
                 if stats_key not in shared.stats:
-                    shared.stats[stats_key], secs = statistics_for(part, out, stats_key, progress)
+                    shared.stats[stats_key], secs = statistics_for(part, out, stats_key, progress,
+                                                                   statistics_dtype(cfg))
                     timings[f"{name}: calibration (seed {seed})"] = secs
                     log(f"[{name} seed {seed}] calibration: " + (
                         f"{secs:.0f} s in this process" if secs else "read from the file"))

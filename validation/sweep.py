@@ -332,6 +332,11 @@ def runner_reads(args: argparse.Namespace, settings: Path) -> str:
     return " (not a file the runner reads)."
 
 
+def sweep_out(args: argparse.Namespace, default_out: str) -> Path:
+    """A sweep's folder: ``--out``, else ``results/<default_out>``."""
+    return args.out or Path("results") / default_out
+
+
 def default_page(args: argparse.Namespace, out: Path, kind: str = "") -> Path:
     """Where a sweep's page goes without ``--page``: ``docs/results/<sweep_name>.md``.
 
@@ -395,17 +400,12 @@ def base_label(part) -> str:
     return "" if fingerprint is None else f" base={fingerprint}"
 
 
-def device_of(part) -> str | None:
-    """The device ``--device`` moved ``part`` to (``"cuda"``), or None on the CPU."""
-    return getattr(part, "device_label", None)
-
-
 def part_tag(part) -> str:
     """The end of a sweep record's label: ``order=<seed> <part>``, its :func:`base_label` and device.
 
     `` device=<type>`` only off the CPU, so CPU labels stay as they were.
     """
-    device = device_of(part)
+    device = run_paper.off_cpu_device(part)
     return (f"order={part.seed} {part.name}{base_label(part)}"
             + ("" if device is None else f" device={device}"))
 
@@ -416,7 +416,7 @@ def part_fields(part) -> dict:
     :func:`on_current_bases` selects records by these; ``device`` is
     written only off the CPU.
     """
-    device = device_of(part)
+    device = run_paper.off_cpu_device(part)
     return {"order": part.seed, "target": part.name, "base": base_of(part),
             **({} if device is None else {"device": device})}
 
@@ -429,7 +429,7 @@ def on_current_bases(done: dict, parts_by_name: dict) -> dict:
     where the part has one) or on another device (``--device``) are kept in
     the folder but not used.
     """
-    current = {(p.name, p.seed): (base_of(p), device_of(p))
+    current = {(p.name, p.seed): (base_of(p), run_paper.off_cpu_device(p))
                for parts in parts_by_name.values() for p in parts}
     return {k: v for k, v in done.items()
             if (v.get("target"), v.get("order")) in current
@@ -459,7 +459,7 @@ def dev_sweep(args: argparse.Namespace, cfg, preset, default_out: str) -> tuple[
         raise SystemExit(msg)
     cfg = replace(cfg, n_dev=n_dev)
     preset = replace(preset, seeds=tuple(args.orders))
-    out = args.out or Path("results") / default_out
+    out = sweep_out(args, default_out)
     out.mkdir(parents=True, exist_ok=True)
     config = run_paper.RunConfig(preset=preset, out=out, progress=not args.no_progress,
                                  paper=run_paper.PaperInputs(device=args.device))
@@ -480,7 +480,8 @@ def dev_statistics(part, cfg, split_seed: int, out: Path, cache: dict,
     """
     key = f"dev-{part.name.replace('/', '-')}-{run_paper.statistics_key(cfg, split_seed, part)}"
     if key not in cache:
-        cache[key] = run_paper.statistics_for(part, out, key, progress)[0]
+        cache[key] = run_paper.statistics_for(part, out, key, progress,
+                                              run_paper.statistics_dtype(cfg))[0]
     return cache[key], key
 
 
@@ -687,10 +688,7 @@ def write_settings(path: Path, part: str, chosen: dict, lr_head, page: Path, arg
     settings = json.loads(path.read_text()) if path.is_file() else {}
     previous = {**(inherited or {}), **settings.get(part, {})}
     lrs = {**previous.get("lr", {}), **{f: c["lr"] for f, c in chosen.items()}}
-    try:
-        where = str(page.resolve().relative_to(ROOT))
-    except ValueError:
-        where = str(page)
+    where = repo_path_text(page)
     settings[part] = {
         **previous,  # the task fraction (sweep_tau) and its source are kept
         "lr": lrs,

@@ -42,7 +42,6 @@ from validation.methods import Method
 from validation.report import write_text_atomic
 from validation.sweep import (
     ORDERS,
-    ROOT,
     add_device_argument,
     at_run_settings,
     default_page,
@@ -64,6 +63,7 @@ from validation.sweep import (
     score_cells,
     score_scale,
     sweep_name,
+    sweep_out,
     write_sweep_page,
     written_by,
 )
@@ -147,7 +147,7 @@ def tau_settings_files(args: argparse.Namespace) -> tuple[Path, Path]:
         return args.settings, args.settings
     own = run_paper.preset_settings_file(args.preset)
     if own is None:
-        out = args.out or Path("results") / sweep_name(args, "tau")
+        out = sweep_out(args, sweep_name(args, "tau"))
         return run_paper.settings_for(args.preset, args.part), out / "settings.json"
     if not (own.is_file() and args.part in run_paper.tuned_settings(own)):
         msg = (f"--preset {args.preset}: {own.name} has no {args.part} rates of its own; run "
@@ -250,10 +250,7 @@ def write_settings(path: Path, part: str, tau: float, lr: float, page: Path, arg
     entry = settings.setdefault(part, {})
     entry.setdefault("lr", {})[FAMILY] = lr
     entry["task_fraction"] = tau
-    try:
-        where = str(page.resolve().relative_to(ROOT))
-    except ValueError:
-        where = str(page)
+    where = repo_path_text(page)
     entry["task_fraction_source"] = (
         f"{where} (python -m validation.sweep_tau --part {part} --preset {args.preset}"
         f"{device_argv(args)}, "

@@ -35,11 +35,20 @@ def test_the_language_part_moves_only_when_a_device_other_than_the_cpu_is_named(
 
 
 def test_keys_and_labels_carry_a_device_other_than_the_cpu():
+    class Base:  # a base model's parameters on a device (no GPU needed to name one)
+        def __init__(self, device: str):
+            self.device = torch.device(device)
+
+        def parameters(self):
+            return iter([self])
+
     class Part:
         name, seed, base_fingerprint = "language", 1, None
 
-    cpu, gpu = Part(), Part()
-    gpu.device_label = "cuda"
+        def __init__(self, device: str):
+            self.base = Base(device)
+
+    cpu, gpu = Part("cpu"), Part("cuda")
     assert run_paper.device_field(cpu) == {} and run_paper.device_field(gpu) == {"device": "cuda"}
     cfg = run_paper.presets()["smoke"].language
     method = Method("LoRA@1.0", "LoRA", "lora")
@@ -92,3 +101,10 @@ def test_the_summary_names_a_part_run_off_the_cpu():
     assert header.endswith("on 2 CPUs (cpu), language on cuda. Command: `c`.")
     extra["devices"]["language"] = "cpu"
     assert "on cuda" not in run_paper.summary_header(full, extra, {})[0]
+
+
+def test_calibration_accumulates_in_float64_but_for_the_paper_preset():
+    for name, preset in run_paper.presets().items():
+        for part in ("language", "vision"):
+            expected = None if name == "paper" else "float64"
+            assert run_paper.statistics_dtype(getattr(preset, part)) == expected

@@ -821,13 +821,14 @@ def test_statistics_key_follows_the_calibration_settings_only():
     rates or steps reuses the statistics."""
     from types import SimpleNamespace
 
-    part = SimpleNamespace(name="language", seed=1, base_fingerprint="abc")
+    base = torch.nn.Linear(1, 1)  # on the CPU: the keys carry no device
+    part = SimpleNamespace(name="language", seed=1, base_fingerprint="abc", base=base)
     cfg = run_paper.PartConfig(calibration_batches=8)
     key = run_paper.statistics_key(cfg, 0, part)
     assert run_paper.statistics_key(replace(cfg, steps=300, lrs={"LoRA": 1.0}), 0, part) == key
     assert run_paper.statistics_key(replace(cfg, calibration_batches=16), 0, part) != key
     assert run_paper.statistics_key(cfg, 1, part) != key  # another split
-    other = SimpleNamespace(name="language", seed=2, base_fingerprint="abc")
+    other = SimpleNamespace(name="language", seed=2, base_fingerprint="abc", base=base)
     assert run_paper.statistics_key(cfg, 0, other) != key  # another calibration order
     name = f"dev-language-{key}"  # the sweeps key their statistics by it too
     assert sweep.dev_statistics(part, cfg, 0, Path("unused"), {name: "kept"}, False) == ("kept", name)

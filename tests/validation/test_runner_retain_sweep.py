@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.torch.models import count_plan_layer_calls, hf_loss, llama_batches, tiny_llama
 from validation import run_paper
@@ -94,6 +95,7 @@ def test_run_part_keeps_a_decomposition_while_a_later_method_shares_it(monkeypat
 
         def __init__(self, seed):
             self.seed = seed
+            self.base = torch.nn.Linear(1, 1)  # on the CPU: the record keys carry no device
 
     monkeypatch.setattr(run_paper, "run_method", fake_run_method)
     monkeypatch.setattr(run_paper, "statistics_for", lambda *a, **k: (object(), 0.0))

@@ -29,7 +29,7 @@ from torch import nn
 from validation.commonsense import TASKS, load_task, split_task
 from validation.scoring import score_items
 from validation.train import tune
-from validation.tuning_data import tuning_batches
+from validation.tuning_data import answer_loss, tuning_batches
 
 __all__ = ["LanguagePart", "Part", "VisionPart"]
 
@@ -119,6 +119,10 @@ class LanguagePart(Part):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.calibration_seed = split_seed
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The answer tokens' mean cross-entropy (:func:`~validation.tuning_data.answer_loss`)."""
+        return answer_loss(model, batch)
 
     def evaluate(self, model: nn.Module, progress: bool = False) -> dict[str, np.ndarray]:
         return self.evaluate_metrics(model, progress)["correct"]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from validation.commonsense import MAX_LENGTH, MCItem
-from validation.scoring import encode_pair, padding_id
+from validation.scoring import decoder_and_head, encode_pair, padding_id
 
 
 def tuning_example(tokenizer, item: MCItem, max_length: int = MAX_LENGTH) -> dict[str, list]:
@@ -95,3 +95,46 @@ def tuning_batches(
         collate_tuning(examples[s : s + batch_size], pad_id)
         for s in range(0, len(examples), batch_size)
     ]
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    r"""Mean next-token cross-entropy over the answer tokens: ``model(**batch).loss``, cheaper.
+
+    With :math:`h_t` the decoder's last hidden state at position :math:`t`
+    and :math:`\mathcal{A}` the positions whose next label is not ``-100``,
+
+    .. math:: L = -\frac{1}{|\mathcal{A}|} \sum_{t \in \mathcal{A}}
+              \log \operatorname{softmax}(W_{\mathrm{head}} h_t)_{y_{t+1}},
+
+    the loss a causal LM computes from ``labels``. The output head is applied
+    at the answer positions only, not at every position: on SmolLM2-135M
+    (vocabulary 49,152) that is about a fifth of a tuning step's work.
+    A model wrapped in ``DistributedDataParallel`` takes the plain
+    ``model(**batch).loss`` (its forward is where gradients are reduced).
+
+    Parameters
+    ----------
+    model : causal LM or peft model (see :func:`~validation.scoring.decoder_and_head`)
+    batch : dict of torch.Tensor
+        From :func:`collate_tuning`: ``input_ids``, ``attention_mask``, ``labels``.
+
+    Returns
+    -------
+    torch.Tensor
+        A float32 scalar.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        device = next(model.parameters()).device
+        return model(**{k: v.to(device) for k, v in batch.items()}).loss
+    decoder, head = decoder_and_head(model)
+    device = head.weight.device
+    targets = batch["labels"][:, 1:].to(device)
+    rows, pos = torch.nonzero(targets != -100, as_tuple=True)
+    if rows.numel() == 0:
+        msg = "answer_loss: every label of the batch is -100 (no answer token to score)"
+        raise ValueError(msg)
+    hidden = decoder(input_ids=batch["input_ids"].to(device),
+                     attention_mask=batch["attention_mask"].to(device),
+                     use_cache=False).last_hidden_state
+    logits = head(hidden[rows, pos]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[rows, pos])

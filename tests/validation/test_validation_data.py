@@ -274,6 +274,45 @@ def test_tuning_batches_mask_everything_but_the_answer(tiny, arc_items):
     torch.testing.assert_close(loss, manual)
 
 
+def _answer_loss_matches_hf_loss(model, batch):
+    """Loss and trainable gradients of ``answer_loss`` against ``model(**batch).loss``."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    want = model(**batch).loss
+    want_grads = torch.autograd.grad(want, trainable)
+    got = tuning_data.answer_loss(model, batch)
+    got_grads = torch.autograd.grad(got, trainable)
+    # float32: the two sums differ only in summation order over the vocabulary and tokens
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+    return got
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_answer_loss_equals_the_models_loss_on_plain_and_peft_models(tiny, arc_items):
+    base, tok = assets.tiny_llama(seed=3, tokenizer=tiny[1])
+    batches = tuning_data.tuning_batches(arc_items[:8], tok, batch_size=4, max_length=32, seed=1)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    base.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+    _answer_loss_matches_hf_loss(base, batches[0])
+    for dora in (False, True):
+        model, _ = assets.tiny_llama(seed=3, tokenizer=tok)
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                 use_dora=dora, init_lora_weights=False)
+        wrapped = peft.get_peft_model(model, config)
+        _answer_loss_matches_hf_loss(wrapped, batches[1])
+
+
+def test_answer_loss_refuses_a_batch_without_answer_tokens(tiny, arc_items):
+    model, tok = tiny
+    batch = tuning_data.tuning_batches(arc_items[:2], tok, batch_size=2, max_length=32)[0]
+    blank = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    with pytest.raises(ValueError, match="no answer token"):
+        tuning_data.answer_loss(model, blank)
+
+
 # ----------------------------------------------------------------------------- vision
 
 

@@ -258,17 +258,14 @@ def main(argv: list[str] | None = None) -> dict:
     tau = inherited.get("task_fraction")
     jactus_tau = float(tau) if tau is not None else DEFAULT_TASK_FRACTION  # what JACTUS trains at
     for family in families:
-        method = FAMILY_METHODS[family]
-        if family == "JACTUS" and tau is not None:  # the task fraction validation/sweep_tau.py chose
-            method = Method(method.name, method.family, method.kind, method.retain,
-                            (("task_fraction", float(tau)),))
+        method = final_method(family, jactus_tau)
         for parts in parts_by_name.values():
             shared = run_paper.SeedShare()
             for lr in args.lrs:
                 local = replace(cfg, lrs={f: lr for f in FAMILY_METHODS})
                 for part in parts:
-                    label = (f"{family} lr={lr:g}{head_label(lr_head)} steps={cfg.steps} "
-                             f"{part_tag(part)}")
+                    label = (f"{family} lr={lr:g}{tau_label(method)}{head_label(lr_head)} "
+                             f"steps={cfg.steps} {part_tag(part)}")
                     if label in done:
                         continue
                     rec = dev_run(part, method, local, preset.split_seed, sweep_dir,
@@ -290,6 +287,29 @@ def main(argv: list[str] | None = None) -> dict:
     page = args.page or default_page(args, sweep_dir.out)
     write_page(page, args, cfg, done_now, chosen, lr_head, parts_by_name, write_to, short)
     return write_settings(write_to, args.part, chosen, lr_head, page, args, inherited)
+
+
+def final_method(family: str, task_fraction: float | None) -> Method:
+    """The family's method in the runner's final configuration (JACTUS at ``task_fraction``).
+
+    ``None`` leaves JACTUS at the package default (its label then has no tau).
+    """
+    method = FAMILY_METHODS[family]
+    if family == "JACTUS" and task_fraction is not None:
+        method = Method(method.name, method.family, method.kind, method.retain,
+                        (("task_fraction", float(task_fraction)),))
+    return method
+
+
+def tau_label(method: Method) -> str:
+    """`` tau=<t>`` for a method with a task fraction (JACTUS), else empty.
+
+    In a record's label (and so in its checkpoint's name), so that a sweep
+    rerun after the task fraction changed tunes JACTUS again instead of
+    taking the records, or resuming the checkpoints, made at the old one.
+    """
+    tau = method.opts.get("task_fraction")
+    return "" if tau is None else f" tau={tau:g}"
 
 
 def split_by_orders(swept: dict, orders: int) -> tuple[dict, dict]:
@@ -376,9 +396,9 @@ def at_run_settings(done: dict, parts_by_name: dict, steps: int, lr_head: float 
 def at_task_fraction(done: dict, tau: float) -> dict:
     """``done`` without the JACTUS records made at another task fraction than ``tau``.
 
-    A JACTUS record says the tau it trained at (its label does not, so that
-    labels stay those of the records made before records carried it; those
-    are used as they are).
+    A JACTUS record says the tau it trained at, and so does its label
+    (:func:`tau_label`); a record made before records carried it is used as
+    it is.
     """
     return {k: v for k, v in done.items()
             if v.get("family") != "JACTUS" or v.get("task_fraction", tau) == tau}

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from validation import run_paper
-from validation.methods import Method
 from validation.sweep import (
     FAMILY_METHODS,
     ORDERS,
@@ -47,6 +46,7 @@ from validation.sweep import (
     dev_score,
     dev_sweep,
     device_argv,
+    final_method,
     head_label,
     head_rate,
     markdown_header,
@@ -59,6 +59,7 @@ from validation.sweep import (
     score_cells,
     score_scale,
     sweep_name,
+    tau_label,
     write_sweep_page,
     written_by,
 )
@@ -104,21 +105,6 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         msg = f"--families: unknown {sorted(unknown)}; choose from {list(FAMILY_METHODS)}"
         raise SystemExit(msg)
     return families
-
-
-def final_method(family: str, task_fraction: float | None) -> Method:
-    """The family's method in the runner's final configuration (JACTUS at the chosen tau)."""
-    method = FAMILY_METHODS[family]
-    if family == "JACTUS" and task_fraction is not None:
-        method = Method(method.name, method.family, method.kind, method.retain,
-                        (("task_fraction", float(task_fraction)),))
-    return method
-
-
-def tau_label(method: Method) -> str:
-    """`` tau=<t>`` for a method with a task fraction (JACTUS), else empty."""
-    tau = method.opts.get("task_fraction")
-    return "" if tau is None else f" tau={tau:g}"
 
 
 def at_settings(done: dict, parts_by_name: dict, current: dict[str, tuple]) -> dict:

@@ -583,6 +583,27 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path, monkeypatch):
     assert "Pretrained ViT per order" in text and all(f"`{f}`" in text for f in bases.values())
 
 
+def test_sweep_tunes_jactus_again_after_the_task_fraction_changed(tmp_path):
+    # JACTUS records (and checkpoints) are named by their tau: a rerun at a new tau tunes
+    # again instead of skipping the labels made at the old one, and chooses from the new only
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = out / "settings.json"
+    argv = ["--part", "language", "--preset", "smoke", "--lrs", "1e-3", "--families", "JACTUS",
+            "--out", str(out), "--settings", str(settings), "--no-progress"]
+    for tau in (0.0, 0.5):
+        settings.write_text(json.dumps({"language": {"lr": {}, "task_fraction": tau}}))
+        sweep.main(argv)
+        assert json.loads(settings.read_text())["language"]["task_fraction"] == tau
+    done = json.loads((out / "sweep.json").read_text())
+    assert len(done) == 2 * len(SEEDS)
+    for tau in (0.0, 0.5):
+        at_tau = [k for k, v in done.items() if v["task_fraction"] == tau]
+        assert len(at_tau) == len(SEEDS) and all(f" tau={tau:g} " in k for k in at_tau)
+    page = (out / "sweep-language-smoke.md").read_text()
+    assert "| JACTUS |" in page
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

@@ -275,7 +275,7 @@ def with_learning_rates(part: str, cfg: PartConfig, path: Path = SETTINGS_FILE) 
     if cfg.task_fraction is None:
         tau = (entry or {}).get("task_fraction", DEFAULT_TASK_FRACTION)
         cfg = replace(cfg, task_fraction=float(tau))
-    if set(FAMILIES) <= set(cfg.lrs) and cfg.lr_head is not None:
+    if complete_entry({"lr": cfg.lrs, "lr_head": cfg.lr_head}):
         return cfg
     chosen = entry if entry is not None else tuned_settings(path).get(part)
     if chosen is None:
@@ -898,8 +898,13 @@ def summary_header(preset: Preset, extra: dict, groups: dict) -> list[str]:
         lines += ["Learning rates: " + "; ".join(
             f"the {part} rates were chosen in the {extra['learning_rates'][part]['tuned_for']} preset's "
             "configuration, not this one's" for part in borrowed)
-            + f" (no entry in validation/tuned_settings-{preset.name}.json).", ""]
+            + f" ({no_own_entry(preset.name)}).", ""]
     return lines
+
+
+def no_own_entry(preset: str) -> str:
+    """Why a part of ``preset`` borrowed another preset's rates: its own file has no entry."""
+    return f"no entry in validation/tuned_settings-{preset}.json"
 
 
 def recorded_seconds(groups: dict) -> float:
@@ -979,8 +984,7 @@ def _rates_line(part: str, sources: dict, preset: str, cfg: PartConfig | None = 
     if tuned_for != preset and src.get("same_configuration"):
         how += f" in the {tuned_for} preset's configuration, the same as this preset's"
     elif tuned_for != preset:
-        how += (f" in the {tuned_for} preset's configuration, NOT this preset's "
-                f"(no entry in validation/tuned_settings-{preset}.json)")
+        how += f" in the {tuned_for} preset's configuration, NOT this preset's ({no_own_entry(preset)})"
     return (f"Learning rates ({how}; {src.get('source', '')}): "
             + ", ".join(f"{k} {v:g}" for k, v in rates.items())
             + (f", head {head:g}" if head else "") + ".")

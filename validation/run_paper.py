@@ -1319,6 +1319,12 @@ def pretrain_vision(config: RunConfig) -> dict[int, str]:
             for seed in config.preset.seeds}
 
 
+def one_thread_env() -> dict[str, str]:
+    """This process's environment with one BLAS / OpenMP thread: a job lane's (one core each)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run_jobs(config: RunConfig, argv: list[str]) -> Path:
     """Run :func:`job_lanes` as subprocesses (one thread each), then combine their records here.
 
@@ -1332,8 +1338,7 @@ def run_jobs(config: RunConfig, argv: list[str]) -> Path:
     started = time.perf_counter()
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "OPENBLAS_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = one_thread_env()
     base = [sys.executable, str(Path(__file__).resolve()), *argv, "--jobs", "1", "--threads", "1",
             "--no-progress"]
     lanes = job_lanes(config)

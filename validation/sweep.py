@@ -43,10 +43,11 @@ smoke preset writes both into ``--out`` only.
 
 Usage: ``python -m validation.sweep --part vision`` (or ``--part
 language``); ``--preset smoke`` exercises the protocol in seconds. On
-several cores, run one process per group of families, each with its own
-``--out`` (and ``--settings`` copy), then one more with ``--merge-from``
-their folders: it copies their records into its ``--out``, runs nothing
-they ran, and makes the choice over every family.
+several cores, ``--jobs N`` tunes the families in N processes side by side
+(:mod:`validation.sweep_lanes`) and makes the choice over all of them.
+``--merge-from DIR ...`` first copies the records of other sweep folders
+into ``--out`` (sweeps run elsewhere, or records saved from an earlier
+machine), so that nothing they hold is tuned again.
 """
 
 from __future__ import annotations
@@ -166,6 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
                    help="first copy into --out the records of these sweep folders (sweeps of "
                         "other families run side by side, one process per core)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the families in this many processes side by side, one thread each "
+                        "(contiguous groups of --families: JACTUS and SVD-LLM+LoRA share one "
+                        "calibration), each in <out>/lane<i>; then choose over all their records")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -217,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         msg = f"--families: unknown {sorted(unknown)}; choose from {list(FAMILY_METHODS)}"
         raise SystemExit(msg)
+    if args.jobs > 1:
+        sweep_in_lanes(args, families)
     preset = run_paper.presets()[args.preset]
     cfg = getattr(preset, args.part)
     cfg = replace(cfg, lrs={f: 1.0 for f in FAMILY_METHODS}, lr_head=1.0)
@@ -310,6 +317,26 @@ def tau_label(method: Method) -> str:
     """
     tau = method.opts.get("task_fraction")
     return "" if tau is None else f" tau={tau:g}"
+
+
+def sweep_in_lanes(args: argparse.Namespace, families: list[str]) -> None:
+    """``--jobs N``: tune ``families`` in N processes (:mod:`validation.sweep_lanes`).
+
+    Their records, with those of ``--merge-from``, end in ``--out``'s
+    ``sweep.json``; the caller then finds nothing left to tune and chooses.
+    """
+    from validation.sweep_lanes import run_lanes  # noqa: PLC0415  (it imports this module)
+
+    out = sweep_out(args, sweep_name(args))
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "sweep.json"
+    done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    merged = merge_records(done, args.merge_from, args.preset)
+    read_from, _ = run_paper.sweep_settings_files(args.settings, args.preset, args.part, out)
+    added = run_lanes(args, families, out, done, read_from)
+    print(f"--jobs {args.jobs}: {merged} records from --merge-from, {added} from the lanes, "
+          f"in {done_path}", flush=True)
+    args.merge_from = []
 
 
 def split_by_orders(swept: dict, orders: int) -> tuple[dict, dict]:

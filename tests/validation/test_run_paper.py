@@ -604,6 +604,41 @@ def test_sweep_tunes_jactus_again_after_the_task_fraction_changed(tmp_path):
     assert "| JACTUS |" in page
 
 
+def test_family_groups_are_contiguous_and_balanced():
+    from validation.sweep_lanes import family_groups
+
+    families = list(sweep.FAMILY_METHODS)
+    assert family_groups(families, 2) == [["JACTUS", "SVD-LLM+LoRA"], ["LoRA", "DoRA"]]
+    assert family_groups(families, 3) == [["JACTUS", "SVD-LLM+LoRA"], ["LoRA"], ["DoRA"]]
+    assert family_groups(families[:1], 4) == [["JACTUS"]]
+    with pytest.raises(SystemExit, match="--jobs"):
+        family_groups(families, 0)
+
+
+def test_sweep_in_lanes_joins_their_records_and_resumes_from_saved_ones(tmp_path, capsys):
+    out, again = tmp_path / "out", tmp_path / "again"
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"language": {"lr": {}, "task_fraction": 0.0}}))
+    argv = ["--part", "language", "--preset", "smoke", "--lrs", "1e-3", "--families",
+            "LoRA,DoRA", "--settings", str(settings), "--no-progress", "--jobs", "2"]
+    chosen = sweep.main([*argv, "--out", str(out)])
+    assert chosen["lr"] == {"LoRA": 1e-3, "DoRA": 1e-3}
+    assert "0 records from --merge-from, 6 from the lanes" in capsys.readouterr().out
+    done = json.loads((out / "sweep.json").read_text())
+    assert len(done) == 6 and {v["family"] for v in done.values()} == {"LoRA", "DoRA"}
+    for i, family in enumerate(("LoRA", "DoRA")):  # one lane per family, its log beside
+        lane = json.loads((out / f"lane{i}" / "sweep.json").read_text())
+        assert {v["family"] for v in lane.values()} == {family}
+        assert (out / f"lane{i}" / "log.txt").is_file()
+    assert "| LoRA |" in (out / "sweep-language-smoke.md").read_text()
+    # another folder (another machine) resumes from the saved records: nothing is tuned again
+    chosen_again = sweep.main([*argv, "--out", str(again), "--merge-from", str(out)])
+    assert "6 records from --merge-from, 0 from the lanes" in capsys.readouterr().out
+    assert json.loads((again / "sweep.json").read_text()) == done
+    assert chosen_again["lr"] == chosen["lr"]
+    assert not any((again / "lane0").glob("checkpoints/*"))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

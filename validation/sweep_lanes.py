@@ -1,0 +1,104 @@
+"""``python -m validation.sweep --jobs N``: a sweep's families in N processes side by side.
+
+The families (``--families``, in order) are cut into ``N`` contiguous groups,
+so that the two compressing families (JACTUS, SVD-LLM+LoRA) share a lane and
+its one calibration. Each lane is ``python -m validation.sweep`` with its
+group, one thread, its own folder ``<out>/lane<i>`` (records, checkpoints,
+page, a copy of the settings it reads tau from, ``log.txt``) and
+``--merge-from <out>``: it starts from every record the sweep already holds,
+so a rerun, or a sweep resumed from saved records (``--merge-from DIR`` given
+to the parent), tunes only what is missing. When every lane is done their
+records join the parent's ``sweep.json``, where the choice over every family
+is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from validation import run_paper
+from validation.sweep import ROOT, merge_records
+
+__all__ = ["family_groups", "lane_argv", "run_lanes"]
+
+
+def family_groups(families: list[str], jobs: int) -> list[list[str]]:
+    """``families`` in ``min(jobs, len(families))`` contiguous groups whose sizes differ by at most one.
+
+    Every family tunes the same number of models (rates x orders), so equal
+    groups are equal lanes.
+    """
+    if jobs < 1:
+        msg = f"--jobs must be at least 1, got {jobs}"
+        raise SystemExit(msg)
+    n = min(jobs, len(families))
+    size, extra = divmod(len(families), n)
+    groups, start = [], 0
+    for i in range(n):
+        stop = start + size + (i < extra)
+        groups.append(families[start:stop])
+        start = stop
+    return groups
+
+
+def lane_argv(args: argparse.Namespace, group: list[str], lane: Path, out: Path) -> list[str]:
+    """The arguments of one lane: the parent's sweep for ``group`` only, in folder ``lane``."""
+    argv = ["--part", args.part, "--preset", args.preset,
+            "--lrs", *(f"{lr:g}" for lr in args.lrs), "--orders", *map(str, args.orders),
+            "--families", ",".join(group), "--out", str(lane),
+            "--settings", str(lane / "settings.json"), "--page", str(lane / "page.md"),
+            "--merge-from", str(out), "--no-progress"]
+    if args.n_dev is not None:
+        argv += ["--n-dev", str(args.n_dev)]
+    if args.device:
+        argv += ["--device", args.device]
+    return argv
+
+
+def run_lanes(args: argparse.Namespace, families: list[str], out: Path, done: dict,
+              read_from: Path) -> int:
+    """Run the lanes of ``families`` (module docstring), then add their records to ``done``.
+
+    ``done`` is the parent's ``sweep.json`` (``out``), already holding what
+    ``--merge-from`` brought; each lane reads its tau from a copy of
+    ``read_from``. Returns how many records the lanes added.
+    """
+    run_paper.atomic_json(out / "sweep.json", done)  # what every lane starts from
+    groups = family_groups(families, args.jobs)
+    lanes = [out / f"lane{i}" for i in range(len(groups))]
+    for lane in lanes:
+        lane.mkdir(parents=True, exist_ok=True)
+        if read_from.is_file():
+            shutil.copyfile(read_from, lane / "settings.json")
+    print(f"{len(lanes)} sweep lane(s): " + "; ".join(
+        f"{','.join(g)} (log {lane}/log.txt)" for g, lane in zip(groups, lanes, strict=True)),
+        flush=True)
+
+    def run_lane(i: int) -> int:
+        start = time.perf_counter()
+        command = [sys.executable, "-m", "validation.sweep",
+                   *lane_argv(args, groups[i], lanes[i], out)]
+        with open(lanes[i] / "log.txt", "a") as log:
+            code = subprocess.run(command, env=run_paper.one_thread_env(), stdout=log,
+                                  stderr=subprocess.STDOUT, check=False,
+                                  cwd=ROOT).returncode
+        print(f"sweep lane {i} ({','.join(groups[i])}): exit {code} after "
+              f"{(time.perf_counter() - start) / 60:.1f} min", flush=True)
+        return code
+
+    with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
+        codes = list(pool.map(run_lane, range(len(lanes))))
+    failed = [i for i, code in enumerate(codes) if code != 0]
+    if failed:
+        msg = f"sweep lane(s) {failed} failed: see {out}/lane<i>/log.txt"
+        raise SystemExit(msg)
+    added = merge_records(done, lanes, args.preset)
+    run_paper.atomic_json(out / "sweep.json", done)
+    return added
+

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,10 @@ from pathlib import Path
 from validation import run_paper
 from validation.sweep import ROOT, merge_records
 
-__all__ = ["family_groups", "lane_argv", "run_lanes"]
+__all__ = ["family_groups", "lane_argv", "models_recorded", "run_lanes"]
+
+#: Seconds between two looks at the lanes' records (the progress bar's pace).
+POLL_S = 30.0
 
 
 def family_groups(families: list[str], jobs: int) -> list[list[str]]:
@@ -92,8 +96,11 @@ def run_lanes(args: argparse.Namespace, families: list[str], out: Path, done: di
               f"{(time.perf_counter() - start) / 60:.1f} min", flush=True)
         return code
 
+    total = len(families) * len(args.lrs) * len(set(args.orders)) * dev_parts_per_order(args)
     with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
-        codes = list(pool.map(run_lane, range(len(lanes))))
+        futures = [pool.submit(run_lane, i) for i in range(len(lanes))]
+        follow_lanes(futures, lanes, families, args, total)
+        codes = [f.result() for f in futures]
     failed = [i for i, code in enumerate(codes) if code != 0]
     if failed:
         msg = f"sweep lane(s) {failed} failed: see {out}/lane<i>/log.txt"
@@ -102,3 +109,49 @@ def run_lanes(args: argparse.Namespace, families: list[str], out: Path, done: di
     run_paper.atomic_json(out / "sweep.json", done)
     return added
 
+
+
+def dev_parts_per_order(args: argparse.Namespace) -> int:
+    """Dev parts a model is tuned on per order: vision's targets, language's one part."""
+    if args.part == "language":
+        return 1
+    return len(run_paper.presets()[args.preset].vision.targets)
+
+
+def models_recorded(lanes: list[Path], families: list[str], lrs) -> int:
+    """How many of the sweep's models (``families`` x ``lrs``) the lanes' records hold now.
+
+    Records merged into a lane at its start count: they are models the
+    sweep need not tune.
+    """
+    labels = set()
+    for lane in lanes:
+        path = lane / "sweep.json"
+        if path.is_file():
+            records = json.loads(path.read_text())
+            labels |= {k for k, v in records.items()
+                       if v.get("family") in families and v.get("lr") in lrs}
+    return len(labels)
+
+
+def follow_lanes(futures: list, lanes: list[Path], families: list[str],
+                 args: argparse.Namespace, total: int) -> None:
+    """Until every lane has exited, show how many of the ``total`` models are recorded.
+
+    A progress bar, or with ``--no-progress`` a line each time the count
+    changes (a lane's log has the details).
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    shown = -1
+    with tqdm(total=total, desc="sweep models", disable=args.no_progress) as bar:
+        while True:
+            finished, _ = concurrent.futures.wait(futures, timeout=POLL_S)
+            count = models_recorded(lanes, families, set(args.lrs))
+            if count != shown:
+                bar.update(count - bar.n)
+                if args.no_progress:
+                    print(f"sweep lanes: {count} of {total} models recorded", flush=True)
+                shown = count
+            if len(finished) == len(futures):
+                return

@@ -623,7 +623,10 @@ def test_sweep_in_lanes_joins_their_records_and_resumes_from_saved_ones(tmp_path
             "LoRA,DoRA", "--settings", str(settings), "--no-progress", "--jobs", "2"]
     chosen = sweep.main([*argv, "--out", str(out)])
     assert chosen["lr"] == {"LoRA": 1e-3, "DoRA": 1e-3}
-    assert "0 records from --merge-from, 6 from the lanes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "0 records from --merge-from, 6 from the lanes" in printed
+    counts = [line for line in printed.splitlines() if line.startswith("sweep lanes:")]
+    assert counts[-1] == "sweep lanes: 6 of 6 models recorded"  # the progress, in lines
     done = json.loads((out / "sweep.json").read_text())
     assert len(done) == 6 and {v["family"] for v in done.values()} == {"LoRA", "DoRA"}
     for i, family in enumerate(("LoRA", "DoRA")):  # one lane per family, its log beside
@@ -633,7 +636,9 @@ def test_sweep_in_lanes_joins_their_records_and_resumes_from_saved_ones(tmp_path
     assert "| LoRA |" in (out / "sweep-language-smoke.md").read_text()
     # another folder (another machine) resumes from the saved records: nothing is tuned again
     chosen_again = sweep.main([*argv, "--out", str(again), "--merge-from", str(out)])
-    assert "6 records from --merge-from, 0 from the lanes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "6 records from --merge-from, 0 from the lanes" in printed
+    assert "sweep lanes: 6 of 6 models recorded" in printed
     assert json.loads((again / "sweep.json").read_text()) == done
     assert chosen_again["lr"] == chosen["lr"]
     assert not any((again / "lane0").glob("checkpoints/*"))

@@ -305,6 +305,26 @@ def test_answer_loss_equals_the_models_loss_on_plain_and_peft_models(tiny, arc_i
         _answer_loss_matches_hf_loss(wrapped, batches[1])
 
 
+def test_answer_loss_goes_through_ddp_forward(tiny, arc_items, tmp_path):
+    # under torchrun the loss must run DistributedDataParallel's forward (where it prepares the
+    # gradient all-reduce): one gloo process is enough to see which path is taken
+    base, tok = assets.tiny_llama(seed=4, tokenizer=tiny[1])
+    batch = tuning_data.tuning_batches(arc_items[:4], tok, batch_size=4, max_length=32)[0]
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}",
+                                         rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(base)
+        calls = []
+        ddp.register_forward_pre_hook(lambda module, args: calls.append(module))
+        loss = tuning_data.answer_loss(ddp, batch)
+        loss.backward()
+        assert calls == [ddp]
+        torch.testing.assert_close(loss, tuning_data.answer_loss(base, batch), rtol=1e-4, atol=1e-5)
+        assert base.model.layers[0].mlp.up_proj.weight.grad is not None
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def test_answer_loss_refuses_a_batch_without_answer_tokens(tiny, arc_items):
     model, tok = tiny
     batch = tuning_data.tuning_batches(arc_items[:2], tok, batch_size=2, max_length=32)[0]

@@ -56,6 +56,11 @@ Benchmarks (targets from the project's issue):
     of that ``calibrate``, of ``compress`` at retain 0.8 and of the
     compressed layers' LAPACK floors (shown, no target); ``--quick``: the
     tiny Llama of ``validation.assets`` (``validation/bench_end_to_end.py``).
+``tuning-loss``
+    SmolLM2-135M with LoRA: a tuning step whose loss applies the output head
+    at the answer tokens only (``validation.tuning_data.answer_loss``, the
+    runner's) against the model's own loss at every position: <= 0.9x
+    (``validation/bench_tuning_loss.py``).
 
 Modules, by topic: ``bench_machine`` (result rows, machine description,
 threads, side-by-side timing, profiles), ``bench_problems`` (shapes, one
@@ -64,7 +69,7 @@ layer's weight and statistics with known spectra from
 benchmark (``bench_factorization``, ``bench_compress``,
 ``bench_calibration``, ``bench_deployed``, ``bench_allocation``,
 ``bench_peers``, ``bench_mergeable``, ``bench_retain_sweep``,
-``bench_end_to_end``;
+``bench_end_to_end``, ``bench_tuning_loss``;
 ``bench_products`` runs on its own). This file is the driver; their
 names stay importable from ``validation.bench``.
 
@@ -94,7 +99,7 @@ from validation.bench_machine import THREAD_VARS  # numpy-free: read before BLAS
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("factorization", "compress", "calibration", "deployed", "allocation", "peers", "mergeable",
-              "retain-sweep", "end-to-end")
+              "retain-sweep", "end-to-end", "tuning-loss")
 
 
 def _threads_from_argv(argv: Sequence[str]) -> int | None:
@@ -305,6 +310,7 @@ def run_benchmarks(args: argparse.Namespace) -> list[BenchResult]:
     from validation.bench_mergeable import bench_mergeable  # noqa: PLC0415
     from validation.bench_peers import bench_peers  # noqa: PLC0415
     from validation.bench_retain_sweep import bench_retain_sweep  # noqa: PLC0415
+    from validation.bench_tuning_loss import bench_tuning_loss  # noqa: PLC0415
 
     results = []
     setup = vit_setup(args) if {"calibration", "deployed"} & set(args.selected) else None
@@ -318,6 +324,7 @@ def run_benchmarks(args: argparse.Namespace) -> list[BenchResult]:
         "mergeable": lambda: bench_mergeable(args),
         "retain-sweep": lambda: bench_retain_sweep(args),
         "end-to-end": lambda: bench_end_to_end(args),
+        "tuning-loss": lambda: bench_tuning_loss(args),
     }
     for name in args.selected:
         say(f"\n== {name} ==")

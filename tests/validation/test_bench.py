@@ -23,7 +23,7 @@ from ..numerics import tolerance
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "validation" / "bench.py"
 NAMES = ("factorization", "compress", "calibration", "deployed", "allocation", "peers", "mergeable",
-         "retain-sweep", "end-to-end")
+         "retain-sweep", "end-to-end", "tuning-loss")
 #: a table row: benchmark name first, then ``<measured> <= or >= <target> PASS|MISS``
 RATIO_LINE = re.compile(r"^([\w-]+)\s+.*\s(\S+)\s+(<=|>=) (\S+(?: s)?)\s+(PASS|MISS|shown)$")
 
@@ -156,3 +156,17 @@ def test_end_to_end_rows_and_the_compressed_model_at_retain(quick_run):
         details["retain_achieved"], rel=1e-12)
     assert abs(details["retain_achieved"] - 0.8) <= 1e-3
     assert 0 <= details["layers_kept_dense"] < details["layers"]
+
+
+def test_tuning_loss_row_and_the_agreement_of_the_two_losses(quick_run):
+    """The tuning-loss benchmark (tiny Llama in the quick run): its ratio row, shown without a
+    target there, and the two losses' agreement it checked before timing."""
+    _, out = quick_run
+    bench = json.loads(out.read_text())["benchmarks"]["tuning-loss"]
+    (row,) = bench["rows"]
+    assert row["metric"] == "answer_loss step / model(**batch).loss step"
+    assert row["unit"] == "x" and row["value"] > 0 and row["target"] == float("inf")
+    details = bench["details"]
+    assert 0 < details["scored_tokens"] < details["tokens"]
+    assert details["largest_relative_loss_difference"] <= 1e-4
+    assert set(details["median_s"]) == {"answer", "model"}

@@ -165,8 +165,9 @@ def _parser() -> argparse.ArgumentParser:
                         "default preset's file until the preset's own has it")
     add_device_argument(p)
     p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
-                   help="first copy into --out the records of these sweep folders (sweeps of "
-                        "other families run side by side, one process per core)")
+                   help="first copy into --out the records of these sweep folders (sweeps run "
+                        "elsewhere, or records saved from an earlier machine, such as "
+                        "docs/results/records/sweep-language-full): nothing they hold is tuned again")
     p.add_argument("--jobs", type=int, default=1,
                    help="run the families in this many processes side by side, one thread each "
                         "(contiguous groups of --families: JACTUS and SVD-LLM+LoRA share one "

@@ -7,16 +7,16 @@ group, one thread, its own folder ``<out>/lane<i>`` (records, checkpoints,
 page, a copy of the settings it reads tau from, ``log.txt``) and
 ``--merge-from <out>``: it starts from every record the sweep already holds,
 so a rerun, or a sweep resumed from saved records (``--merge-from DIR`` given
-to the parent), tunes only what is missing. When every lane is done their
-records join the parent's ``sweep.json``, where the choice over every family
-is made.
+to the parent), tunes only what is missing. The lanes' records join the
+parent's ``sweep.json`` as they land (every :data:`POLL_S` seconds: the one
+file to save, holding every model made so far); when every lane is done,
+the choice over every family is made there.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import shutil
 import subprocess
 import sys
@@ -26,7 +26,7 @@ from pathlib import Path
 from validation import run_paper
 from validation.sweep import ROOT, merge_records
 
-__all__ = ["family_groups", "lane_argv", "models_recorded", "run_lanes"]
+__all__ = ["family_groups", "gather_records", "lane_argv", "models_recorded", "run_lanes"]
 
 #: Seconds between two looks at the lanes' records (the progress bar's pace).
 POLL_S = 30.0
@@ -96,18 +96,16 @@ def run_lanes(args: argparse.Namespace, families: list[str], out: Path, done: di
               f"{(time.perf_counter() - start) / 60:.1f} min", flush=True)
         return code
 
-    total = len(families) * len(args.lrs) * len(set(args.orders)) * dev_parts_per_order(args)
+    before = len(done)
     with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
         futures = [pool.submit(run_lane, i) for i in range(len(lanes))]
-        follow_lanes(futures, lanes, families, args, total)
+        follow_lanes(futures, lanes, families, args, out, done)
         codes = [f.result() for f in futures]
     failed = [i for i, code in enumerate(codes) if code != 0]
     if failed:
         msg = f"sweep lane(s) {failed} failed: see {out}/lane<i>/log.txt"
         raise SystemExit(msg)
-    added = merge_records(done, lanes, args.preset)
-    run_paper.atomic_json(out / "sweep.json", done)
-    return added
+    return len(done) - before
 
 
 
@@ -118,36 +116,38 @@ def dev_parts_per_order(args: argparse.Namespace) -> int:
     return len(run_paper.presets()[args.preset].vision.targets)
 
 
-def models_recorded(lanes: list[Path], families: list[str], lrs) -> int:
-    """How many of the sweep's models (``families`` x ``lrs``) the lanes' records hold now.
+def gather_records(done: dict, lanes: list[Path], out: Path, preset: str) -> None:
+    """Add the lanes' records so far to ``done`` and write it to ``out``'s ``sweep.json``.
 
-    Records merged into a lane at its start count: they are models the
-    sweep need not tune.
+    So that one file holds every model the sweep has made while it runs: the
+    file to save elsewhere (``--merge-from`` resumes from it).
     """
-    labels = set()
-    for lane in lanes:
-        path = lane / "sweep.json"
-        if path.is_file():
-            records = json.loads(path.read_text())
-            labels |= {k for k, v in records.items()
-                       if v.get("family") in families and v.get("lr") in lrs}
-    return len(labels)
+    merge_records(done, [lane for lane in lanes if (lane / "sweep.json").is_file()], preset)
+    run_paper.atomic_json(out / "sweep.json", done)
+
+
+def models_recorded(done: dict, families: list[str], lrs) -> int:
+    """How many of the sweep's models (``families`` x ``lrs``) ``done`` holds."""
+    return sum(v.get("family") in families and v.get("lr") in lrs for v in done.values())
 
 
 def follow_lanes(futures: list, lanes: list[Path], families: list[str],
-                 args: argparse.Namespace, total: int) -> None:
-    """Until every lane has exited, show how many of the ``total`` models are recorded.
+                 args: argparse.Namespace, out: Path, done: dict) -> None:
+    """Until every lane has exited, gather their records (:func:`gather_records`) and show the count.
 
-    A progress bar, or with ``--no-progress`` a line each time the count
-    changes (a lane's log has the details).
+    Every :data:`POLL_S` seconds; a progress bar over the sweep's models, or
+    with ``--no-progress`` a line each time the count changes (a lane's log
+    has the details).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
+    total = len(families) * len(args.lrs) * len(set(args.orders)) * dev_parts_per_order(args)
     shown = -1
     with tqdm(total=total, desc="sweep models", disable=args.no_progress) as bar:
         while True:
             finished, _ = concurrent.futures.wait(futures, timeout=POLL_S)
-            count = models_recorded(lanes, families, set(args.lrs))
+            gather_records(done, lanes, out, args.preset)
+            count = models_recorded(done, families, set(args.lrs))
             if count != shown:
                 bar.update(count - bar.n)
                 if args.no_progress:

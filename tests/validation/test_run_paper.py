@@ -615,6 +615,26 @@ def test_family_groups_are_contiguous_and_balanced():
         family_groups(families, 0)
 
 
+def test_lane_records_are_gathered_into_one_file_as_they_land(tmp_path):
+    from validation.sweep_lanes import gather_records, models_recorded
+
+    lanes = [tmp_path / "lane0", tmp_path / "lane1", tmp_path / "lane2"]  # lane2: not started
+    rec = {"family": "LoRA", "lr": 1e-3, "preset": "full", "score": -3.0}
+    lanes[0].mkdir()
+    (lanes[0] / "sweep.json").write_text(json.dumps({"a": rec}))
+    lanes[1].mkdir()
+    (lanes[1] / "sweep.json").write_text(json.dumps({"b": {**rec, "family": "DoRA"}}))
+    done = {"saved": {**rec, "lr": 3e-2}}  # from --merge-from
+    gather_records(done, lanes, tmp_path, "full")
+    assert json.loads((tmp_path / "sweep.json").read_text()) == done
+    assert set(done) == {"saved", "a", "b"}
+    assert models_recorded(done, ["LoRA", "DoRA"], {1e-3, 3e-2}) == 3
+    assert models_recorded(done, ["LoRA"], {1e-3}) == 1
+    (lanes[1] / "sweep.json").write_text(json.dumps({"a": {**rec, "score": -2.0}}))
+    with pytest.raises(SystemExit, match="score"):  # one label, two scores: never silently
+        gather_records(done, lanes, tmp_path, "full")
+
+
 def test_sweep_in_lanes_joins_their_records_and_resumes_from_saved_ones(tmp_path, capsys):
     out, again = tmp_path / "out", tmp_path / "again"
     settings = tmp_path / "settings.json"

@@ -108,7 +108,6 @@ def run_lanes(args: argparse.Namespace, families: list[str], out: Path, done: di
     return len(done) - before
 
 
-
 def dev_parts_per_order(args: argparse.Namespace) -> int:
     """Dev parts a model is tuned on per order: vision's targets, language's one part."""
     if args.part == "language":

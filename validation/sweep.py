@@ -18,7 +18,8 @@ Protocol
   (``--orders``, also the initialisation seeds).
 * **Head first (vision).** The new head's rate, the same for every method,
   is chosen first: the head alone is tuned from the linear probe on the
-  grid. The families are then swept with that head rate.
+  grid. The families are then swept with that head rate (with ``--jobs``,
+  the head sweep runs once, before the lanes start).
 * **Selection.** The rate with the best mean over orders of the dev score:
   accuracy for vision (macro over targets), the answer's negative
   log-likelihood per token for language (macro over tasks; lower is
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         msg = f"--families: unknown {sorted(unknown)}; choose from {list(FAMILY_METHODS)}"
         raise SystemExit(msg)
-    if args.jobs > 1:
+    if args.jobs > 1 and args.part != "vision":  # vision's lanes start after the head sweep
         sweep_in_lanes(args, families)
     preset = run_paper.presets()[args.preset]
     cfg = getattr(preset, args.part)
@@ -256,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
                     label = f"{HEAD} lr={lr:g} steps={cfg.steps} {part_tag(part)}"
                     if label not in done:
                         record(label, HEAD, lr, part, _head_only(part, lr, cfg, part.seed))
+        if args.jobs > 1:  # once here, not once per lane: the lanes find these records in --out
+            sweep_in_lanes(args, families)
+            done.update(json.loads(done_path.read_text()))
         done_here = at_run_settings(done, parts_by_name, cfg.steps, None)
         lr_head = _merge_targets(done_here, HEAD)["lr"]
     cfg = replace(cfg, lr_head=lr_head)
@@ -263,8 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     read_from, write_to = run_paper.sweep_settings_files(args.settings, args.preset, args.part,
                                                          sweep_dir.out)
     inherited = tau_fields(read_from, args.part)
-    tau = inherited.get("task_fraction")
-    jactus_tau = float(tau) if tau is not None else DEFAULT_TASK_FRACTION  # what JACTUS trains at
+    jactus_tau = jactus_task_fraction(inherited)
     for family in families:
         method = final_method(family, jactus_tau)
         for parts in parts_by_name.values():
@@ -361,6 +364,12 @@ def tau_fields(path: Path, part: str) -> dict:
     """
     entry = run_paper.tuned_settings(path).get(part, {}) if path.is_file() else {}
     return {k: entry[k] for k in ("task_fraction", "task_fraction_source") if k in entry}
+
+
+def jactus_task_fraction(inherited: dict) -> float:
+    """The tau JACTUS trains at: the one :func:`tau_fields` found, else the package default."""
+    tau = inherited.get("task_fraction")
+    return float(tau) if tau is not None else DEFAULT_TASK_FRACTION
 
 
 def sweep_name(args: argparse.Namespace, kind: str = "") -> str:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from validation import run_paper
-from validation.sweep import ROOT, merge_records
+from validation.sweep import ROOT, jactus_task_fraction, merge_records, tau_fields
 
 __all__ = ["family_groups", "gather_records", "lane_argv", "models_recorded", "run_lanes"]
 
@@ -99,7 +99,8 @@ def run_lanes(args: argparse.Namespace, families: list[str], out: Path, done: di
     before = len(done)
     with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
         futures = [pool.submit(run_lane, i) for i in range(len(lanes))]
-        follow_lanes(futures, lanes, families, args, out, done)
+        follow_lanes(futures, lanes, families, args, out, done,
+                     jactus_task_fraction(tau_fields(read_from, args.part)))
         codes = [f.result() for f in futures]
     failed = [i for i, code in enumerate(codes) if code != 0]
     if failed:
@@ -125,13 +126,20 @@ def gather_records(done: dict, lanes: list[Path], out: Path, preset: str) -> Non
     run_paper.atomic_json(out / "sweep.json", done)
 
 
-def models_recorded(done: dict, families: list[str], lrs) -> int:
-    """How many of the sweep's models (``families`` x ``lrs``) ``done`` holds."""
-    return sum(v.get("family") in families and v.get("lr") in lrs for v in done.values())
+def models_recorded(done: dict, families: list[str], lrs, steps: int, task_fraction: float) -> int:
+    """How many of the sweep's models ``done`` holds.
+
+    Those of ``families`` x ``lrs`` at ``steps`` steps, JACTUS's at
+    ``task_fraction``: records that ``--out`` keeps from a sweep at other
+    steps or another tau are not this sweep's.
+    """
+    return sum(v.get("family") in families and v.get("lr") in lrs and v.get("steps") == steps
+               and (v["family"] != "JACTUS" or v.get("task_fraction") == task_fraction)
+               for v in done.values())
 
 
 def follow_lanes(futures: list, lanes: list[Path], families: list[str],
-                 args: argparse.Namespace, out: Path, done: dict) -> None:
+                 args: argparse.Namespace, out: Path, done: dict, task_fraction: float) -> None:
     """Until every lane has exited, gather their records (:func:`gather_records`) and show the count.
 
     Every :data:`POLL_S` seconds; a progress bar over the sweep's models, or
@@ -141,12 +149,13 @@ def follow_lanes(futures: list, lanes: list[Path], families: list[str],
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     total = len(families) * len(args.lrs) * len(set(args.orders)) * dev_parts_per_order(args)
+    steps = getattr(run_paper.presets()[args.preset], args.part).steps
     shown = -1
     with tqdm(total=total, desc="sweep models", disable=args.no_progress) as bar:
         while True:
             finished, _ = concurrent.futures.wait(futures, timeout=POLL_S)
             gather_records(done, lanes, out, args.preset)
-            count = models_recorded(done, families, set(args.lrs))
+            count = models_recorded(done, families, set(args.lrs), steps, task_fraction)
             if count != shown:
                 bar.update(count - bar.n)
                 if args.no_progress:

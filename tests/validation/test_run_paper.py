@@ -619,7 +619,7 @@ def test_lane_records_are_gathered_into_one_file_as_they_land(tmp_path):
     from validation.sweep_lanes import gather_records, models_recorded
 
     lanes = [tmp_path / "lane0", tmp_path / "lane1", tmp_path / "lane2"]  # lane2: not started
-    rec = {"family": "LoRA", "lr": 1e-3, "preset": "full", "score": -3.0}
+    rec = {"family": "LoRA", "lr": 1e-3, "preset": "full", "score": -3.0, "steps": 300}
     lanes[0].mkdir()
     (lanes[0] / "sweep.json").write_text(json.dumps({"a": rec}))
     lanes[1].mkdir()
@@ -628,8 +628,13 @@ def test_lane_records_are_gathered_into_one_file_as_they_land(tmp_path):
     gather_records(done, lanes, tmp_path, "full")
     assert json.loads((tmp_path / "sweep.json").read_text()) == done
     assert set(done) == {"saved", "a", "b"}
-    assert models_recorded(done, ["LoRA", "DoRA"], {1e-3, 3e-2}) == 3
-    assert models_recorded(done, ["LoRA"], {1e-3}) == 1
+    assert models_recorded(done, ["LoRA", "DoRA"], {1e-3, 3e-2}, 300, 0.0) == 3
+    assert models_recorded(done, ["LoRA"], {1e-3}, 300, 0.0) == 1
+    # records --out keeps from another sweep (other steps, JACTUS at another tau) are not counted
+    jactus = {**rec, "family": "JACTUS", "task_fraction": 0.0}
+    others = {"short": {**rec, "steps": 30}, "j0": jactus, "j5": {**jactus, "task_fraction": 0.5}}
+    assert models_recorded({**done, **others}, ["LoRA", "DoRA", "JACTUS"], {1e-3, 3e-2},
+                           300, 0.0) == 4
     (lanes[1] / "sweep.json").write_text(json.dumps({"a": {**rec, "score": -2.0}}))
     with pytest.raises(SystemExit, match="score"):  # one label, two scores: never silently
         gather_records(done, lanes, tmp_path, "full")
@@ -662,6 +667,26 @@ def test_sweep_in_lanes_joins_their_records_and_resumes_from_saved_ones(tmp_path
     assert json.loads((again / "sweep.json").read_text()) == done
     assert chosen_again["lr"] == chosen["lr"]
     assert not any((again / "lane0").glob("checkpoints/*"))
+
+
+def test_vision_lanes_start_after_one_head_sweep(tmp_path, capsys):
+    out = tmp_path / "out"
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"vision": {"lr": {}, "task_fraction": 0.0}}))
+    chosen = sweep.main(["--part", "vision", "--preset", "smoke", "--lrs", "1e-2", "--families",
+                         "LoRA,DoRA", "--settings", str(settings), "--no-progress", "--jobs", "2",
+                         "--out", str(out)])
+    assert chosen["lr"] == {"LoRA": 1e-2, "DoRA": 1e-2} and chosen["lr_head"] == 1e-2
+    printed = capsys.readouterr().out
+    heads = [line for line in printed.splitlines() if line.startswith("head lr=")]
+    assert len(heads) == len(SEEDS) * 2  # orders x targets, tuned in the parent
+    for i in (0, 1):  # and in no lane: each started from the parent's head records
+        log = (out / f"lane{i}" / "log.txt").read_text()
+        assert "head lr=" not in log and "dev score" in log
+    done = json.loads((out / "sweep.json").read_text())
+    assert sum(v["family"] == sweep.HEAD for v in done.values()) == len(SEEDS) * 2
+    assert {v["lr_head"] for v in done.values() if v["family"] != sweep.HEAD} == {1e-2}
+    assert "sweep lanes: 12 of 12 models recorded" in printed
 
 
 # ----------------------------------------------------------------------------- end to end

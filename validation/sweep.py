@@ -329,18 +329,27 @@ def sweep_in_lanes(args: argparse.Namespace, families: list[str]) -> None:
     Their records, with those of ``--merge-from``, end in ``--out``'s
     ``sweep.json``; the caller then finds nothing left to tune and chooses.
     """
-    from validation.sweep_lanes import run_lanes  # noqa: PLC0415  (it imports this module)
+    from validation import sweep_lanes  # noqa: PLC0415  (it imports this module)
 
     out = sweep_out(args, sweep_name(args))
     out.mkdir(parents=True, exist_ok=True)
-    done_path = out / "sweep.json"
-    done = json.loads(done_path.read_text()) if done_path.exists() else {}
-    merged = merge_records(done, args.merge_from, args.preset)
     read_from, _ = run_paper.sweep_settings_files(args.settings, args.preset, args.part, out)
-    added = run_lanes(args, families, out, done, read_from)
-    print(f"--jobs {args.jobs}: {merged} records from --merge-from, {added} from the lanes, "
-          f"in {done_path}", flush=True)
-    args.merge_from = []
+    groups = sweep_lanes.family_groups(families, args.jobs)
+    folders = sweep_lanes.lane_folders(out, len(groups), read_from)
+    steps = getattr(run_paper.presets()[args.preset], args.part).steps
+    tau = jactus_task_fraction(tau_fields(read_from, args.part))
+    lrs = set(args.lrs)
+
+    def count(done: dict) -> int:
+        return sweep_lanes.models_recorded(done, families, lrs, steps, tau)
+
+    total = (len(families) * len(lrs) * len(set(args.orders))
+             * sweep_lanes.dev_parts_per_order(args))
+    lanes = sweep_lanes.Lanes(
+        "validation.sweep", folders,
+        [sweep_lanes.lane_argv(args, g, f, out) for g, f in zip(groups, folders, strict=True)],
+        [",".join(g) for g in groups], count, total)
+    sweep_lanes.sweep_with_lanes(args, out, lanes)
 
 
 def split_by_orders(swept: dict, orders: int) -> tuple[dict, dict]:

@@ -24,7 +24,11 @@ page ``--page`` (default ``docs/results/sweep-<part>-tau.md``); and
 by the runner.
 
 Usage: ``python -m validation.sweep_tau --part language --task-fractions 0 0.1 0.25 0.5``;
-``--preset smoke`` exercises it in seconds.
+``--preset smoke`` exercises it in seconds. On several cores, ``--jobs N``
+sweeps the task fractions in N processes side by side
+(:mod:`validation.sweep_lanes`) and makes the choice over all of them;
+``--merge-from DIR ...`` first copies the records of other tau sweep folders
+into ``--out``, so that nothing they hold is tuned again.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from validation.sweep import (
     markdown_header,
     markdown_row,
     mean_sd_n,
+    merge_records,
     part_fields,
     part_tag,
     repo_path_text,
@@ -98,6 +103,14 @@ def _parser() -> argparse.ArgumentParser:
                         "preset's own file (run_paper.preset_settings_file), which must hold the "
                         "part's rates (validation/sweep.py writes them)")
     add_device_argument(p)
+    p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="first copy into --out the records of these tau sweep folders (run "
+                        "elsewhere, or saved from an earlier machine): nothing they hold is "
+                        "tuned again")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the task fractions in this many processes side by side, one thread "
+                        "each (contiguous groups of --task-fractions), each in <out>/lane<i>; "
+                        "then choose over all their records")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -165,8 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
     read_from, settings = tau_settings_files(args)
     cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), read_from)
     lrs = sorted(args.lrs) if args.lrs is not None else [cfg.lrs[FAMILY]]
+    if args.jobs > 1:
+        sweep_in_lanes(args, lrs, cfg.steps, read_from)
     cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args, "tau"))
     _, _, parts_by_name, done_path, done = sweep_dir
+    if args.merge_from:
+        added = merge_records(done, args.merge_from, args.preset)
+        run_paper.atomic_json(done_path, done)
+        print(f"--merge-from: {added} records added to {done_path}", flush=True)
     stats_cache: dict = {}
     head = head_rate(args.part, cfg)  # the rate records are made with (None: no head)
     for parts in parts_by_name.values():
@@ -183,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   sweep_dir, stats_cache, shared, label)
                     score, acc = dev_score(args.part, rec)
                     done[label] = {"task_fraction": tau, "lr": lr, **part_fields(part),
+                                   "preset": args.preset,
                                    "steps": cfg.steps, "lr_head": head, "score": score, "dev_accuracy": acc,
                                    "trainable_params": rec["trainable_params"],
                                    "retain_achieved": rec["retain_achieved"],
@@ -197,6 +217,41 @@ def main(argv: list[str] | None = None) -> dict:
     write_page(page, args, cfg, table, (tau, lr), parts_by_name, settings)
     return write_settings(settings, args.part, tau, lr, page, args,
                           sorted({t for t, _ in table}))
+
+
+def models_recorded(done: dict, taus, lrs, steps: int) -> int:
+    """How many of the tau sweep's models (``taus`` x ``lrs`` at ``steps`` steps) ``done`` holds."""
+    return sum(v.get("task_fraction") in taus and v.get("lr") in lrs and v.get("steps") == steps
+               for v in done.values())
+
+
+def sweep_in_lanes(args: argparse.Namespace, lrs: list[float], steps: int, read_from: Path) -> None:
+    """``--jobs N``: the task fractions in N processes (:mod:`validation.sweep_lanes`).
+
+    Each lane sweeps a contiguous group of ``--task-fractions`` at ``lrs``
+    (every lane calibrates once, in its own folder). Their records, with
+    those of ``--merge-from``, end in ``--out``'s ``sweep.json``; the caller
+    then finds nothing left to tune and chooses.
+    """
+    from validation import sweep_lanes  # noqa: PLC0415
+
+    out = sweep_out(args, sweep_name(args, "tau"))
+    out.mkdir(parents=True, exist_ok=True)
+    groups = sweep_lanes.contiguous_groups(list(args.task_fractions), args.jobs)
+    folders = sweep_lanes.lane_folders(out, len(groups), read_from)
+    taus, rates = set(args.task_fractions), set(lrs)
+
+    def count(done: dict) -> int:
+        return models_recorded(done, taus, rates, steps)
+
+    rate_argv = ["--lrs", *(f"{lr:g}" for lr in lrs)]
+    argvs = [[*sweep_lanes.shared_lane_argv(args, folder, out), *rate_argv,
+              "--task-fractions", *(f"{t:g}" for t in group)]
+             for group, folder in zip(groups, folders, strict=True)]
+    total = len(taus) * len(rates) * len(set(args.orders)) * sweep_lanes.dev_parts_per_order(args)
+    lanes = sweep_lanes.Lanes("validation.sweep_tau", folders, argvs,
+                              ["tau " + ",".join(f"{t:g}" for t in g) for g in groups], count, total)
+    sweep_lanes.sweep_with_lanes(args, out, lanes)
 
 
 def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],

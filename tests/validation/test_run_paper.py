@@ -332,6 +332,38 @@ def test_tau_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     assert "lr 0.01" in page.read_text() and "| 0.5 | " in page.read_text()
 
 
+def test_tau_sweep_in_lanes_joins_their_records_and_resumes_from_saved_ones(tmp_path, capsys):
+    out, again = tmp_path / "out", tmp_path / "again"
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"language": {"lr": {f: 1e-3 for f in run_paper.FAMILIES},
+                                                 "lr_head": 1e-3}}))
+    argv = ["--part", "language", "--preset", "smoke", "--task-fractions", "0", "0.5",
+            "--settings", str(settings), "--no-progress", "--jobs", "2"]
+    entry = sweep_tau.main([*argv, "--out", str(out), "--page", str(tmp_path / "tau.md")])
+    assert entry["task_fraction"] in (0.0, 0.5) and entry["lr"]["JACTUS"] == 1e-3
+    printed = capsys.readouterr().out
+    assert "0 records from --merge-from, 6 from the lanes" in printed
+    assert "sweep lanes: 6 of 6 models recorded" in printed
+    done = json.loads((out / "sweep.json").read_text())
+    assert {(v["task_fraction"], v["order"]) for v in done.values()} == {
+        (t, o) for t in (0.0, 0.5) for o in SEEDS}
+    assert {v["preset"] for v in done.values()} == {"smoke"}
+    for i, tau in enumerate((0.0, 0.5)):  # one lane per task fraction, its log beside
+        lane = json.loads((out / f"lane{i}" / "sweep.json").read_text())
+        assert {v["task_fraction"] for v in lane.values()} == {tau}
+        assert "dev score" in (out / f"lane{i}" / "log.txt").read_text()
+    assert "| 0.5 |" in (tmp_path / "tau.md").read_text()
+    assert json.loads(settings.read_text())["language"]["task_fraction"] == entry["task_fraction"]
+    # another folder (another machine) resumes from the saved records: nothing is tuned again
+    again_entry = sweep_tau.main([*argv, "--out", str(again), "--merge-from", str(out),
+                                  "--page", str(tmp_path / "tau-again.md")])
+    printed = capsys.readouterr().out
+    assert "6 records from --merge-from, 0 from the lanes" in printed
+    assert json.loads((again / "sweep.json").read_text()) == done
+    assert again_entry["task_fraction"] == entry["task_fraction"]
+    assert not any((again / "lane0").glob("checkpoints/*"))
+
+
 def test_steps_check_chooses_the_best_mean_over_families_and_ranks_them():
     done = {f"{f} {s} {o}": {"family": f, "steps": s, "order": o, "score": v + 0.01 * o}
             for f, by_steps in (("LoRA", {10: 0.5, 20: 0.7, 40: 0.7}),

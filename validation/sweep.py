@@ -165,16 +165,22 @@ def _parser() -> argparse.ArgumentParser:
                         "validation/tuned_settings-<preset>.json otherwise), tau read from the "
                         "default preset's file until the preset's own has it")
     add_device_argument(p)
-    p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
-                   help="first copy into --out the records of these sweep folders (sweeps run "
-                        "elsewhere, or records saved from an earlier machine, such as "
-                        "docs/results/records/sweep-language-full): nothing they hold is tuned again")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="run the families in this many processes side by side, one thread each "
-                        "(contiguous groups of --families: JACTUS and SVD-LLM+LoRA share one "
-                        "calibration), each in <out>/lane<i>; then choose over all their records")
+    add_lane_arguments(p, "--families: JACTUS and SVD-LLM+LoRA share one calibration",
+                       "such as docs/results/records/sweep-language-full")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def add_lane_arguments(p: argparse.ArgumentParser, groups: str, example: str) -> None:
+    """``--merge-from`` and ``--jobs`` (:mod:`validation.sweep_lanes`): what the lanes are cut from."""
+    p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="first copy into --out the records of these sweep folders (sweeps run "
+                        f"elsewhere, or records saved from an earlier machine, {example}): "
+                        "nothing they hold is tuned again")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="run the sweep in this many processes side by side, one thread each "
+                        f"(contiguous groups of {groups}), each in <out>/lane<i>; then choose "
+                        "over all their records")
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:

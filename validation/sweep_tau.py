@@ -47,6 +47,7 @@ from validation.report import write_text_atomic
 from validation.sweep import (
     ORDERS,
     add_device_argument,
+    add_lane_arguments,
     at_run_settings,
     default_page,
     dev_metric,
@@ -103,14 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                         "preset's own file (run_paper.preset_settings_file), which must hold the "
                         "part's rates (validation/sweep.py writes them)")
     add_device_argument(p)
-    p.add_argument("--merge-from", type=Path, nargs="+", default=[], metavar="DIR",
-                   help="first copy into --out the records of these tau sweep folders (run "
-                        "elsewhere, or saved from an earlier machine): nothing they hold is "
-                        "tuned again")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="run the task fractions in this many processes side by side, one thread "
-                        "each (contiguous groups of --task-fractions), each in <out>/lane<i>; "
-                        "then choose over all their records")
+    add_lane_arguments(p, "--task-fractions; each lane calibrates once",
+                       "such as docs/results/records/sweep-language-tau-full")
     p.add_argument("--no-progress", action="store_true")
     return p
 

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from validation import run_paper
 from validation.sweep import ROOT, merge_records
@@ -88,7 +89,7 @@ def lane_folders(out: Path, n: int, read_from: Path) -> list[Path]:
     return lanes
 
 
-class Lanes:
+class Lanes(NamedTuple):
     """What :func:`run_lanes` runs: one ``python -m <module> <argv>`` per lane folder, and how to count.
 
     Attributes
@@ -107,10 +108,12 @@ class Lanes:
         How many models the sweep makes.
     """
 
-    def __init__(self, module: str, folders: list[Path], argvs: list[list[str]],
-                 names: list[str], count: Callable[[dict], int], total: int) -> None:
-        self.module, self.folders, self.argvs = module, folders, argvs
-        self.names, self.count, self.total = names, count, total
+    module: str
+    folders: list[Path]
+    argvs: list[list[str]]
+    names: list[str]
+    count: Callable[[dict], int]
+    total: int
 
 
 def run_lanes(lanes: Lanes, out: Path, done: dict, preset: str, progress: bool) -> int:

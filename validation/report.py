@@ -38,6 +38,7 @@ __all__ = [
     "mcnemar_p",
     "metrics_table",
     "paired_comparison",
+    "plot_dev_sweep",
     "plot_predicted_vs_measured",
     "read_results",
     "seed_table",
@@ -457,6 +458,61 @@ def plot_accuracy_vs_retain(rows: Sequence[ResultRow], part: str, path: Path) ->
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_dev_sweep(
+    curves: Mapping[str, Mapping[float, tuple[float, float, int]]],
+    chosen: Mapping[str, float],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    scale: float = 1.0,
+    log_x: bool = True,
+) -> dict[str, list[tuple[float, float]]]:
+    """A dev sweep's scores: one line per curve, mean ± sd over orders, the chosen point ringed.
+
+    ``curves[name][x] = (mean, sd, orders)`` in the sweep's own score units
+    (higher is better), shown times ``scale`` (100 for accuracy in %, -1 for
+    the answer NLL); points whose training diverged (a non-finite mean) are
+    left out. ``chosen[name]``: the x the sweep chose for that curve, if any.
+    Returns the points drawn, ``{name: [(x, scale * mean), ...]}``.
+    """
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn: dict[str, list[tuple[float, float]]] = {}
+    for i, (name, table) in enumerate(curves.items()):
+        pts = sorted((x, m, sd) for x, (m, sd, _) in table.items() if math.isfinite(m))
+        if not pts:
+            continue
+        drawn[name] = [(p[0], scale * p[1]) for p in pts]
+        colour = plt.get_cmap("tab10").colors[i % 10]
+        ax.errorbar([p[0] for p in pts], [scale * p[1] for p in pts],
+                    yerr=[abs(scale) * p[2] for p in pts], marker="o", capsize=3,
+                    color=colour, label=name)
+        x = chosen.get(name)
+        if x is not None and x in table and math.isfinite(table[x][0]):
+            ax.plot([x], [scale * table[x][0]], marker="o", markersize=14,
+                    markerfacecolor="none", color=colour)
+    if log_x:
+        ax.set_xscale("log")
+    xs = sorted({x for pts in drawn.values() for x, _ in pts})
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the grid's own values, not decades
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
 
 
 def plot_layer_profile(

@@ -624,6 +624,26 @@ def score_cells(part_name: str, columns, scores: dict, bold) -> list[str]:
     return cells
 
 
+def sweep_plot(page: Path, part_name: str, curves: dict, chosen: dict, xlabel: str,
+               title: str, log_x: bool = True) -> str:
+    """Draw a sweep's scores beside its page (``<page>.png``); return the page's line showing it.
+
+    ``curves[name][x] = (mean, sd, orders)``; the chosen ``x`` of each curve
+    is ringed (:func:`validation.report.plot_dev_sweep`).
+    """
+    from validation.report import plot_dev_sweep  # noqa: PLC0415
+
+    path = page.with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scale, _ = score_scale(part_name)
+    ylabel = "dev accuracy (%)" if part_name == "vision" else "dev answer NLL (nats/token)"
+    plot_dev_sweep(curves, chosen, path, xlabel=xlabel, ylabel=ylabel,
+                   title=title, scale=scale, log_x=log_x)
+    return (f"![{title}; mean ± sd over orders, the chosen value ringed]({path.name})  \n"
+            f"*{title}: mean ± sd over orders; the chosen value is ringed"
+            + (" (lower is better)*" if scale < 0 else " (higher is better)*"))
+
+
 def write_sweep_page(page: Path, lines: list[str]) -> None:
     """Write a sweep's page atomically and say where."""
     page.parent.mkdir(parents=True, exist_ok=True)
@@ -717,7 +737,11 @@ def write_page(page: Path, args, cfg, done: dict, chosen: dict, lr_head, parts_b
     lines += markdown_header("family", *(f"{lr:g}" for lr in lrs), "chosen")
     lines += [markdown_row(family, *score_cells(args.part, lrs, c["table"], c["lr"]),
                            f"{c['lr']:g}") for family, c in tables]
-    lines += ["", "Why:", ""]
+    lines += ["", sweep_plot(page, args.part, {f: c["table"] for f, c in tables},
+                             {f: c["lr"] for f, c in tables}, "learning rate",
+                             f"{args.part}: dev score against learning rate "
+                             f"({cfg.steps} steps, preset {args.preset})"),
+              "", "Why:", ""]
     for family, c in tables:
         ranked = sorted(c["table"].items(), key=lambda kv: -kv[1][0])
         best, runner_up = ranked[0], ranked[1] if len(ranked) > 1 else None

@@ -70,6 +70,7 @@ from validation.sweep import (
     score_scale,
     sweep_name,
     sweep_out,
+    sweep_plot,
     write_sweep_page,
     written_by,
 )
@@ -278,6 +279,11 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
         row = {lr: table[(t, lr)] for lr in lrs if (t, lr) in table}
         bold = chosen[1] if chosen[0] == t else None
         lines.append(markdown_row(f"{t:g}", *score_cells(args.part, lrs, row, bold)))
+    curves = {f"lr {lr:g}": {t: table[(t, lr)] for t in taus if (t, lr) in table} for lr in lrs}
+    lines += ["", sweep_plot(page, args.part, curves, {f"lr {chosen[1]:g}": chosen[0]},
+                             "task fraction tau",
+                             f"{args.part}: dev score against tau ({cfg.steps} steps, "
+                             f"preset {args.preset})", log_x=False)]
     ranked = sorted(table.items(), key=lambda kv: -kv[1][0])
     (best, (mean, sd, n)) = ranked[0]
     why = (f"Chosen: tau = {best[0]:g} at rate {best[1]:g}, the best mean over {n} orders "

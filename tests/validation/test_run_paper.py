@@ -14,6 +14,7 @@ import argparse
 import csv
 import functools
 import json
+import math
 import re
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from validation import run_paper, sweep, sweep_steps, sweep_tau
-from validation.report import claim_lines, family_styles, summarize
+from validation.report import claim_lines, family_styles, plot_dev_sweep, summarize
 from validation.train import parameter_groups, tune
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -319,6 +320,7 @@ def test_tau_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     text = page.read_text()
     assert "test items are never scored" in text and "| 0 |" in text and "| 0.5 |" in text
     assert "| 1 |" not in text  # the records made at other steps are kept, not used
+    assert page.with_suffix(".png").stat().st_size > 0 and "](tau.png)" in text
     # the runner reads the choice
     cfg = run_paper.with_learning_rates("vision", run_paper.PartConfig(), settings)
     assert cfg.task_fraction == entry["task_fraction"]
@@ -590,6 +592,7 @@ def test_sweep_end_to_end_on_the_smoke_preset(tmp_path, monkeypatch):
     assert {v["target"] for v in done.values()} == {"vision/digits", "vision/digits-shifted"}
     text = page.read_text()
     assert "dev items" in text and "test items are never scored" in text and "| LoRA |" in text
+    assert page.with_suffix(".png").stat().st_size > 0 and f"]({page.stem}.png)" in text
     assert "| DoRA |" in text and written["vision"]["lr"]["DoRA"] == 0.5
     # sweep_tau's choice, read from the default preset's file, travels with the rates chosen at it
     assert written["vision"]["task_fraction"] == 0.25
@@ -634,6 +637,15 @@ def test_sweep_tunes_jactus_again_after_the_task_fraction_changed(tmp_path):
         assert len(at_tau) == len(SEEDS) and all(f" tau={tau:g} " in k for k in at_tau)
     page = (out / "sweep-language-smoke.md").read_text()
     assert "| JACTUS |" in page
+
+
+def test_sweep_plot_draws_means_in_the_page_units_and_leaves_out_diverged_rates(tmp_path):
+    curves = {"LoRA": {1e-3: (-3.5, 0.1, 3), 1e-2: (-3.2, 0.2, 3), 3e-2: (-math.inf, 0.0, 3)},
+              "DoRA": {1e-3: (-math.inf, 0.0, 3)}}  # every rate diverged: no line
+    drawn = plot_dev_sweep(curves, {"LoRA": 1e-2}, tmp_path / "s.png", xlabel="rate",
+                           ylabel="NLL", title="t", scale=-1.0)
+    assert drawn == {"LoRA": [(1e-3, 3.5), (1e-2, 3.2)]}
+    assert (tmp_path / "s.png").stat().st_size > 0
 
 
 def test_family_groups_are_contiguous_and_balanced():

@@ -30,17 +30,17 @@ from typing import NamedTuple
 from validation import run_paper
 from validation.sweep import ROOT, merge_records
 
-__all__ = ["Lanes", "contiguous_groups", "family_groups", "gather_records", "lane_folders",
-           "models_recorded", "run_lanes", "shared_lane_argv", "sweep_with_lanes"]
+__all__ = ["Lanes", "contiguous_groups", "family_groups", "gather_records", "lane_argv",
+           "lane_folders", "models_recorded", "run_lanes", "shared_lane_argv", "sweep_with_lanes"]
 
 #: Seconds between two looks at the lanes' records (the progress bar's pace).
 POLL_S = 30.0
 
 
-def contiguous_groups(items: Sequence, jobs: int, what: str = "--jobs") -> list[list]:
+def contiguous_groups(items: Sequence, jobs: int) -> list[list]:
     """``items`` in ``min(jobs, len(items))`` contiguous groups whose sizes differ by at most one."""
     if jobs < 1:
-        msg = f"{what} must be at least 1, got {jobs}"
+        msg = f"--jobs must be at least 1, got {jobs}"
         raise SystemExit(msg)
     n = min(jobs, len(items))
     size, extra = divmod(len(items), n)

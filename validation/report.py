@@ -492,7 +492,7 @@ def plot_dev_sweep(
             continue
         drawn[name] = [(p[0], scale * p[1]) for p in pts]
         colour = plt.get_cmap("tab10").colors[i % 10]
-        ax.errorbar([p[0] for p in pts], [scale * p[1] for p in pts],
+        ax.errorbar([x for x, _ in drawn[name]], [y for _, y in drawn[name]],
                     yerr=[abs(scale) * p[2] for p in pts], marker="o", capsize=3,
                     color=colour, label=name)
         x = chosen.get(name)

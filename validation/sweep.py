@@ -219,6 +219,14 @@ def merge_records(done: dict, folders: list[Path], preset: str | None = None) ->
     return added
 
 
+def merge_into_out(done: dict, done_path: Path, folders: list[Path], preset: str) -> None:
+    """``--merge-from``: :func:`merge_records` of ``folders`` into ``done``, saved to ``done_path``."""
+    if folders:
+        added = merge_records(done, folders, preset)
+        run_paper.atomic_json(done_path, done)
+        print(f"--merge-from: {added} records added to {done_path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the sweep; returns the chosen settings of the part."""
     args = _parser().parse_args(argv)
@@ -237,10 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = replace(cfg, lrs={f: 1.0 for f in FAMILY_METHODS}, lr_head=1.0)
     cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args))
     _, _, parts_by_name, done_path, done = sweep_dir
-    if args.merge_from:
-        added = merge_records(done, args.merge_from, args.preset)
-        run_paper.atomic_json(done_path, done)
-        print(f"--merge-from: {added} records added to {done_path}", flush=True)
+    merge_into_out(done, done_path, args.merge_from, args.preset)
 
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)

@@ -61,7 +61,7 @@ from validation.sweep import (
     markdown_header,
     markdown_row,
     mean_sd_n,
-    merge_records,
+    merge_into_out,
     part_fields,
     part_tag,
     repo_path_text,
@@ -178,10 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         sweep_in_lanes(args, lrs, cfg.steps, read_from)
     cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args, "tau"))
     _, _, parts_by_name, done_path, done = sweep_dir
-    if args.merge_from:
-        added = merge_records(done, args.merge_from, args.preset)
-        run_paper.atomic_json(done_path, done)
-        print(f"--merge-from: {added} records added to {done_path}", flush=True)
+    merge_into_out(done, done_path, args.merge_from, args.preset)
     stats_cache: dict = {}
     head = head_rate(args.part, cfg)  # the rate records are made with (None: no head)
     for parts in parts_by_name.values():

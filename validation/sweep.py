@@ -45,7 +45,9 @@ smoke preset writes both into ``--out`` only.
 Usage: ``python -m validation.sweep --part vision`` (or ``--part
 language``); ``--preset smoke`` exercises the protocol in seconds. On
 several cores, ``--jobs N`` tunes the families in N processes side by side
-(:mod:`validation.sweep_lanes`) and makes the choice over all of them.
+(:mod:`validation.sweep_lanes`) and makes the choice over all of them;
+like each lane, the parent then runs on one thread, so that it builds the
+same pretrained models as they do.
 ``--merge-from DIR ...`` first copies the records of other sweep folders
 into ``--out`` (sweeps run elsewhere, or records saved from an earlier
 machine), so that nothing they hold is tuned again.
@@ -54,10 +56,12 @@ machine), so that nothing they hold is tuned again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -230,6 +234,12 @@ def merge_into_out(done: dict, done_path: Path, folders: list[Path], preset: str
 def main(argv: list[str] | None = None) -> dict:
     """Run the sweep; returns the chosen settings of the part."""
     args = _parser().parse_args(argv)
+    with threads_of_the_lanes(args.jobs):
+        return sweep(args)
+
+
+def sweep(args: argparse.Namespace) -> dict:
+    """:func:`main` after parsing ``args``."""
     if len(set(args.orders)) < 3:
         msg = f"--orders: the protocol needs at least 3 data orders, got {args.orders}"
         raise SystemExit(msg)
@@ -332,6 +342,28 @@ def tau_label(method: Method) -> str:
     """
     tau = method.opts.get("task_fraction")
     return "" if tau is None else f" tau={tau:g}"
+
+
+@contextlib.contextmanager
+def threads_of_the_lanes(jobs: int) -> Iterator[None]:
+    """With ``jobs > 1``, run this process on one thread, as every lane does; then as before.
+
+    The parent of ``--jobs N`` tunes what the lanes build on (vision's head)
+    and, after them, builds the dev parts again to choose. The smoke
+    preset's ViT is pretrained in each process and its weights depend on the
+    number of threads: a parent on more threads than its lanes
+    (:func:`run_paper.one_thread_env`) would build another pretrained model
+    than theirs, and tune again what they tuned.
+    """
+    import torch  # noqa: PLC0415
+
+    before = torch.get_num_threads()
+    if jobs > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def sweep_in_lanes(args: argparse.Namespace, families: list[str]) -> None:

@@ -71,6 +71,7 @@ from validation.sweep import (
     sweep_name,
     sweep_out,
     sweep_plot,
+    threads_of_the_lanes,
     write_sweep_page,
     written_by,
 )
@@ -170,6 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the sweep; returns the part's settings as written."""
     args = _parser().parse_args(argv)
     _check_args(args)
+    with threads_of_the_lanes(args.jobs):
+        return sweep(args)
+
+
+def sweep(args: argparse.Namespace) -> dict:
+    """:func:`main` after parsing and checking ``args``."""
     preset = run_paper.presets()[args.preset]
     read_from, settings = tau_settings_files(args)
     cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), read_from)

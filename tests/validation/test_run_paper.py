@@ -713,6 +713,20 @@ def test_sweep_in_lanes_joins_their_records_and_resumes_from_saved_ones(tmp_path
     assert not any((again / "lane0").glob("checkpoints/*"))
 
 
+@pytest.fixture
+def parent_on_two_threads():
+    """The sweep's parent on two threads, as under ``make test`` on two cores, its lanes on one.
+
+    The smoke ViT's pretrained weights depend on the number of threads; the
+    parent of ``--jobs`` must still build the lanes' pretrained model.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("parent_on_two_threads")
 def test_vision_lanes_start_after_one_head_sweep(tmp_path, capsys):
     out = tmp_path / "out"
     settings = tmp_path / "settings.json"
@@ -731,6 +745,20 @@ def test_vision_lanes_start_after_one_head_sweep(tmp_path, capsys):
     assert sum(v["family"] == sweep.HEAD for v in done.values()) == len(SEEDS) * 2
     assert {v["lr_head"] for v in done.values() if v["family"] != sweep.HEAD} == {1e-2}
     assert "sweep lanes: 12 of 12 models recorded" in printed
+
+
+@pytest.mark.usefixtures("parent_on_two_threads")
+def test_vision_tau_lanes_leave_the_parent_nothing_to_tune(tmp_path, capsys):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"vision": {"lr": {f: 1e-2 for f in run_paper.FAMILIES},
+                                               "lr_head": 1e-2}}))
+    entry = sweep_tau.main(["--part", "vision", "--preset", "smoke", "--task-fractions", "0", "0.5",
+                            "--settings", str(settings), "--no-progress", "--jobs", "2",
+                            "--out", str(tmp_path / "out"), "--page", str(tmp_path / "tau.md")])
+    assert entry["task_fraction"] in (0.0, 0.5)
+    printed = capsys.readouterr().out
+    assert "0 records from --merge-from, 12 from the lanes" in printed
+    assert "dev score" not in printed  # the parent chose from the lanes' records, tuning none
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -223,12 +223,17 @@ def merge_records(done: dict, folders: list[Path], preset: str | None = None) ->
     return added
 
 
-def merge_into_out(done: dict, done_path: Path, folders: list[Path], preset: str) -> None:
-    """``--merge-from``: :func:`merge_records` of ``folders`` into ``done``, saved to ``done_path``."""
-    if folders:
-        added = merge_records(done, folders, preset)
-        run_paper.atomic_json(done_path, done)
-        print(f"--merge-from: {added} records added to {done_path}", flush=True)
+def merge_into_out(done: dict, done_path: Path, folders: list[Path], preset: str) -> int:
+    """``--merge-from``: :func:`merge_records` of ``folders`` into ``done``, saved to ``done_path``.
+
+    Returns how many records it added.
+    """
+    if not folders:
+        return 0
+    added = merge_records(done, folders, preset)
+    run_paper.atomic_json(done_path, done)
+    print(f"--merge-from: {added} records added to {done_path}", flush=True)
+    return added
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -255,7 +260,8 @@ def sweep(args: argparse.Namespace) -> dict:
     cfg = replace(cfg, lrs={f: 1.0 for f in FAMILY_METHODS}, lr_head=1.0)
     cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args))
     _, _, parts_by_name, done_path, done = sweep_dir
-    merge_into_out(done, done_path, args.merge_from, args.preset)
+    merged = merge_into_out(done, done_path, args.merge_from, args.preset)
+    args.merge_from = []  # in done now: the vision lanes below start from it
 
     def record(label: str, family: str, lr: float, part, rec: dict) -> None:
         score, acc = dev_score(args.part, rec)
@@ -279,7 +285,7 @@ def sweep(args: argparse.Namespace) -> dict:
                     if label not in done:
                         record(label, HEAD, lr, part, _head_only(part, lr, cfg, part.seed))
         if args.jobs > 1:  # once here, not once per lane: the lanes find these records in --out
-            sweep_in_lanes(args, families)
+            sweep_in_lanes(args, families, merged)
             done.update(json.loads(done_path.read_text()))
         done_here = at_run_settings(done, parts_by_name, cfg.steps, None)
         lr_head = _merge_targets(done_here, HEAD)["lr"]
@@ -366,8 +372,11 @@ def threads_of_the_lanes(jobs: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def sweep_in_lanes(args: argparse.Namespace, families: list[str]) -> None:
+def sweep_in_lanes(args: argparse.Namespace, families: list[str], merged: int = 0) -> None:
     """``--jobs N``: tune ``families`` in N processes (:mod:`validation.sweep_lanes`).
+
+    ``merged``: the records ``--merge-from`` already brought into ``--out``
+    (vision merges them before its head sweep), for the count it prints.
 
     Their records, with those of ``--merge-from``, end in ``--out``'s
     ``sweep.json``; the caller then finds nothing left to tune and chooses.
@@ -392,7 +401,7 @@ def sweep_in_lanes(args: argparse.Namespace, families: list[str]) -> None:
         "validation.sweep", folders,
         [sweep_lanes.lane_argv(args, g, f, out) for g, f in zip(groups, folders, strict=True)],
         [",".join(g) for g in groups], count, total)
-    sweep_lanes.sweep_with_lanes(args, out, lanes)
+    sweep_lanes.sweep_with_lanes(args, out, lanes, merged)
 
 
 def split_by_orders(swept: dict, orders: int) -> tuple[dict, dict]:

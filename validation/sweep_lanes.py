@@ -151,8 +151,11 @@ def run_lanes(lanes: Lanes, out: Path, done: dict, preset: str, progress: bool) 
     return len(done) - before
 
 
-def sweep_with_lanes(args: argparse.Namespace, out: Path, lanes: Lanes) -> None:
+def sweep_with_lanes(args: argparse.Namespace, out: Path, lanes: Lanes, merged: int = 0) -> None:
     """Run a sweep's ``lanes`` from the records of ``out`` and ``--merge-from``; gather theirs in ``out``.
+
+    ``merged``: records the caller already brought from ``--merge-from``,
+    added to the count of those merged here for the line it prints.
 
     The parent's ``--merge-from`` is then emptied: its records are in
     ``out``'s ``sweep.json``, where the parent (the caller) finds nothing
@@ -160,7 +163,7 @@ def sweep_with_lanes(args: argparse.Namespace, out: Path, lanes: Lanes) -> None:
     """
     done_path = out / "sweep.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
-    merged = merge_records(done, args.merge_from, args.preset)
+    merged += merge_records(done, args.merge_from, args.preset)
     added = run_lanes(lanes, out, done, args.preset, progress=not args.no_progress)
     print(f"--jobs {args.jobs}: {merged} records from --merge-from, {added} from the lanes, "
           f"in {done_path}", flush=True)

@@ -745,6 +745,14 @@ def test_vision_lanes_start_after_one_head_sweep(tmp_path, capsys):
     assert sum(v["family"] == sweep.HEAD for v in done.values()) == len(SEEDS) * 2
     assert {v["lr_head"] for v in done.values() if v["family"] != sweep.HEAD} == {1e-2}
     assert "sweep lanes: 12 of 12 models recorded" in printed
+    # resumed elsewhere from the saved records: counted once, and nothing is tuned again
+    again = sweep.main(["--part", "vision", "--preset", "smoke", "--lrs", "1e-2", "--families",
+                        "LoRA,DoRA", "--settings", str(settings), "--no-progress", "--jobs", "2",
+                        "--out", str(tmp_path / "again"), "--merge-from", str(out)])
+    printed = capsys.readouterr().out
+    assert (again["lr"], again["lr_head"]) == (chosen["lr"], chosen["lr_head"])
+    assert "dev score" not in printed
+    assert "--jobs 2: 18 records from --merge-from, 0 from the lanes" in printed
 
 
 @pytest.mark.usefixtures("parent_on_two_threads")

@@ -60,6 +60,8 @@ import contextlib
 import copy
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -169,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
                         "validation/tuned_settings-<preset>.json otherwise), tau read from the "
                         "default preset's file until the preset's own has it")
     add_device_argument(p)
+    add_statistics_argument(p)
     add_lane_arguments(p, "--families: JACTUS and SVD-LLM+LoRA share one calibration",
                        "such as docs/results/records/sweep-language-full")
     p.add_argument("--no-progress", action="store_true")
@@ -185,6 +188,44 @@ def add_lane_arguments(p: argparse.ArgumentParser, groups: str, example: str) ->
                    help="run the sweep in this many processes side by side, one thread each "
                         f"(contiguous groups of {groups}), each in <out>/lane<i>; then choose "
                         "over all their records")
+
+
+def add_statistics_argument(p: argparse.ArgumentParser) -> None:
+    """``--stats-from``: folders whose calibration statistics a sweep reads instead of calibrating."""
+    p.add_argument("--stats-from", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="before calibrating, link into --out the calibration statistics files "
+                        "(stats-*.safetensors) these folders hold, such as another sweep's "
+                        "results/sweep-language-full/lane0: a file's name is its key (the part, "
+                        "its calibration settings and pretrained model), so only one made with "
+                        "the same settings is read")
+
+
+def link_statistics(folders: list[Path], out: Path) -> list[Path]:
+    """Hard-link (or, across file systems, copy) into ``out`` the statistics files of ``folders`` it lacks.
+
+    Returns the files added. A calibration of the full preset's language
+    part takes about ten minutes of one core and its file is 3 GB, so a link
+    is what a sweep reusing another sweep's calibration wants.
+    """
+    added = []
+    for folder in folders:
+        if not folder.is_dir():
+            msg = f"--stats-from: {folder} is not a folder"
+            raise SystemExit(msg)
+        for source in sorted(folder.glob("stats-*.safetensors")):
+            target = out / source.name
+            if target.exists():
+                continue
+            partial = target.with_name(target.name + ".partial")
+            partial.unlink(missing_ok=True)
+            try:
+                os.link(source, partial)
+            except OSError:  # another file system: a copy
+                shutil.copyfile(source, partial)
+            partial.replace(target)
+            added.append(target)
+            print(f"--stats-from: {target} from {source}", flush=True)
+    return added
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
@@ -579,6 +620,7 @@ def dev_sweep(args: argparse.Namespace, cfg, preset, default_out: str) -> tuple[
     preset = replace(preset, seeds=tuple(args.orders))
     out = sweep_out(args, default_out)
     out.mkdir(parents=True, exist_ok=True)
+    link_statistics(args.stats_from, out)
     config = run_paper.RunConfig(preset=preset, out=out, progress=not args.no_progress,
                                  paper=run_paper.PaperInputs(device=args.device))
     builder = run_paper.build_vision if args.part == "vision" else run_paper.build_language

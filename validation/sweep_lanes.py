@@ -68,6 +68,8 @@ def shared_lane_argv(args: argparse.Namespace, lane: Path, out: Path) -> list[st
             "--page", str(lane / "page.md"), "--merge-from", str(out), "--no-progress"]
     if args.n_dev is not None:
         argv += ["--n-dev", str(args.n_dev)]
+    if args.stats_from:  # absolute: the lanes run in the repository's root
+        argv += ["--stats-from", *(str(folder.resolve()) for folder in args.stats_from)]
     if args.device:
         argv += ["--device", args.device]
     return argv

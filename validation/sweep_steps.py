@@ -39,6 +39,7 @@ from validation.sweep import (
     FAMILY_METHODS,
     ORDERS,
     add_device_argument,
+    add_statistics_argument,
     default_page,
     dev_metric,
     dev_protocol,
@@ -86,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the rates and tau are read (not written); default: what the "
                         "runner reads for --preset (run_paper.settings_for)")
     add_device_argument(p)
+    add_statistics_argument(p)
     p.add_argument("--no-progress", action="store_true")
     return p
 

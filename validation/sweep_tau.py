@@ -48,6 +48,7 @@ from validation.sweep import (
     ORDERS,
     add_device_argument,
     add_lane_arguments,
+    add_statistics_argument,
     at_run_settings,
     default_page,
     dev_metric,
@@ -106,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                         "preset's own file (run_paper.preset_settings_file), which must hold the "
                         "part's rates (validation/sweep.py writes them)")
     add_device_argument(p)
+    add_statistics_argument(p)
     add_lane_arguments(p, "--task-fractions; each lane calibrates once",
                        "such as docs/results/records/sweep-language-tau-full")
     p.add_argument("--no-progress", action="store_true")

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from validation import run_paper, sweep, sweep_steps, sweep_tau
+from validation import run_paper, sweep, sweep_lanes, sweep_steps, sweep_tau
 from validation.report import claim_lines, family_styles, plot_dev_sweep, summarize
 from validation.train import parameter_groups, tune
 
@@ -334,7 +334,8 @@ def test_tau_sweep_end_to_end_on_the_smoke_preset(tmp_path):
     assert "lr 0.01" in page.read_text() and "| 0.5 | " in page.read_text()
 
 
-def test_tau_sweep_in_lanes_joins_their_records_and_resumes_from_saved_ones(tmp_path, capsys):
+def test_tau_sweep_in_lanes_joins_their_records_and_resumes_from_saved_ones(tmp_path, capsys,
+                                                                           monkeypatch):
     out, again = tmp_path / "out", tmp_path / "again"
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"language": {"lr": {f: 1e-3 for f in run_paper.FAMILIES},
@@ -364,6 +365,30 @@ def test_tau_sweep_in_lanes_joins_their_records_and_resumes_from_saved_ones(tmp_
     assert json.loads((again / "sweep.json").read_text()) == done
     assert again_entry["task_fraction"] == entry["task_fraction"]
     assert not any((again / "lane0").glob("checkpoints/*"))
+    # --stats-from: a sweep in a new folder reads a lane's calibration instead of calibrating
+    def no_calibration(*_args, **_kwargs):
+        raise AssertionError("calibrated although --stats-from held the statistics")
+
+    monkeypatch.setattr(run_paper, "calibrate", no_calibration)
+    (source,) = (out / "lane0").glob("stats-*.safetensors")
+    third = tmp_path / "third"
+    sweep_tau.main(["--part", "language", "--preset", "smoke", "--task-fractions", "0",
+                    "--settings", str(settings), "--no-progress", "--out", str(third),
+                    "--page", str(tmp_path / "tau-third.md"), "--stats-from", str(out / "lane0")])
+    assert (third / source.name).samefile(source)  # linked, not copied
+    assert "--stats-from: " in capsys.readouterr().out
+    scores = {k: v["score"] for k, v in json.loads((third / "sweep.json").read_text()).items()}
+    assert scores == {k: v["score"] for k, v in done.items() if k in scores} and len(scores) == 3
+
+
+def test_lanes_read_the_parents_statistics_folders_by_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stats").mkdir()
+    args = sweep_tau._parser().parse_args(["--part", "language", "--stats-from", "stats"])
+    argv = sweep_lanes.shared_lane_argv(args, tmp_path / "lane0", tmp_path)
+    assert argv[argv.index("--stats-from") + 1] == str(tmp_path / "stats")
+    with pytest.raises(SystemExit, match="--stats-from: .*missing is not a folder"):
+        sweep.link_statistics([tmp_path / "missing"], tmp_path)
 
 
 def test_steps_check_chooses_the_best_mean_over_families_and_ranks_them():

@@ -11,7 +11,11 @@ hand):
   ``docs/results/index.md``: the run's ``summary.md`` (command, date, wall
   time, machine, the verdict on the paper's ordering with the paired
   intervals, and the mean ± sd table of each part). A file without the
-  markers is left alone.
+  markers is left alone;
+* ``docs/results/records/<run>/methods/``: the run's method records (one
+  small JSON file per method and seed), so that they outlive the machine:
+  ``python validation/run_paper.py --records-from docs/results/records/<run>``
+  reuses every one whose settings are unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ def replace_block(text: str, name: str, block: str) -> str | None:
     return text[: i + len(start)] + "\n" + block.strip() + "\n" + text[j:]
 
 
+def copy_records(run: Path, to: Path) -> int:
+    """Copy the method records of ``run`` (``<run>/methods/*.json``) into ``to``; return how many."""
+    records = sorted((run / "methods").glob("*.json"))
+    if records:
+        to.mkdir(parents=True, exist_ok=True)
+    for record in records:
+        shutil.copy2(record, to / record.name)
+    return len(records)
+
+
 def publish(run: Path, dest: Path = DOCS, readme: Path | None = README) -> Path:
     """Copy ``results.md``, the PNG plots and ``results.csv`` of ``run`` into ``dest``; fill the blocks."""
     if not (run / "results.md").exists():
@@ -48,6 +62,7 @@ def publish(run: Path, dest: Path = DOCS, readme: Path | None = README) -> Path:
         shutil.copy2(png, dest / f"{run.name}-{png.name}")
         text = text.replace(f"]({png.name})", f"]({run.name}-{png.name})")
     shutil.copy2(run / "results.csv", dest / f"{run.name}.csv")
+    copy_records(run, dest / "records" / run.name / "methods")
     page = dest / f"{run.name}.md"
     page.write_text(text)
     summary = run / "summary.md"

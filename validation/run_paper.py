@@ -26,7 +26,12 @@ ordering, for the README) and PNG plots. Finished methods are kept in
 ``methods/`` and skipped on a rerun with the same settings, so an
 interrupted run resumes; a method killed while tuning resumes from its last
 checkpoint in ``checkpoints/`` (saved every 5 minutes, removed once its
-record is written), bit-identical to an uninterrupted run. ``--save-models DIR`` writes every tuned model
+record is written), bit-identical to an uninterrupted run. ``--records-from
+DIR`` first copies the method records another machine made (such as the
+ones ``validation/publish_results.py`` commits in
+``docs/results/records/<run>``): a record's file name holds the key of
+every setting its result depends on, so only the methods whose settings
+changed run again. ``--save-models DIR`` writes every tuned model
 (merged, safetensors, with its tokenizer and config).
 
 On a CPU with two or more cores the default, full and smoke presets run as
@@ -55,6 +60,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -311,6 +317,7 @@ class RunConfig:
     preset: Preset  # with the command-line overrides applied
     out: Path
     save_models: Path | None = None  # write every tuned model here
+    records_from: tuple[Path, ...] = ()  # copy the method records of these folders first
     method_filter: tuple[str, ...] = ()  # run methods whose name contains one of these (empty: all)
     method_kinds: tuple[str, ...] = ()  # run methods of these kinds only (empty: all); --jobs lanes
     jobs: int = 1  # processes side by side (run_jobs); 1: this process runs everything
@@ -1078,6 +1085,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="seeds of data order and initialisation (default: the preset's, 3)")
     p.add_argument("--save-models", type=Path, default=None, metavar="DIR",
                    help="write every tuned model (merged, safetensors, tokenizer, config) to DIR")
+    p.add_argument("--records-from", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="first copy into <out>/methods the method records of these folders "
+                        "(a results folder, its methods/ folder, or docs/results/records/<run>) "
+                        "that <out> lacks: a record is reused only where every setting its "
+                        "result depends on is unchanged (its file name holds their key)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--jobs", type=int, choices=(1, 2), default=None,
                    help="processes side by side: 2 runs the language methods that need "
@@ -1116,6 +1128,7 @@ def run_config(argv: list[str] | None = None) -> RunConfig:
         preset=preset,
         out=args.out or Path("results") / preset.name,
         save_models=args.save_models,
+        records_from=tuple(args.records_from),
         method_filter=tuple(w.strip() for w in args.methods.split(",")) if args.methods else (),
         method_kinds=tuple(args.method_kinds.split(",")) if args.method_kinds else (),
         jobs=default_jobs(args.jobs, preset.name, args.device),
@@ -1253,12 +1266,49 @@ def main(argv: list[str] | None = None) -> Path:
     # tokenizers' thread pool and torch's forked workers do not mix; set for this process only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = run_config(argv)
+    copy_method_records(config.records_from, config.out)
     if config.pretrain_only:
         pretrain_vision(config)
         return config.out
     if config.jobs > 1 and len(job_lanes(config)) > 1:
         return run_jobs(config, sys.argv[1:] if argv is None else list(argv))
     return run(config)
+
+
+def records_folder(folder: Path) -> Path:
+    """Where ``folder`` keeps its method records: its ``methods/`` if it has one, else itself."""
+    return folder / "methods" if (folder / "methods").is_dir() else folder
+
+
+def copy_method_records(folders: tuple[Path, ...], out: Path) -> int:
+    """``--records-from``: copy into ``<out>/methods`` the method records of ``folders`` it lacks.
+
+    Returns how many were copied. The records are the JSON files
+    :func:`run_part` writes, named by :func:`record_key`; a copy is only
+    read by a method whose settings give the same key. Each file is copied
+    to a temporary name and renamed, so a ``--jobs`` lane that starts at the
+    same time never reads half a record.
+    """
+    if not folders:
+        return 0
+    methods = out / "methods"
+    methods.mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for folder in folders:
+        if not folder.is_dir():
+            msg = f"--records-from: {folder} is not a folder"
+            raise SystemExit(msg)
+        for source in sorted(records_folder(folder).glob("*__seed*__*.json")):
+            target = methods / source.name
+            if target.exists():
+                continue
+            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+            shutil.copyfile(source, partial)
+            partial.replace(target)
+            copied += 1
+        log(f"--records-from: {copied} method records copied into {methods} so far "
+            f"(from {folder})")
+    return copied
 
 
 #: the kinds of method of each --jobs lane's language rows (the second lane then runs vision)

@@ -387,7 +387,7 @@ def test_lanes_read_the_parents_statistics_folders_by_absolute_path(tmp_path, mo
     args = sweep_tau._parser().parse_args(["--part", "language", "--stats-from", "stats"])
     argv = sweep_lanes.shared_lane_argv(args, tmp_path / "lane0", tmp_path)
     assert argv[argv.index("--stats-from") + 1] == str(tmp_path / "stats")
-    with pytest.raises(SystemExit, match="--stats-from: .*missing is not a folder"):
+    with pytest.raises(SystemExit, match=r"--stats-from: .*missing is not a folder"):
         sweep.link_statistics([tmp_path / "missing"], tmp_path)
 
 
@@ -1083,12 +1083,34 @@ def test_default_jobs_uses_both_cores_on_cpu_only(monkeypatch):
     assert run_paper.default_jobs(None, "default", None) == 1
 
 
-def test_rerun_resumes_from_finished_methods(smoke):
+def test_rerun_elsewhere_resumes_from_the_published_records(smoke, tmp_path):
+    from validation.publish_results import publish  # noqa: PLC0415
+
     out, _ = smoke
-    done = _run(out)
+    publish(out, tmp_path / "docs", readme=None)
+    published = tmp_path / "docs" / "records" / out.name
+    assert len(list((published / "methods").glob("*.json"))) == len(list((out / "methods").glob("*.json")))
+    again = tmp_path / "again"  # a fresh machine: an empty results folder and the committed records
+    done = _run(again, "--records-from", str(published))
     assert done.returncode == 0, done.stderr[-3000:]
-    # language: 11 methods, vision: 12 methods x 2 targets; 3 seeds each
+    # language: 11 methods, vision: 12 methods x 2 targets; 3 seeds each: nothing tuned again
     assert done.stdout.count("already done") == 3 * (11 + 24)
+    assert (again / "results.csv").read_text() == (out / "results.csv").read_text()
+
+
+def test_records_from_copies_only_what_the_results_folder_lacks(tmp_path):
+    source, out = tmp_path / "records", tmp_path / "out"
+    (source / "methods").mkdir(parents=True)
+    (out / "methods").mkdir(parents=True)
+    (source / "methods" / "language__seed0__LoRA_1.0__abc.json").write_text('{"new": 1}')
+    (source / "methods" / "language__seed1__LoRA_1.0__abc.json").write_text('{"theirs": 1}')
+    (out / "methods" / "language__seed1__LoRA_1.0__abc.json").write_text('{"ours": 1}')
+    assert run_paper.copy_method_records((source,), out) == 1
+    assert (out / "methods" / "language__seed1__LoRA_1.0__abc.json").read_text() == '{"ours": 1}'
+    assert run_paper.copy_method_records((source / "methods",), out) == 0  # the folder itself too
+    assert not list((out / "methods").glob(".*partial"))
+    with pytest.raises(SystemExit, match=r"--records-from: .*missing is not a folder"):
+        run_paper.copy_method_records((tmp_path / "missing",), out)
 
 
 def test_publish_fills_the_marked_blocks_from_the_run(tmp_path):
@@ -1106,8 +1128,11 @@ def test_publish_fills_the_marked_blocks_from_the_run(tmp_path):
     dest = tmp_path / "docs"
     dest.mkdir()
     (dest / "index.md").write_text("<!-- results:full:start -->\nkeep\n<!-- results:full:end -->\n")
+    (run / "methods").mkdir()
+    (run / "methods" / "language__seed0__LoRA_1.0__abc.json").write_text("{}")
     page = publish(run, dest, readme)
     assert page.read_text() == "table ![p](default-plot.png)"
+    assert (dest / "records" / "default" / "methods" / "language__seed0__LoRA_1.0__abc.json").is_file()
     text = readme.read_text()
     assert "old" not in text and "HOLDS on vision" in text and text.endswith("tail\n")
     assert "keep" in (dest / "index.md").read_text()  # another preset's block is left alone

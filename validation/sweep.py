@@ -46,8 +46,7 @@ Usage: ``python -m validation.sweep --part vision`` (or ``--part
 language``); ``--preset smoke`` exercises the protocol in seconds. On
 several cores, ``--jobs N`` tunes the families in N processes side by side
 (:mod:`validation.sweep_lanes`) and makes the choice over all of them;
-like each lane, the parent then runs on one thread, so that it builds the
-same pretrained models as they do.
+like each lane, the parent then runs on one thread.
 ``--merge-from DIR ...`` first copies the records of other sweep folders
 into ``--out`` (sweeps run elsewhere, or records saved from an earlier
 machine), so that nothing they hold is tuned again.
@@ -396,11 +395,11 @@ def threads_of_the_lanes(jobs: int) -> Iterator[None]:
     """With ``jobs > 1``, run this process on one thread, as every lane does; then as before.
 
     The parent of ``--jobs N`` tunes what the lanes build on (vision's head)
-    and, after them, builds the dev parts again to choose. The smoke
-    preset's ViT is pretrained in each process and its weights depend on the
-    number of threads: a parent on more threads than its lanes
-    (:func:`run_paper.one_thread_env`) would build another pretrained model
-    than theirs, and tune again what they tuned.
+    and, after them, builds the dev parts again to choose: on one thread, as
+    in a lane (:func:`run_paper.one_thread_env`), its records are the ones a
+    lane would make. (The smoke ViT's pretraining gave other weights on two
+    threads before it ran on one, :func:`validation.vision.one_thread`, and
+    the lanes then tuned the head again.)
     """
     import torch  # noqa: PLC0415
 

@@ -15,7 +15,10 @@ Recipe (``RECIPE_VERSION = "v1"``)
   then ``(x - 0.5) / 0.5``; no augmentation.
 * Optimizer: AdamW, lr 2e-3, weight decay 0.05, betas (0.9, 0.999),
   batch 128, 5 epochs, linear warmup over the first 5% of steps then cosine
-  decay to 0; gradient-norm clip 1.0; float32; seeded init and shuffling.
+  decay to 0; gradient-norm clip 1.0; float32; seeded init and shuffling;
+  one torch thread (:func:`one_thread`): the bytes of the weights depend on
+  how many threads split the sums, so a pretraining on all the cores of a
+  16-core machine would not give the fingerprint of a 2-core one.
 * Measured (seed 0, 2 CPU cores shared with other jobs, load average ~3.5):
   pretraining took 476 s wall (an uncontended partial-epoch timing
   extrapolates to ~100 s); train loss per epoch 0.90, 0.48, 0.40, 0.33,
@@ -36,12 +39,14 @@ downstream images, so it is only for exercising code, not for results).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -524,6 +529,23 @@ def _classes_tag(classes: tuple[int, ...] | None) -> str:
     return "" if classes is None else "-c" + "".join(str(c) for c in sorted(classes))
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one torch thread, then on as many as before.
+
+    A pretraining's float32 sums are split over the threads, and the split
+    changes their rounding: the same seed on 1 and on 2 threads gives other
+    weights (other :func:`weights_fingerprint`). On one thread the bytes
+    depend on the seed, the torch version and the CPU's kernels only.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pretrained_vit_path(seed: int = 0, classes: tuple[int, ...] | None = None) -> Path:
     """Cache folder of :func:`pretrained_vit` for ``seed`` and ``classes`` (may not exist yet)."""
     return cache_dir() / f"vit-fmnist{_classes_tag(classes)}-{RECIPE_VERSION}-seed{seed}"
@@ -606,8 +628,10 @@ def _pretrain_to(out: Path, seed: int, folder, progress: bool,
     x_test, y_test = _only_classes(*load_fashion_mnist("test", folder), classes)
     model = build_vit(vit_config(num_labels=10 if classes is None else len(classes)), seed)
     start = time.perf_counter()
-    losses = train_classifier(model, x_train, y_train, seed=seed, progress=progress,
-                              **PRETRAIN_RECIPE)
+    with one_thread():
+        losses = train_classifier(model, x_train, y_train, seed=seed, progress=progress,
+                                  **PRETRAIN_RECIPE)
+        threads = torch.get_num_threads()
     seconds = time.perf_counter() - start
     metrics = {
         "recipe_version": RECIPE_VERSION,
@@ -617,7 +641,7 @@ def _pretrain_to(out: Path, seed: int, folder, progress: bool,
         "train_seconds": round(seconds, 1),
         "train_loss_per_epoch": [round(v, 4) for v in losses],
         "fashion_mnist_test_accuracy": classifier_accuracy(model, x_test, y_test),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
         "torch": torch.__version__,
         "fingerprint": weights_fingerprint(model),
     }
@@ -645,6 +669,7 @@ def tiny_pretrained_vit(
     """
     x, y = load_digits_images(IMAGE_SIZE)
     model = tiny_vit(seed)
-    train_classifier(model, torch.rot90(x, 1, dims=(2, 3)).contiguous(), y, epochs=epochs,
-                     lr=3e-3, batch_size=64, seed=seed, progress=progress)
+    with one_thread():  # the same bytes whatever the caller's thread count
+        train_classifier(model, torch.rot90(x, 1, dims=(2, 3)).contiguous(), y, epochs=epochs,
+                         lr=3e-3, batch_size=64, seed=seed, progress=progress)
     return model

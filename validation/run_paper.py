@@ -459,6 +459,36 @@ def atomic_json(path: Path, payload) -> None:
     write_text_atomic(path, json.dumps(payload, indent=1, default=str))
 
 
+def _hard_link(source: Path, target: Path) -> bool:
+    """Hard-link ``target`` to ``source``; False where the file system cannot (then copy)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
+    return True
+
+
+def add_missing_files(sources: list[Path], into: Path, *, link: bool = False) -> list[Path]:
+    """Put into ``into`` each of ``sources`` whose name it lacks; return the files added.
+
+    Each is hard-linked (``link``; a copy across file systems) or copied to
+    a temporary name, then renamed: a process that starts at the same time
+    (a ``--jobs`` lane) never reads half a file.
+    """
+    added = []
+    for source in sources:
+        target = into / source.name
+        if target.exists():
+            continue
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        partial.unlink(missing_ok=True)
+        if not (link and _hard_link(source, partial)):
+            shutil.copyfile(source, partial)
+        partial.replace(target)
+        added.append(target)
+    return added
+
+
 def log(message: str) -> None:
     """Print once per run: on the main process only under torchrun."""
     if is_main_process():
@@ -1285,9 +1315,8 @@ def copy_method_records(folders: tuple[Path, ...], out: Path) -> int:
 
     Returns how many were copied. The records are the JSON files
     :func:`run_part` writes, named by :func:`record_key`; a copy is only
-    read by a method whose settings give the same key. Each file is copied
-    to a temporary name and renamed, so a ``--jobs`` lane that starts at the
-    same time never reads half a record.
+    read by a method whose settings give the same key
+    (:func:`add_missing_files`: a ``--jobs`` lane never reads half a record).
     """
     if not folders:
         return 0
@@ -1298,14 +1327,8 @@ def copy_method_records(folders: tuple[Path, ...], out: Path) -> int:
         if not folder.is_dir():
             msg = f"--records-from: {folder} is not a folder"
             raise SystemExit(msg)
-        for source in sorted(records_folder(folder).glob("*__seed*__*.json")):
-            target = methods / source.name
-            if target.exists():
-                continue
-            partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-            shutil.copyfile(source, partial)
-            partial.replace(target)
-            copied += 1
+        copied += len(add_missing_files(sorted(records_folder(folder).glob("*__seed*__*.json")),
+                                        methods))
         log(f"--records-from: {copied} method records copied into {methods} so far "
             f"(from {folder})")
     return copied

@@ -59,10 +59,7 @@ import contextlib
 import copy
 import json
 import math
-import os
-import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -211,19 +208,10 @@ def link_statistics(folders: list[Path], out: Path) -> list[Path]:
         if not folder.is_dir():
             msg = f"--stats-from: {folder} is not a folder"
             raise SystemExit(msg)
-        for source in sorted(folder.glob("stats-*.safetensors")):
-            target = out / source.name
-            if target.exists():
-                continue
-            partial = target.with_name(target.name + ".partial")
-            partial.unlink(missing_ok=True)
-            try:
-                os.link(source, partial)
-            except OSError:  # another file system: a copy
-                shutil.copyfile(source, partial)
-            partial.replace(target)
+        for target in run_paper.add_missing_files(sorted(folder.glob("stats-*.safetensors")), out,
+                                                  link=True):
             added.append(target)
-            print(f"--stats-from: {target} from {source}", flush=True)
+            print(f"--stats-from: {target} from {folder}", flush=True)
     return added
 
 
@@ -390,8 +378,7 @@ def tau_label(method: Method) -> str:
     return "" if tau is None else f" tau={tau:g}"
 
 
-@contextlib.contextmanager
-def threads_of_the_lanes(jobs: int) -> Iterator[None]:
+def threads_of_the_lanes(jobs: int) -> contextlib.AbstractContextManager:
     """With ``jobs > 1``, run this process on one thread, as every lane does; then as before.
 
     The parent of ``--jobs N`` tunes what the lanes build on (vision's head)
@@ -401,15 +388,9 @@ def threads_of_the_lanes(jobs: int) -> Iterator[None]:
     threads before it ran on one, :func:`validation.vision.one_thread`, and
     the lanes then tuned the head again.)
     """
-    import torch  # noqa: PLC0415
+    from validation.vision import one_thread  # noqa: PLC0415
 
-    before = torch.get_num_threads()
-    if jobs > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return one_thread() if jobs > 1 else contextlib.nullcontext()
 
 
 def sweep_in_lanes(args: argparse.Namespace, families: list[str], merged: int = 0) -> None:

@@ -16,12 +16,17 @@ hand):
   small JSON file per method and seed), so that they outlive the machine:
   ``python validation/run_paper.py --records-from docs/results/records/<run>``
   reuses every one whose settings are unchanged.
+
+``--records-only`` copies only the method records, of a run still going or
+cut off (the full preset's runs span several sessions, and a machine's
+``results/`` does not outlive its session): commit them, and a rerun
+anywhere with ``--records-from docs/results/records/<run>`` resumes there.
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,5 +84,29 @@ def publish(run: Path, dest: Path = DOCS, readme: Path | None = README) -> Path:
     return page
 
 
+def publish_records(run: Path, dest: Path = DOCS) -> int:
+    """``--records-only``: :func:`copy_records` of ``run`` into ``dest/records/<run>/methods``."""
+    if not (run / "methods").is_dir():
+        msg = f"{run} has no methods/ folder: no method of it has finished yet"
+        raise SystemExit(msg)
+    return copy_records(run, dest / "records" / run.name / "methods")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line: publish a run (default ``results/default``), or only its records."""
+    p = argparse.ArgumentParser(prog="python validation/publish_results.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, nargs="?", default=Path("results/default"))
+    p.add_argument("--records-only", action="store_true",
+                   help="copy only the method records (a run not finished yet)")
+    args = p.parse_args(argv)
+    if args.records_only:
+        copied = publish_records(args.run)
+        print(f"{copied} method records of {args.run} in "
+              f"{DOCS / 'records' / args.run.name / 'methods'}")
+    else:
+        print(publish(args.run))
+
+
 if __name__ == "__main__":
-    print(publish(Path(sys.argv[1] if len(sys.argv) > 1 else "results/default")))
+    main()

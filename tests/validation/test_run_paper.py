@@ -1154,6 +1154,24 @@ def test_publish_fills_the_marked_blocks_from_the_run(tmp_path):
     assert "keep" in (dest / "index.md").read_text()  # another preset's block is left alone
 
 
+def test_publish_records_only_saves_an_unfinished_runs_records(tmp_path):
+    from validation.publish_results import publish, publish_records
+
+    run = tmp_path / "full"
+    (run / "methods").mkdir(parents=True)
+    (run / "methods" / "language__seed0__LoRA_1.0__abc.json").write_text('{"done": 1}')
+    with pytest.raises(SystemExit, match=r"no results\.md"):
+        publish(run, tmp_path / "docs", readme=None)  # not finished: no page to publish
+    assert publish_records(run, tmp_path / "docs") == 1
+    saved = tmp_path / "docs" / "records" / "full" / "methods"
+    assert [p.name for p in saved.iterdir()] == ["language__seed0__LoRA_1.0__abc.json"]
+    assert not (tmp_path / "docs" / "full.md").exists()
+    # a rerun elsewhere starts from them
+    assert run_paper.copy_method_records((saved.parent,), tmp_path / "again") == 1
+    with pytest.raises(SystemExit, match="no methods/ folder"):
+        publish_records(tmp_path / "empty", tmp_path / "docs")
+
+
 def test_sweep_scores_language_by_answer_nll_and_vision_by_accuracy():
     rec = {"correct": {"a": [1, 0], "b": [1, 1]},
            "metrics": {"answer_nll": {"a": [2.0, 4.0], "b": [1.0, 1.0]}}}

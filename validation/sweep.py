@@ -60,6 +60,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -222,14 +223,18 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
                         "(default cpu); records made off the CPU say so in their labels")
 
 
-def merge_records(done: dict, folders: list[Path], preset: str | None = None) -> int:
+def merge_records(done: dict, folders: list[Path], preset: str | None = None,
+                  relabel: Callable[[str, dict], tuple[str, dict] | None] | None = None) -> int:
     """Add to ``done`` the records of the ``sweep.json`` in each of ``folders``; return how many.
 
     A sweep can run as several processes, each with its own ``--out`` and
     ``--families``; this brings their records into one folder, where the
     choice is made. A label already in ``done`` must carry the same score,
     and a record that names its preset must name ``preset`` (records
-    written before records named it are taken as they are).
+    written before records named it are taken as they are). ``relabel``
+    maps each ``(label, record)`` read to the pair to add, or to ``None``
+    to leave it out (the tau sweep reads a learning-rate sweep's JACTUS
+    records this way: :func:`validation.sweep_tau.tau_record`).
     """
     added = 0
     for folder in folders:
@@ -237,7 +242,11 @@ def merge_records(done: dict, folders: list[Path], preset: str | None = None) ->
         if not path.is_file():
             msg = f"--merge-from: {path} does not exist"
             raise SystemExit(msg)
-        for label, rec in json.loads(path.read_text()).items():
+        for pair in json.loads(path.read_text()).items():
+            kept = pair if relabel is None else relabel(*pair)
+            if kept is None:
+                continue
+            label, rec = kept
             if preset is not None and rec.get("preset", preset) != preset:
                 msg = (f"--merge-from: {label!r} in {path} was made with --preset "
                        f"{rec['preset']}, not {preset}")
@@ -251,14 +260,15 @@ def merge_records(done: dict, folders: list[Path], preset: str | None = None) ->
     return added
 
 
-def merge_into_out(done: dict, done_path: Path, folders: list[Path], preset: str) -> int:
+def merge_into_out(done: dict, done_path: Path, folders: list[Path], preset: str,
+                   relabel: Callable[[str, dict], tuple[str, dict] | None] | None = None) -> int:
     """``--merge-from``: :func:`merge_records` of ``folders`` into ``done``, saved to ``done_path``.
 
     Returns how many records it added.
     """
     if not folders:
         return 0
-    added = merge_records(done, folders, preset)
+    added = merge_records(done, folders, preset, relabel)
     run_paper.atomic_json(done_path, done)
     print(f"--merge-from: {added} records added to {done_path}", flush=True)
     return added

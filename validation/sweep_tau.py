@@ -28,7 +28,11 @@ Usage: ``python -m validation.sweep_tau --part language --task-fractions 0 0.1 0
 sweeps the task fractions in N processes side by side
 (:mod:`validation.sweep_lanes`) and makes the choice over all of them;
 ``--merge-from DIR ...`` first copies the records of other tau sweep folders
-into ``--out``, so that nothing they hold is tuned again.
+into ``--out``, so that nothing they hold is tuned again; a learning-rate
+sweep's folder (:mod:`validation.sweep`, such as
+``docs/results/records/sweep-language-full``) gives its JACTUS records, each
+a tau sweep record at the tau and rate it was tuned with
+(:func:`tau_record`): the same model, so it is not tuned twice.
 """
 
 from __future__ import annotations
@@ -183,11 +187,11 @@ def sweep(args: argparse.Namespace) -> dict:
     read_from, settings = tau_settings_files(args)
     cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), read_from)
     lrs = sorted(args.lrs) if args.lrs is not None else [cfg.lrs[FAMILY]]
+    merged = merge_tau_records(args)
     if args.jobs > 1:
-        sweep_in_lanes(args, lrs, cfg.steps, read_from)
+        sweep_in_lanes(args, lrs, cfg.steps, read_from, merged)
     cfg, sweep_dir = dev_sweep(args, cfg, preset, sweep_name(args, "tau"))
     _, _, parts_by_name, done_path, done = sweep_dir
-    merge_into_out(done, done_path, args.merge_from, args.preset)
     stats_cache: dict = {}
     head = head_rate(args.part, cfg)  # the rate records are made with (None: no head)
     for parts in parts_by_name.values():
@@ -221,19 +225,62 @@ def sweep(args: argparse.Namespace) -> dict:
                           sorted({t for t, _ in table}))
 
 
+def tau_record(label: str, rec: dict) -> tuple[str, dict] | None:
+    """``(label, rec)`` as a tau sweep record, or ``None`` when it is not one.
+
+    A tau sweep's own record (it names no family) is kept as it is. A
+    learning-rate sweep's JACTUS record that says its task fraction is the
+    model this sweep would tune at that tau and rate (the same method,
+    preset, data order and calibration), so it becomes the record this
+    sweep would have written, under this sweep's label, without its
+    ``family``; the other families' records are left out.
+    """
+    if "family" not in rec:
+        return label, rec
+    if rec["family"] != FAMILY or "task_fraction" not in rec:
+        return None
+    steps = f" steps={rec['steps']} "
+    if steps not in label:
+        msg = f"--merge-from: {label!r} does not end in {steps.strip()!r} and a part"
+        raise SystemExit(msg)
+    tail = label.split(steps, 1)[1]
+    tau_label = (f"tau={rec['task_fraction']:g} lr={rec['lr']:g}{head_label(rec.get('lr_head'))}"
+                 f"{steps}{tail}")
+    return tau_label, {k: v for k, v in rec.items() if k != "family"}
+
+
+def merge_tau_records(args: argparse.Namespace) -> int:
+    """``--merge-from``: the folders' tau records (:func:`tau_record`) into ``--out``'s ``sweep.json``.
+
+    Before the lanes start, so that they (and this process) find them
+    there; ``args.merge_from`` is then emptied. Returns how many were added.
+    """
+    if not args.merge_from:
+        return 0
+    out = sweep_out(args, sweep_name(args, "tau"))
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "sweep.json"
+    done = json.loads(done_path.read_text()) if done_path.is_file() else {}
+    added = merge_into_out(done, done_path, args.merge_from, args.preset, tau_record)
+    args.merge_from = []
+    return added
+
+
 def models_recorded(done: dict, taus, lrs, steps: int) -> int:
     """How many of the tau sweep's models (``taus`` x ``lrs`` at ``steps`` steps) ``done`` holds."""
     return sum(v.get("task_fraction") in taus and v.get("lr") in lrs and v.get("steps") == steps
                for v in done.values())
 
 
-def sweep_in_lanes(args: argparse.Namespace, lrs: list[float], steps: int, read_from: Path) -> None:
+def sweep_in_lanes(args: argparse.Namespace, lrs: list[float], steps: int, read_from: Path,
+                   merged: int = 0) -> None:
     """``--jobs N``: the task fractions in N processes (:mod:`validation.sweep_lanes`).
 
     Each lane sweeps a contiguous group of ``--task-fractions`` at ``lrs``
     (every lane calibrates once, in its own folder). Their records, with
-    those of ``--merge-from``, end in ``--out``'s ``sweep.json``; the caller
-    then finds nothing left to tune and chooses.
+    those of ``--merge-from`` (``merged`` of them already in ``--out``:
+    :func:`merge_tau_records`), end in ``--out``'s ``sweep.json``; the
+    caller then finds nothing left to tune and chooses.
     """
     from validation import sweep_lanes  # noqa: PLC0415
 
@@ -253,7 +300,7 @@ def sweep_in_lanes(args: argparse.Namespace, lrs: list[float], steps: int, read_
     total = len(taus) * len(rates) * len(set(args.orders)) * sweep_lanes.dev_parts_per_order(args)
     lanes = sweep_lanes.Lanes("validation.sweep_tau", folders, argvs,
                               ["tau " + ",".join(f"{t:g}" for t in g) for g in groups], count, total)
-    sweep_lanes.sweep_with_lanes(args, out, lanes)
+    sweep_lanes.sweep_with_lanes(args, out, lanes, merged)
 
 
 def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],

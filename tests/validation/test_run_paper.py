@@ -1293,3 +1293,41 @@ def test_a_rate_whose_training_diverges_scores_below_every_rate_and_the_sweep_go
     assert "| diverged |" in text and "next 0.01, whose training diverged" in text
     assert sweep.mean_sd_n([-1.0, -float("inf")]) == (-float("inf"), 0.0, 2)
     assert sweep.mean_sd_n([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5), 2)
+
+
+def test_tau_sweep_reads_a_rate_sweeps_jactus_records_as_its_own(tmp_path, capsys, monkeypatch):
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"language": {"lr": {f: 1e-3 for f in run_paper.FAMILIES},
+                                                 "task_fraction": 0.25}}))
+    common = ["--part", "language", "--preset", "smoke", "--settings", str(settings), "--no-progress"]
+    rates = tmp_path / "rates"
+    sweep.main([*common, "--lrs", "1e-3", "--families", "JACTUS,LoRA", "--out", str(rates),
+                "--page", str(tmp_path / "rates.md")])
+    rate_records = json.loads((rates / "sweep.json").read_text())
+    # the same model tuned by the tau sweep itself, in a folder of its own
+    own = tmp_path / "own"
+    sweep_tau.main([*common, "--task-fractions", "0.25", "--lrs", "1e-3", "--out", str(own),
+                    "--page", str(tmp_path / "own.md")])
+    tuned = json.loads((own / "sweep.json").read_text())
+    capsys.readouterr()
+
+    def no_tuning(*_args, **_kwargs):
+        raise AssertionError("tuned a model the learning-rate sweep had recorded")
+
+    monkeypatch.setattr(sweep_tau, "dev_run", no_tuning)
+    read = tmp_path / "read"
+    entry = sweep_tau.main([*common, "--task-fractions", "0.25", "--lrs", "1e-3", "--out", str(read),
+                            "--page", str(tmp_path / "read.md"), "--merge-from", str(rates)])
+    assert "--merge-from: 3 records added" in capsys.readouterr().out
+    done = json.loads((read / "sweep.json").read_text())
+    assert set(done) == set(tuned)  # JACTUS's three orders under the tau sweep's labels; no LoRA
+    assert {k: v["score"] for k, v in done.items()} == {k: v["score"] for k, v in tuned.items()}
+    assert all("family" not in v for v in done.values())
+    jactus = sorted(v["score"] for v in rate_records.values() if v["family"] == "JACTUS")
+    assert sorted(v["score"] for v in done.values()) == jactus
+    assert entry["task_fraction"] == 0.25 and entry["lr"]["JACTUS"] == 1e-3
+    assert sweep_tau.tau_record("x", {"family": "LoRA", "lr": 1e-3}) is None
+    assert sweep_tau.tau_record("x", {"family": "JACTUS", "lr": 1e-3}) is None  # no tau said
+    with pytest.raises(SystemExit, match="steps=5"):
+        sweep_tau.tau_record("JACTUS lr=0.001", {"family": "JACTUS", "lr": 1e-3, "steps": 5,
+                                                  "task_fraction": 0.0})

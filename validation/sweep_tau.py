@@ -262,7 +262,7 @@ def merge_tau_records(args: argparse.Namespace) -> int:
     done_path = out / "sweep.json"
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     added = merge_into_out(done, done_path, args.merge_from, args.preset, tau_record)
-    args.merge_from = []
+    args.merged_from, args.merge_from = list(args.merge_from), []  # the page names them
     return added
 
 
@@ -333,6 +333,12 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
         bold = chosen[1] if chosen[0] == t else None
         lines.append(markdown_row(f"{t:g}", *score_cells(args.part, lrs, row, bold)))
     curves = {f"lr {lr:g}": {t: table[(t, lr)] for t in taus if (t, lr) in table} for lr in lrs}
+    merged = getattr(args, "merged_from", [])
+    if merged:
+        lines += ["", "Records read from earlier sweeps (`--merge-from`, not tuned again here): "
+                  + ", ".join(f"`{repo_path_text(f)}`" for f in merged)
+                  + "; a learning-rate sweep's JACTUS models count at the tau and rate they were "
+                  "tuned with (the same model)."]
     lines += ["", sweep_plot(page, args.part, curves, {f"lr {chosen[1]:g}": chosen[0]},
                              "task fraction tau",
                              f"{args.part}: dev score against tau ({cfg.steps} steps, "

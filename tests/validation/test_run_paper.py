@@ -1326,6 +1326,8 @@ def test_tau_sweep_reads_a_rate_sweeps_jactus_records_as_its_own(tmp_path, capsy
     jactus = sorted(v["score"] for v in rate_records.values() if v["family"] == "JACTUS")
     assert sorted(v["score"] for v in done.values()) == jactus
     assert entry["task_fraction"] == 0.25 and entry["lr"]["JACTUS"] == 1e-3
+    assert "not tuned again here" in (tmp_path / "read.md").read_text()
+    assert "not tuned again here" not in (tmp_path / "own.md").read_text()
     assert sweep_tau.tau_record("x", {"family": "LoRA", "lr": 1e-3}) is None
     assert sweep_tau.tau_record("x", {"family": "JACTUS", "lr": 1e-3}) is None  # no tau said
     with pytest.raises(SystemExit, match="steps=5"):

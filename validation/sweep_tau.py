@@ -187,6 +187,7 @@ def sweep(args: argparse.Namespace) -> dict:
     read_from, settings = tau_settings_files(args)
     cfg = run_paper.with_learning_rates(args.part, getattr(preset, args.part), read_from)
     lrs = sorted(args.lrs) if args.lrs is not None else [cfg.lrs[FAMILY]]
+    merged_from = list(args.merge_from)  # the page names them
     merged = merge_tau_records(args)
     if args.jobs > 1:
         sweep_in_lanes(args, lrs, cfg.steps, read_from, merged)
@@ -200,8 +201,7 @@ def sweep(args: argparse.Namespace) -> dict:
             for lr in lrs:
                 local = replace(cfg, lrs={**cfg.lrs, FAMILY: lr}, task_fraction=tau)
                 for part in parts:
-                    label = (f"tau={tau:g} lr={lr:g}{head_label(head)} steps={cfg.steps} "
-                             f"{part_tag(part)}")
+                    label = tau_label(tau, lr, head, cfg.steps, part_tag(part))
                     if label in done:
                         continue
                     rec = dev_run(part, jactus_method(tau), local, preset.split_seed,
@@ -220,9 +220,14 @@ def sweep(args: argparse.Namespace) -> dict:
     table = table_of(at_run_settings(done, parts_by_name, cfg.steps, head))
     tau, lr = choose(table)
     page = args.page or default_page(args, sweep_dir.out, "tau")
-    write_page(page, args, cfg, table, (tau, lr), parts_by_name, settings)
+    write_page(page, args, cfg, table, (tau, lr), parts_by_name, settings, merged_from)
     return write_settings(settings, args.part, tau, lr, page, args,
                           sorted({t for t, _ in table}))
+
+
+def tau_label(tau: float, lr: float, lr_head: float | None, steps: int, part: str) -> str:
+    """A tau sweep record's label: ``tau=<tau> lr=<rate>[ head=<rate>] steps=<n> <part tag>``."""
+    return f"tau={tau:g} lr={lr:g}{head_label(lr_head)} steps={steps} {part}"
 
 
 def tau_record(label: str, rec: dict) -> tuple[str, dict] | None:
@@ -244,9 +249,8 @@ def tau_record(label: str, rec: dict) -> tuple[str, dict] | None:
         msg = f"--merge-from: {label!r} does not end in {steps.strip()!r} and a part"
         raise SystemExit(msg)
     tail = label.split(steps, 1)[1]
-    tau_label = (f"tau={rec['task_fraction']:g} lr={rec['lr']:g}{head_label(rec.get('lr_head'))}"
-                 f"{steps}{tail}")
-    return tau_label, {k: v for k, v in rec.items() if k != "family"}
+    return (tau_label(rec["task_fraction"], rec["lr"], rec.get("lr_head"), rec["steps"], tail),
+            {k: v for k, v in rec.items() if k != "family"})
 
 
 def merge_tau_records(args: argparse.Namespace) -> int:
@@ -262,7 +266,7 @@ def merge_tau_records(args: argparse.Namespace) -> int:
     done_path = out / "sweep.json"
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     added = merge_into_out(done, done_path, args.merge_from, args.preset, tau_record)
-    args.merged_from, args.merge_from = list(args.merge_from), []  # the page names them
+    args.merge_from = []
     return added
 
 
@@ -304,8 +308,11 @@ def sweep_in_lanes(args: argparse.Namespace, lrs: list[float], steps: int, read_
 
 
 def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
-               parts_by_name: dict, settings: Path) -> None:
-    """The sweep's page: the protocol, the dev score of every (tau, rate), what was chosen."""
+               parts_by_name: dict, settings: Path, merged_from: list[Path]) -> None:
+    """The sweep's page: the protocol, the dev score of every (tau, rate), what was chosen.
+
+    ``merged_from``: the ``--merge-from`` folders whose records it read.
+    """
     scale, digits = score_scale(args.part)
     lrs = sorted({lr for _, lr in table})
     taus = sorted({t for t, _ in table})
@@ -333,10 +340,9 @@ def write_page(page: Path, args, cfg, table: dict, chosen: tuple[float, float],
         bold = chosen[1] if chosen[0] == t else None
         lines.append(markdown_row(f"{t:g}", *score_cells(args.part, lrs, row, bold)))
     curves = {f"lr {lr:g}": {t: table[(t, lr)] for t in taus if (t, lr) in table} for lr in lrs}
-    merged = getattr(args, "merged_from", [])
-    if merged:
+    if merged_from:
         lines += ["", "Records read from earlier sweeps (`--merge-from`, not tuned again here): "
-                  + ", ".join(f"`{repo_path_text(f)}`" for f in merged)
+                  + ", ".join(f"`{repo_path_text(f)}`" for f in merged_from)
                   + "; a learning-rate sweep's JACTUS models count at the tau and rate they were "
                   "tuned with (the same model)."]
     lines += ["", sweep_plot(page, args.part, curves, {f"lr {chosen[1]:g}": chosen[0]},

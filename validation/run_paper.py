@@ -31,7 +31,9 @@ DIR`` first copies the method records another machine made (such as the
 ones ``validation/publish_results.py`` commits in
 ``docs/results/records/<run>``): a record's file name holds the key of
 every setting its result depends on, so only the methods whose settings
-changed run again. ``--save-models DIR`` writes every tuned model
+changed run again. Each record also says where it was made (``machine``:
+the CPU model and vector extensions, torch, threads, device), which its
+key does not hold. ``--save-models DIR`` writes every tuned model
 (merged, safetensors, with its tokenizer and config).
 
 On a CPU with two or more cores the default, full and smoke presets run as
@@ -718,6 +720,33 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
     return record
 
 
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "fma", "asimd", "sve")
+
+
+def cpu_vector_flags() -> list[str]:
+    """The vector extensions in :data:`VECTOR_FLAGS` that /proc/cpuinfo lists (empty elsewhere).
+
+    Rounding on a CPU depends on which kernels torch and the BLAS pick, and they
+    pick by these extensions: two machines that differ here can give language
+    records that differ in the last digits (record keys do not hold the CPU).
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in VECTOR_FLAGS if f in flags]
+
+
+def record_machine(part) -> dict:
+    """Where one method record was made: CPU model and vector extensions, torch, threads, device."""
+    return {"cpu": cpu_model(), "vector_flags": cpu_vector_flags(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": part_device(part)}
+
+
 def _measured_rise(part, built, shared: SeedShare) -> dict:
     """Predicted (report, nats) and measured rise of the mean loss on the calibration batches."""
     key = id(part.base)
@@ -1278,6 +1307,7 @@ def run_part(parts: list, cfg: PartConfig, preset: Preset, config: RunConfig, pr
             checkpoint = out / "checkpoints" / f"{path.stem}.safetensors"
             rec = run_method(part, method, cfg, stats, seed, progress, shared, stats_key, save_to,
                              checkpoint=checkpoint)
+            rec["machine"] = record_machine(part)
             records[seed][method.name] = rec
             timings[f"{name}: {method.name} (seed {seed})"] = rec["wall_time_s"]
             acc = macro_average({t: np.asarray(v) for t, v in rec["correct"].items()})

@@ -972,6 +972,11 @@ def test_method_time_sums_every_record_including_those_read_back(smoke):
     assert len(records) > 20
     total = sum(r["wall_time_s"] for r in records)
     assert total > 0
+    # every record says where it was made (language keys do not hold the CPU type)
+    from validation.run_paper import cpu_vector_flags
+    for r in records:
+        assert r["machine"]["torch"] and r["machine"]["device"] == "cpu", r["machine"]
+        assert r["machine"]["vector_flags"] == cpu_vector_flags()
     assert payload["recorded_time_s"] == pytest.approx(total, rel=1e-9)
     assert "h of method time" in (out / "summary.md").read_text()
 

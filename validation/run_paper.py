@@ -845,13 +845,16 @@ def combine_targets(group: str, records: dict[str, dict]) -> dict:
         for seed, recs in by_seed.items():
             for name, rec in recs.items():
                 m = merged.setdefault(seed, {}).setdefault(name, {
-                    **{k: v for k, v in rec.items() if k not in ("correct", "metrics", "layers")},
+                    **{k: v for k, v in rec.items()
+                       if k not in ("correct", "metrics", "layers", "machine")},
                     "correct": {}, "metrics": {}, "wall_time_s": 0.0, "per_target": {},
+                    "machines": [],
                     "_n": 0, "_train": 0, "_retain": 0.0})
                 m["correct"].update(rec["correct"])
                 for metric, per in rec.get("metrics", {}).items():
                     m["metrics"].setdefault(metric, {}).update(per)
                 m["wall_time_s"] += rec["wall_time_s"]
+                m["machines"].append(rec.get("machine"))
                 m["_n"] += 1
                 m["_train"] += rec["trainable_params"]
                 m["_retain"] += rec["retain_achieved"]
@@ -894,6 +897,7 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
         "timings_s": timings,
         "wall_time_s": sum(timings.values()) if wall_s is None else wall_s,
         "recorded_time_s": recorded_seconds(groups),
+        "record_machines": record_machines(groups),
         "paper_reported": PAPER_REPORTED,
     }
     write_results(out, rows, extra)
@@ -905,7 +909,9 @@ def write_outputs(out: Path, preset: Preset, groups: dict, parts_info: dict,
           f"items split with seed {preset.split_seed})  ",
           f"Wall time: {extra['wall_time_s'] / 60:.1f} min (this invocation)  ",
           f"Method time: {extra['recorded_time_s'] / 3600:.2f} h (the sum of every method "
-          "record's own tuning and evaluation time, records of earlier invocations included)",
+          "record's own tuning and evaluation time, records of earlier invocations included)  ",
+          "Records made on: " + "; ".join(f"{name}: {n}" for name, n in
+                                          extra["record_machines"].items()),
           ""]
     verdict: list[str] = []
     for part_name, by_seed in groups.items():
@@ -971,6 +977,27 @@ def summary_header(preset: Preset, extra: dict, groups: dict) -> list[str]:
 def no_own_entry(preset: str) -> str:
     """Why a part of ``preset`` borrowed another preset's rates: its own file has no entry."""
     return f"no entry in validation/tuned_settings-{preset}.json"
+
+
+def record_machines(groups: dict) -> dict[str, int]:
+    """How many method records each machine made: ``{"<cpu> [<vector flags>]": n}``.
+
+    A run resumed across sessions gathers records from several machines,
+    and the results page's ``Machine`` line names only the last; records
+    made before they said where (no ``machine`` field) count as
+    ``"not recorded"``.
+    """
+    counts: dict[str, int] = {}
+    for by_seed in groups.values():
+        for records in by_seed.values():
+            for rec in records.values():
+                # a vision group's record joins its targets' (combine_targets)
+                for m in rec.get("machines", [rec.get("machine")]):
+                    name = (f"{m['cpu']} [{', '.join(m['vector_flags']) or 'no flags read'}]"
+                            f"{'' if m.get('device', 'cpu') == 'cpu' else ' ' + m['device']}"
+                            if m else "not recorded")
+                    counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def recorded_seconds(groups: dict) -> float:

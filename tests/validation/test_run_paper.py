@@ -977,6 +977,12 @@ def test_method_time_sums_every_record_including_those_read_back(smoke):
     for r in records:
         assert r["machine"]["torch"] and r["machine"]["device"] == "cpu", r["machine"]
         assert r["machine"]["vector_flags"] == cpu_vector_flags()
+    # and the results page counts the records per machine
+    from validation.bench_machine import cpu_model
+    machines = payload["record_machines"]
+    [(machine, count)] = machines.items()
+    assert count == len(records) and machine.startswith(cpu_model()), machines
+    assert f"Records made on: {machine}: {count}" in (out / "results.md").read_text()
     assert payload["recorded_time_s"] == pytest.approx(total, rel=1e-9)
     assert "h of method time" in (out / "summary.md").read_text()
 

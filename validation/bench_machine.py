@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import cProfile
 import datetime
+import functools
 import importlib.metadata
 import math
 import os
@@ -149,6 +150,29 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+#: vector extensions that decide which CPU kernels torch and the BLAS run
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "fma", "asimd", "sve")
+
+
+@functools.cache
+def cpu_vector_flags() -> tuple[str, ...]:
+    """The vector extensions in :data:`VECTOR_FLAGS` that /proc/cpuinfo lists (empty elsewhere).
+
+    Rounding on a CPU depends on which kernels torch and the BLAS pick, and they
+    pick by these extensions: two machines that differ here can give language
+    records that differ in the last digits (record keys do not hold the CPU).
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return tuple(f for f in VECTOR_FLAGS if f in flags)
+
+
 def blas_threads() -> list[dict]:
     """Thread pools of the loaded BLAS/OpenMP libraries (threadpoolctl, if installed)."""
     try:
@@ -186,6 +210,7 @@ def machine_info() -> dict:
 
     return {
         "cpu": cpu_model(),
+        "vector_flags": list(cpu_vector_flags()),
         "cores": available_cores(),
         "torch_threads": torch.get_num_threads(),
         "blas_threads": blas_threads(),

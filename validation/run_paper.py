@@ -75,7 +75,7 @@ import torch
 
 from jactus_linalg import DEFAULT_DAMPING, DEFAULT_TASK_FRACTION
 from jactus_linalg.torch import CalibrationStats, calibrate
-from validation.bench_machine import cpu_model
+from validation.bench_machine import cpu_model, cpu_vector_flags
 from validation.methods import (
     Method,
     build_method,
@@ -720,30 +720,9 @@ def run_method(part, method: Method, cfg: PartConfig, stats, seed: int, progress
     return record
 
 
-VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "fma", "asimd", "sve")
-
-
-def cpu_vector_flags() -> list[str]:
-    """The vector extensions in :data:`VECTOR_FLAGS` that /proc/cpuinfo lists (empty elsewhere).
-
-    Rounding on a CPU depends on which kernels torch and the BLAS pick, and they
-    pick by these extensions: two machines that differ here can give language
-    records that differ in the last digits (record keys do not hold the CPU).
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return [f for f in VECTOR_FLAGS if f in flags]
-
-
 def record_machine(part) -> dict:
     """Where one method record was made: CPU model and vector extensions, torch, threads, device."""
-    return {"cpu": cpu_model(), "vector_flags": cpu_vector_flags(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "vector_flags": list(cpu_vector_flags()), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": part_device(part)}
 
 
@@ -992,12 +971,19 @@ def record_machines(groups: dict) -> dict[str, int]:
         for records in by_seed.values():
             for rec in records.values():
                 # a vision group's record joins its targets' (combine_targets)
-                for m in rec.get("machines", [rec.get("machine")]):
-                    name = (f"{m['cpu']} [{', '.join(m['vector_flags']) or 'no flags read'}]"
-                            f"{'' if m.get('device', 'cpu') == 'cpu' else ' ' + m['device']}"
-                            if m else "not recorded")
+                for machine in rec.get("machines", [rec.get("machine")]):
+                    name = machine_label(machine)
                     counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def machine_label(machine: dict | None) -> str:
+    """``"<cpu> [<vector flags>]"`` (and the device, off the CPU) of a record's ``machine``."""
+    if not machine:
+        return "not recorded"
+    flags = ", ".join(machine["vector_flags"]) or "no flags read"
+    device = machine.get("device", "cpu")
+    return f"{machine['cpu']} [{flags}]" + ("" if device == "cpu" else f" {device}")
 
 
 def recorded_seconds(groups: dict) -> float:
